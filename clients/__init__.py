@@ -1,0 +1,1 @@
+"""Client side: data, profiles, local recipe (adversarial training), ClientApp in app.py."""

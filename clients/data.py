@@ -1,0 +1,233 @@
+"""Datasets and client partitions.
+
+- ``digits`` (default): scikit-learn's 8×8 digits, shipped inside the scikit-learn wheel, so it
+  works offline. A fixed stratified 80/20 split gives the train and the centralized test set.
+- ``mnist``, ``cifar10``, ``svhn``: torchvision datasets read from a local folder in their
+  standard on-disk formats (nothing is downloaded).
+
+Partitions come from flwr-datasets partitioners (IID, Dirichlet label shift with α) and a
+feature-shift ``domains`` scheme: five transformed copies of the data (original, inverted,
+rotated, noisy, blurred), each domain split over its own contiguous group of clients.
+
+Everything is cached per process: a Ray actor loads a dataset and computes the partitions once
+and then serves every client it simulates from memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", 10, 1, 8),
+    "mnist": DatasetInfo("mnist", 10, 1, 28),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32),
+    "svhn": DatasetInfo("svhn", 10, 3, 32),
+}
+PARTITIONS = ("iid", "dirichlet", "domains")
+DOMAINS = ("original", "inverted", "rotated", "noisy", "blurred")
+
+
+@dataclass
+class ArrayData:
+    """Images as float32 ``(N, C, H, W)`` in [0, 1] and int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, indices: np.ndarray) -> "ArrayData":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ArrayData(self.x[idx], self.y[idx])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a client needs to find its own data: hashable, so it can key caches."""
+
+    dataset: str = "digits"
+    root: str = ""
+    partition: str = "iid"
+    num_partitions: int = 50
+    alpha: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset '{self.dataset}'; allowed: {', '.join(DATASETS)}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"unknown partition '{self.partition}'; allowed: {', '.join(PARTITIONS)}")
+
+
+# --------------------------------------------------------------------------- raw datasets
+@lru_cache(maxsize=8)
+def load_split(dataset: str, root: str, train: bool) -> ArrayData:
+    """The train or test split of ``dataset`` (cached per process)."""
+    if dataset == "digits":
+        return _digits_split(train)
+    if not root:
+        raise FileNotFoundError(
+            f"dataset '{dataset}' is read from a local folder: set data-root to the folder "
+            "that holds it (nothing is downloaded)"
+        )
+    loader = {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn}[dataset]
+    return loader(Path(root), train)
+
+
+def _digits_split(train: bool) -> ArrayData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    x_s, y_s = (x_tr, y_tr) if train else (x_te, y_te)
+    return ArrayData(torch.from_numpy(np.ascontiguousarray(x_s)), torch.from_numpy(y_s))
+
+
+def _from_uint8(images: np.ndarray, labels, channels_last: bool) -> ArrayData:
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    elif channels_last:
+        x = x.permute(0, 3, 1, 2).contiguous()
+    return ArrayData(x, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _mnist(root: Path, train: bool) -> ArrayData:
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(root), train=train, download=False)
+    return _from_uint8(ds.data.numpy(), ds.targets.numpy(), channels_last=False)
+
+
+def _cifar10(root: Path, train: bool) -> ArrayData:
+    from torchvision.datasets import CIFAR10
+
+    class LocalCIFAR10(CIFAR10):
+        # torchvision checks MD5 sums of the official archive; accept any well-formed batches
+        # so that user-provided (or test) folders in the same format load.
+        def _check_integrity(self) -> bool:
+            base = Path(self.root) / self.base_folder
+            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:  # class names only; no MD5 check for the same reason
+            self.classes = [str(i) for i in range(10)]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    ds = LocalCIFAR10(str(root), train=train, download=False)
+    return _from_uint8(ds.data, ds.targets, channels_last=True)
+
+
+def _svhn(root: Path, train: bool) -> ArrayData:
+    from torchvision.datasets import SVHN
+
+    class LocalSVHN(SVHN):
+        def _check_integrity(self) -> bool:
+            return (Path(self.root) / self.filename).is_file()
+
+    ds = LocalSVHN(str(root), split="train" if train else "test", download=False)
+    return _from_uint8(ds.data, ds.labels, channels_last=False)
+
+
+# --------------------------------------------------------------------------- domains
+def _noisy(x: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp_(0.0, 1.0)
+
+
+def _blurred(x: torch.Tensor) -> torch.Tensor:
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return 0.25 + 0.5 * blurred  # blur plus halved contrast
+
+
+DOMAIN_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "original": lambda x: x,
+    "inverted": lambda x: 1.0 - x,
+    "rotated": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+    "noisy": _noisy,
+    "blurred": _blurred,
+}
+
+
+def domain_of_client(partition_id: int, num_partitions: int) -> int:
+    """Clients are grouped by domain in contiguous blocks (as in the paper's Digits setup)."""
+    return partition_id * len(DOMAINS) // num_partitions
+
+
+# --------------------------------------------------------------------------- partitions
+@lru_cache(maxsize=8)
+def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
+    """Train-set indices of every client (deterministic in ``cfg``; cached per process)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = load_split(cfg.dataset, cfg.root, True).y.numpy()
+    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+
+    def split(idx: np.ndarray, n: int, scheme: str) -> list[np.ndarray]:
+        table = Dataset.from_dict({"idx": idx, "label": labels[idx]})
+        if scheme == "dirichlet":
+            part = DirichletPartitioner(
+                num_partitions=n, partition_by="label", alpha=cfg.alpha,
+                min_partition_size=1, self_balancing=True, seed=cfg.seed,
+            )
+        else:  # IID: the table is already shuffled, the partitioner shards it
+            part = IidPartitioner(num_partitions=n)
+        part.dataset = table
+        return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(n)]
+
+    if cfg.partition != "domains":
+        return tuple(split(order, cfg.num_partitions, cfg.partition))
+    if cfg.num_partitions < len(DOMAINS):
+        raise ValueError(f"the 'domains' partition needs at least {len(DOMAINS)} clients")
+    out: list[np.ndarray] = []
+    for d in range(len(DOMAINS)):
+        clients = [p for p in range(cfg.num_partitions) if domain_of_client(p, cfg.num_partitions) == d]
+        out.extend(split(order[d :: len(DOMAINS)], len(clients), "iid"))
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
+    """The training data of client ``partition_id`` (with its domain transform applied)."""
+    if not 0 <= partition_id < cfg.num_partitions:
+        raise ValueError(f"partition-id {partition_id} is out of range [0, {cfg.num_partitions})")
+    data = load_split(cfg.dataset, cfg.root, True).subset(partition_indices(cfg)[partition_id])
+    if cfg.partition == "domains":
+        domain = DOMAINS[domain_of_client(partition_id, cfg.num_partitions)]
+        data = ArrayData(DOMAIN_TRANSFORMS[domain](data.x), data.y)
+    return data
+
+
+def test_data(cfg: DataConfig) -> ArrayData:
+    """The centralized test set (all domains concatenated for the 'domains' partition)."""
+    test = load_split(cfg.dataset, cfg.root, False)
+    if cfg.partition != "domains":
+        return test
+    return ArrayData(
+        torch.cat([DOMAIN_TRANSFORMS[d](test.x) for d in DOMAINS]),
+        test.y.repeat(len(DOMAINS)),
+    )

@@ -1,0 +1,83 @@
+"""Client profiles: compute budget (a width), robustness need, and data partition.
+
+Budgets follow the authors' notation: a level ``N`` is the width ``1/N`` and ``NdM`` is ``M/N``,
+so ``'8-4-2-1'`` means the widths 1/8, 1/4, 1/2 and 1. Levels are assigned to equal,
+contiguous groups of clients ordered by partition id (the authors' ``sorted_ratios[int(L*i/N)]``).
+A deployment can override a node's budget and robustness through its ``--node-config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    partition_id: int
+    budget: float  # the largest width this client can train, in (0, 1]
+    adversarial: bool  # trains with PGD through the adversarial BN path
+
+    def num_bases(self, atom_width: float) -> int:
+        """How many Split-Mix bases of width ``atom_width`` fit in the budget."""
+        return int(np.floor(self.budget / atom_width + 1e-9))
+
+
+def parse_budgets(spec: str) -> list[float]:
+    """``'8-4-2-1'`` → ``[0.125, 0.25, 0.5, 1.0]``; ``'8-4-8d3-2'`` → ``[.125, .25, .375, .5]``."""
+    levels = [p for p in spec.split("-") if p]
+    if not levels:
+        raise ValueError(f"budgets '{spec}' is empty; expected levels like '8-4-2-1'")
+    return [_level_to_width(level, spec) for level in levels]
+
+
+def _level_to_width(level: str, spec: str) -> float:
+    try:
+        if "d" in level:
+            den, num = level.split("d")
+            frac = Fraction(int(num), int(den))
+        else:
+            frac = Fraction(1, int(level))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"budget level '{level}' in '{spec}' is not an integer N or 'NdM'") from None
+    if not 0 < frac <= 1:
+        raise ValueError(f"budget level '{level}' in '{spec}' gives width {float(frac)}, outside (0, 1]")
+    return float(frac)
+
+
+def budget_of_client(partition_id: int, num_clients: int, widths: list[float]) -> float:
+    """Equal contiguous client groups, ordered from the smallest to the largest width."""
+    ordered = sorted(widths)
+    return ordered[partition_id * len(ordered) // num_clients]
+
+
+def adversarial_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the clients that train adversarially (a seeded random subset)."""
+    mask = np.zeros(num_clients, dtype=bool)
+    count = int(round(fraction * num_clients))
+    mask[np.random.default_rng(seed + 7919).permutation(num_clients)[:count]] = True
+    return mask
+
+
+def make_profile(
+    partition_id: int,
+    num_clients: int,
+    budgets: str,
+    adv_fraction: float,
+    seed: int,
+    node_config: dict | None = None,
+) -> ClientProfile:
+    """The profile of one client; ``node_config`` keys ``budget``/``adversarial`` override."""
+    node_config = node_config or {}
+    budget = budget_of_client(partition_id, num_clients, parse_budgets(budgets))
+    adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
+    if "budget" in node_config:
+        value = node_config["budget"]
+        budget = _level_to_width(value, value) if isinstance(value, str) else float(value)
+        if not 0 < budget <= 1:
+            raise ValueError(f"node-config budget={value!r} must be a width in (0, 1]")
+    if "adversarial" in node_config:
+        adversarial = bool(node_config["adversarial"])
+    return ClientProfile(partition_id, budget, adversarial)

@@ -1,0 +1,53 @@
+"""The run-level instructions every client receives (inside the message's ConfigRecord).
+
+The server builds one :class:`ClientTask` from the validated run config and sends it as JSON with
+each message, so a ClientApp needs no run config of its own: the same ClientApp works in
+simulation and on a SuperNode. Clients parse it once and cache it (keyed by the JSON string).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from clients.adversarial import PGDConfig
+from clients.data import DataConfig
+from clients.recipe import LocalTrainConfig
+from models.splitmix import SplitMixSpec
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    data: DataConfig
+    spec: SplitMixSpec
+    train: LocalTrainConfig
+    budgets: str
+    adv_fraction: float
+    seed: int
+    device: str = "auto"
+    torch_threads: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "ClientTask":
+        return _parse(text)
+
+
+@lru_cache(maxsize=16)
+def _parse(text: str) -> ClientTask:
+    raw = json.loads(text)
+    train = dict(raw["train"])
+    train["pgd"] = PGDConfig(**train["pgd"])
+    return ClientTask(
+        data=DataConfig(**raw["data"]),
+        spec=SplitMixSpec(**raw["spec"]),
+        train=LocalTrainConfig(**train),
+        budgets=raw["budgets"],
+        adv_fraction=raw["adv_fraction"],
+        seed=raw["seed"],
+        device=raw["device"],
+        torch_threads=raw["torch_threads"],
+    )

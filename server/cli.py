@@ -1,0 +1,67 @@
+"""``splitmix`` command line: ``splitmix simulate [--config FILE] [--run-config "k=v ..."]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from server.config import ConfigError, load_config
+
+
+def _summary_table(summary: dict) -> Table:
+    lam = summary["robust_lambda"]
+    table = Table(title=f"Split-Mix per width ({summary['dataset']}, {summary['model']}, {summary['rounds']} rounds)")
+    for column in ("width", "bases", "params", "MACs", "accuracy (λ=0)", f"robust acc (λ={lam:g})"):
+        table.add_column(column, justify="right")
+    for width, row in summary["widths"].items():
+        robust = row["robust_accuracy"]
+        table.add_row(
+            width,
+            str(row["bases"]),
+            f"{row['params']:,}",
+            f"{row['macs']:,}",
+            f"{row['accuracy']:.4f}",
+            "-" if robust is None else f"{robust:.4f}",
+        )
+    return table
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.simulation import simulate
+
+    err = Console(stderr=True)
+    try:
+        cfg = load_config(args.config, args.run_config)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        return 2
+    run_dir = simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose)
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    Console(width=120).print(_summary_table(summary))
+    print(run_dir, flush=True)  # the last line of stdout: the run folder
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitmix", description="Split-Mix federated learning on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a Split-Mix simulation on Flower's simulation engine")
+    sim.add_argument("--config", type=Path, help="TOML file with run-config keys (flat, or a pyproject)")
+    sim.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 dataset=digits"')
+    sim.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Run configuration: flat ``key = value`` pairs (pyproject's ``[tool.flwr.app.config]``, a
+``--config`` TOML file, ``--run-config`` overrides) → one validated, frozen dataclass.
+
+Invalid input fails fast with a message naming the key, the value and what is allowed. The
+dataclass defaults mirror pyproject's ``[tool.flwr.app.config]`` (a test keeps them identical),
+so ``flwr run .`` and ``splitmix simulate`` start from the same defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from clients.adversarial import PGDConfig
+from clients.data import DATASETS, PARTITIONS, DataConfig
+from clients.profiles import parse_budgets
+from clients.recipe import LocalTrainConfig
+from clients.task import ClientTask
+from models.registry import list_models
+from models.splitmix import SplitMixSpec
+
+
+class ConfigError(ValueError):
+    """A run-config key has an invalid value (the message names key, value and what is allowed)."""
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    seed: int = field(default=0, metadata=_range(0))
+    dataset: str = field(default="digits", metadata=_choice(*DATASETS))
+    data_root: str = ""
+    partition: str = field(default="iid", metadata=_choice(*PARTITIONS))
+    dirichlet_alpha: float = field(default=0.5, metadata=_range(0, lo_open=True))
+    num_clients: int = field(default=50, metadata=_range(1))
+    fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    min_train_clients: int = field(default=2, metadata=_range(1))
+    num_rounds: int = field(default=40, metadata=_range(1))
+    model: str = field(default="cnn", metadata=_choice(*list_models()))
+    atom_width: float = field(default=0.125, metadata=_range(0, 1, lo_open=True))
+    budgets: str = "8-4-2-1"
+    adv_fraction: float = field(default=0.5, metadata=_range(0, 1))
+    adv_lambda: float = field(default=0.5, metadata=_range(0, 1))
+    pgd_eps: float = field(default=0.1, metadata=_range(0))
+    pgd_alpha: float = field(default=0.036, metadata=_range(0, lo_open=True))
+    pgd_steps: int = field(default=7, metadata=_range(1))
+    local_epochs: int = field(default=2, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(2))
+    lr: float = field(default=0.05, metadata=_range(0, lo_open=True))
+    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    weight_decay: float = field(default=0.0005, metadata=_range(0))
+    eval_lambdas: str = "0,0.5,1"
+    eval_robust_every: int = field(default=0, metadata=_range(0))
+    eval_pgd_steps: int = field(default=10, metadata=_range(0))
+    out_dir: str = "runs"
+    run_name: str = ""
+    client_num_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    client_num_gpus: float = field(default=0.0, metadata=_range(0))
+    torch_threads: int = field(default=1, metadata=_range(1))
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    round_timeout: float = field(default=600.0, metadata=_range(0, lo_open=True))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        try:
+            SplitMixSpec(atom_width=self.atom_width)
+        except ValueError as err:
+            raise ConfigError(f"config key 'atom-width' = {self.atom_width}: {err}") from None
+        try:
+            widths = parse_budgets(self.budgets)
+        except ValueError as err:
+            raise ConfigError(f"config key 'budgets' = '{self.budgets}': {err}") from None
+        too_small = [w for w in widths if w + 1e-9 < self.atom_width]
+        if too_small:
+            raise ConfigError(
+                f"config key 'budgets' = '{self.budgets}' has widths {too_small} below the atom "
+                f"width {self.atom_width}; every budget must afford at least one base"
+            )
+        if self.min_train_clients > self.num_clients:
+            raise ConfigError(
+                f"config key 'min-train-clients' = {self.min_train_clients} exceeds num-clients = {self.num_clients}"
+            )
+        lambdas = self.lambdas  # validates the list
+        if 0.0 not in lambdas:
+            raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
+        if self.partition == "domains" and self.num_clients < 5:
+            raise ConfigError(f"config key 'num-clients' = {self.num_clients}: the 'domains' partition needs at least 5")
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def lambdas(self) -> list[float]:
+        try:
+            values = sorted({float(v) for v in self.eval_lambdas.split(",") if v.strip()})
+        except ValueError:
+            raise ConfigError(
+                f"config key 'eval-lambdas' = '{self.eval_lambdas}' must be comma-separated numbers in [0, 1]"
+            ) from None
+        if not values or any(not 0.0 <= v <= 1.0 for v in values):
+            raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must be numbers in [0, 1]")
+        return values
+
+    def spec(self) -> SplitMixSpec:
+        info = DATASETS[self.dataset]
+        return SplitMixSpec(
+            arch=self.model,
+            atom_width=self.atom_width,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+            dual_bn=True,
+        )
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            dataset=self.dataset,
+            root=self.data_root,
+            partition=self.partition,
+            num_partitions=self.num_clients,
+            alpha=self.dirichlet_alpha,
+            seed=self.seed,
+        )
+
+    def pgd(self, steps: int | None = None) -> PGDConfig:
+        return PGDConfig(eps=self.pgd_eps, alpha=self.pgd_alpha, steps=steps or self.pgd_steps)
+
+    def client_task(self) -> ClientTask:
+        return ClientTask(
+            data=self.data_config(),
+            spec=self.spec(),
+            train=LocalTrainConfig(
+                epochs=self.local_epochs,
+                batch_size=self.batch_size,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                adv_lambda=self.adv_lambda,
+                pgd=self.pgd(),
+            ),
+            budgets=self.budgets,
+            adv_fraction=self.adv_fraction,
+            seed=self.seed,
+            device=self.device,
+            torch_threads=self.torch_threads,
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Back to flat hyphenated keys (what is written to the run folder)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "SimulationConfig":
+        """Validate flat ``key: value`` pairs (hyphenated keys, as in pyproject)."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
+                raise ConfigError(f"unknown config key '{key}'; allowed keys: {allowed}")
+            kwargs[name] = _coerce(key, value, known[name].type)
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    expected = type_name if isinstance(type_name, str) else type_name.__name__
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' = {value!r} must be an integer")
+        return value
+    if expected == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' = {value!r} must be a number")
+        return float(value)
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r} must be true or false")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' = {value!r} must be a string")
+    return value
+
+
+def _check_field(f, value: Any) -> None:
+    key = f.name.replace("_", "-")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(f.metadata['choices'])}")
+    if "range" in f.metadata:
+        lo, hi, lo_open, hi_open = f.metadata["range"]
+        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+            hi is not None and (value > hi or (hi_open and value == hi))
+        )
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {interval}")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``"key=value key=value"`` → dict; values are TOML (numbers, true/false, quoted strings),
+    and a bare word is taken as a string, so ``dataset=mnist`` works as well as ``dataset='mnist'``."""
+    import shlex
+
+    out: dict[str, Any] = {}
+    for token in shlex.split(text):
+        if "=" not in token:
+            raise ConfigError(f"run-config override '{token}' is not of the form key=value")
+        key, raw = token.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(config_file: str | Path | None = None, overrides: str | Mapping[str, Any] | None = None) -> SimulationConfig:
+    """Defaults ← ``config_file`` (flat TOML, or a pyproject with ``[tool.flwr.app.config]``) ← overrides."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from None
+        values.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data))
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, str) else overrides)
+    return SimulationConfig.from_mapping(values)

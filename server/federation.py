@@ -1,0 +1,161 @@
+"""The server's round loop: discover clients, train, aggregate, evaluate, store.
+
+This is what both entry points run: the ServerApp of ``flwr run .`` (``server/app.py``) and
+``splitmix simulate`` (``server/simulation.py``). The strategy decides who trains what and how
+replies are aggregated; this loop only sequences the rounds and records the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from clients.app import resolve_device
+from clients.data import test_data
+from models.cost import count_macs, count_params
+from models.splitmix import SplitMixSpec, init_global_state
+from server.config import SimulationConfig
+from server.evaluate import Evaluator, WidthScores
+from server.plots import plot_accuracy_per_width, plot_robustness
+from server.store import RunStore
+from strategies.splitmix import SplitMixStrategy, cosine_lr
+
+log = logging.getLogger("splitmix")
+
+Reporter = Callable[[str], None]
+
+
+def width_key(width: float) -> str:
+    """Summary/metrics key of a width: ``0.125``, ``0.25``, …, ``1.0``."""
+    return str(round(width, 6))
+
+
+def _score_columns(spec: SplitMixSpec, scores: WidthScores) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for kind, table in (("acc", scores.accuracy), ("racc", scores.robust)):
+        for lam, values in table.items():
+            for width, value in zip(spec.widths(), values):
+                row[f"{kind}-w{width_key(width)}-l{lam}"] = value
+    return row
+
+
+def build_summary(cfg: SimulationConfig, spec: SplitMixSpec, scores: WidthScores, extra: dict) -> dict:
+    """``{"widths": {"0.125": {"accuracy", "robust_accuracy", "params", "macs", "by_lambda"}}, ...}``.
+
+    ``accuracy`` is the standard model (λ = 0); ``robust_accuracy`` is PGD accuracy of the most
+    robust λ evaluated (the largest λ when some clients train adversarially, else λ = 0).
+    """
+    robust_lambda = max(cfg.lambdas) if cfg.adv_fraction > 0 else 0.0
+    widths = {}
+    for k, width in enumerate(spec.widths(), start=1):
+        model = spec.build(k)
+        by_lambda = {}
+        for lam in cfg.lambdas:
+            entry = {"accuracy": scores.accuracy[lam][k - 1]}
+            entry["robust_accuracy"] = scores.robust[lam][k - 1] if scores.robust else None
+            by_lambda[str(lam)] = entry
+        widths[width_key(width)] = {
+            "bases": k,
+            "accuracy": scores.accuracy[0.0][k - 1],
+            "robust_accuracy": scores.robust[robust_lambda][k - 1] if scores.robust else None,
+            "params": count_params(model),
+            "macs": count_macs(model, (spec.in_channels, spec.image_size, spec.image_size)),
+            "by_lambda": by_lambda,
+        }
+    return {
+        "widths": widths,
+        "robust_lambda": robust_lambda,
+        "atom_width": spec.atom_width,
+        "num_bases": spec.num_bases,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "rounds": cfg.num_rounds,
+        **extra,
+    }
+
+
+def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = None) -> Path:
+    """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder."""
+    say = report or (lambda text: log.info(text))
+    store = RunStore.create(cfg.out_dir, cfg.run_name)
+    spec, task = cfg.spec(), cfg.client_task()
+    store.write_json(
+        "config.json",
+        {"run_config": cfg.to_run_config(), "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
+    )
+    if hasattr(grid, "pull_interval"):  # simulation's in-memory grid polls replies every 0.1 s
+        grid.pull_interval = min(grid.pull_interval, 0.01)
+    device = resolve_device(cfg.device)
+    evaluator = Evaluator(spec, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device)
+    lr_at = (lambda r: cosine_lr(cfg.lr, r, cfg.num_rounds)) if cfg.lr_schedule == "cosine" else (lambda r: cfg.lr)
+    strategy = SplitMixStrategy(spec, task.to_json(), cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
+
+    start = time.perf_counter()
+    discovery = strategy.discover(grid, task.to_json(), cfg.round_timeout)
+    startup = time.perf_counter() - start
+    if len(strategy.profiles) < cfg.min_train_clients:
+        raise RuntimeError(
+            f"only {len(strategy.profiles)} client(s) reported a profile (min-train-clients = {cfg.min_train_clients}); "
+            + "; ".join(discovery.problems[:3])
+        )
+    say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
+
+    arrays = ArrayRecord(init_global_state(spec, cfg.seed))
+    totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
+    scores: WidthScores | None = None
+    for rnd in range(1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+        train_s = time.perf_counter() - t0
+        if new_arrays is not None:
+            arrays = new_arrays
+        state = arrays.to_torch_state_dict()
+        store.save_weights(state, {"round": str(rnd)})
+
+        t1 = time.perf_counter()
+        final = rnd == cfg.num_rounds
+        robust = cfg.eval_pgd_steps > 0 and (final or (cfg.eval_robust_every > 0 and rnd % cfg.eval_robust_every == 0))
+        scores = evaluator.evaluate(state, robust)
+        eval_s = time.perf_counter() - t1
+
+        row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, "eval-seconds": eval_s, **dict(metrics or {})}
+        row.update(_score_columns(spec, scores))
+        store.append_round(row)
+        for key in ("bytes_down", "bytes_up", "failures", "rejected"):
+            totals[key] += int(row.get(key.replace("_", "-"), 0))
+        totals["train_s"] += train_s
+        totals["eval_s"] += eval_s
+        full = scores.accuracy[0.0][-1]
+        say(
+            f"round {rnd:>3}/{cfg.num_rounds}  loss {row.get('train-loss', float('nan')):.3f}  "
+            f"acc@1.0 {full:.3f}  acc@{spec.atom_width:g} {scores.accuracy[0.0][0]:.3f}  "
+            f"valid {row.get('valid', 0)}/{row.get('sampled', 0)}  {train_s:.1f}s+{eval_s:.1f}s"
+        )
+
+    assert scores is not None
+    summary = build_summary(
+        cfg,
+        spec,
+        scores,
+        {
+            "communication": {"bytes_down": totals["bytes_down"], "bytes_up": totals["bytes_up"]},
+            "failures": totals["failures"],
+            "rejected": totals["rejected"],
+            "timing": {"startup_s": startup, "train_s": totals["train_s"], "eval_s": totals["eval_s"]},
+        },
+    )
+    store.write_json("summary.json", summary)
+    store.write_csv()
+    plot_accuracy_per_width(store.rounds(), list(summary["widths"]), store.root / "accuracy_per_width.png")
+    plot_robustness(summary, store.root / "robustness.png")
+    return store.root

@@ -1,0 +1,51 @@
+"""PNG plots of a run (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_per_width(rounds: list[dict[str, Any]], widths: list[str], path: Path) -> Path:
+    """Clean accuracy (λ = 0) of every width over rounds."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for i, w in enumerate(widths):
+        xs = [r["round"] for r in rounds if f"acc-w{w}-l0.0" in r]
+        ys = [r[f"acc-w{w}-l0.0"] for r in rounds if f"acc-w{w}-l0.0" in r]
+        ax.plot(xs, ys, label=f"width {w}", color=cmap(i / max(len(widths) - 1, 1)))
+    ax.set(xlabel="round", ylabel="test accuracy (λ = 0)", title="Split-Mix: accuracy per width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_robustness(summary: dict[str, Any], path: Path) -> Path:
+    """Standard vs robust accuracy per width, one line per robustness λ."""
+    widths = list(summary["widths"])
+    xs = [float(w) for w in widths]
+    lambdas = list(summary["widths"][widths[0]]["by_lambda"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for lam in lambdas:
+        sa = [summary["widths"][w]["by_lambda"][lam]["accuracy"] for w in widths]
+        ra = [summary["widths"][w]["by_lambda"][lam].get("robust_accuracy") for w in widths]
+        axes[0].plot(xs, sa, marker="o", label=f"λ = {lam}")
+        if all(v is not None for v in ra):
+            axes[1].plot(xs, ra, marker="o", label=f"λ = {lam}")
+    axes[0].set(xlabel="width", ylabel="accuracy", title="standard accuracy")
+    axes[1].set(xlabel="width", title="robust accuracy (PGD L∞)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,60 @@
+"""``splitmix simulate``: run the federation on Flower's Simulation Engine (Ray backend).
+
+The ServerApp is built in-process around the already validated config (so ``--config`` files
+and overrides need no round trip through pyproject), and the ClientApp is the same
+``clients.app:app`` that ``flwr run .`` and SuperNodes load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.config import SimulationConfig
+from server.federation import Reporter, run_federation
+
+
+def backend_config(cfg: SimulationConfig) -> dict:
+    """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
+    so a 2-core machine runs two actors without oversubscribing the cores."""
+    return {
+        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+    }
+
+
+def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower: bool = True) -> Path:
+    """Run one simulation; returns the run folder. Raises what the server loop raised."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+
+    if quiet_flower:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    outcome: dict[str, object] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["run_dir"] = run_federation(grid, cfg, report)
+        except BaseException as err:  # surfaced to the caller below
+            outcome["error"] = err
+            raise
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.num_clients,
+        backend_config=backend_config(cfg),
+    )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    if "run_dir" not in outcome:
+        raise RuntimeError("the simulation ended without running the server loop (see Flower's log above)")
+    return outcome["run_dir"]  # type: ignore[return-value]

@@ -1,0 +1,101 @@
+"""The run folder: everything one run produces, in one place.
+
+```
+runs/<name>/
+  config.json          resolved run config (+ Split-Mix spec) — enough to repeat the run
+  metrics.jsonl        one JSON object per round (training, communication, accuracy per width)
+  metrics.csv          the same, flat, for spreadsheets
+  model.safetensors    final global weights (all bases, "base{i}.<path>"), written atomically
+  summary.json         per-width accuracy / robust accuracy / params / MACs
+  accuracy_per_width.png, robustness.png
+```
+Files are written via a temporary file and ``os.replace`` so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load safetensors weights; a damaged file is reported as such (nothing is unpickled)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at '{path}'")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"checkpoint '{path}' is damaged or not a safetensors file: {err}") from None
+
+
+class RunStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, out_dir: str | Path, run_name: str = "") -> "RunStore":
+        name = run_name or time.strftime("%Y%m%d-%H%M%S")
+        root = Path(out_dir) / name
+        suffix = 1
+        while root.exists() and not run_name:
+            suffix += 1
+            root = Path(out_dir) / f"{name}-{suffix}"
+        return cls(root.resolve())
+
+    def write_json(self, name: str, data: Any) -> Path:
+        path = self.root / name
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+        return path
+
+    def append_round(self, row: dict[str, Any]) -> None:
+        with open(self.root / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def rounds(self) -> list[dict[str, Any]]:
+        path = self.root / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_csv(self) -> Path:
+        rows = self.rounds()
+        path = self.root / "metrics.csv"
+        columns = sorted({key for row in rows for key in row})
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        path = self.root / WEIGHTS
+        save_weights(path, state, metadata)
+        return path

@@ -1,0 +1,1 @@
+"""Strategies: shared sampling/validation/averaging (base.py) and Split-Mix (splitmix.py)."""

@@ -1,0 +1,250 @@
+"""What every heterogeneous-FL strategy shares: node profiles, seeded sampling, reply
+validation, per-tensor weighted means and byte accounting.
+
+Method-specific strategies (``strategies/splitmix.py``; later HeteroFL, FedAvg, FedBN) only decide
+*which tensors* each client gets and receives back; everything here is written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger("splitmix")
+
+
+class ReplyRejected(ValueError):
+    """A client reply failed validation; it is logged and left out of the aggregate."""
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    node_id: int
+    partition_id: int
+    budget: float
+    adversarial: bool
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class RoundStats:
+    """Per-round accounting that lands in the run's metrics."""
+
+    sampled: int = 0
+    replies: int = 0
+    failures: int = 0
+    rejected: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    examples: int = 0
+    loss: float = float("nan")
+    client_time: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def as_metrics(self) -> dict[str, float | int]:
+        return {
+            "sampled": self.sampled,
+            "replies": self.replies,
+            "failures": self.failures,
+            "rejected": self.rejected,
+            "bytes-down": self.bytes_down,
+            "bytes-up": self.bytes_up,
+            "examples": self.examples,
+            "train-loss": self.loss,
+            "client-time": self.client_time,
+        }
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord (serialized tensors)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def tensor_specs(record: ArrayRecord) -> dict[str, TensorSpec]:
+    return {key: TensorSpec(tuple(a.shape), str(a.dtype)) for key, a in record.items()}
+
+
+def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
+    """Check keys, shapes, dtypes and finiteness; return the decoded tensors.
+
+    Raises :class:`ReplyRejected` naming the first problem found.
+    """
+    keys = set(record.keys())
+    missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing:
+        raise ReplyRejected(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if extra:
+        raise ReplyRejected(f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key in sorted(expected):
+        array, spec = record[key], expected[key]
+        if tuple(array.shape) != spec.shape:
+            raise ReplyRejected(f"tensor '{key}' has shape {tuple(array.shape)}, expected {spec.shape}")
+        if str(array.dtype) != spec.dtype:
+            raise ReplyRejected(f"tensor '{key}' has dtype {array.dtype}, expected {spec.dtype}")
+        try:
+            values = array.numpy()
+        except Exception as err:  # corrupt payload
+            raise ReplyRejected(f"tensor '{key}' cannot be decoded: {err}") from None
+        if values.shape != spec.shape or str(values.dtype) != spec.dtype:
+            raise ReplyRejected(f"tensor '{key}' payload does not match its declared shape/dtype")
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            raise ReplyRejected(f"tensor '{key}' contains NaN or Inf")
+        tensors[key] = torch.from_numpy(values)
+    return tensors
+
+
+def reply_num_examples(msg: Message) -> int:
+    metrics = msg.content.metric_records.get("metrics")
+    if metrics is None or "num-examples" not in metrics:
+        raise ReplyRejected("reply has no 'metrics' record with 'num-examples'")
+    value = metrics["num-examples"]
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 or value != int(value):
+        raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
+    return int(value)
+
+
+def weighted_average(
+    contributions: Sequence[tuple[dict[str, torch.Tensor], float]],
+    previous: ArrayRecord,
+) -> ArrayRecord:
+    """Per-tensor weighted mean over exactly the contributions that hold each tensor.
+
+    Tensors nobody sent keep their previous value (the previous Array object is reused as is).
+    Accumulates in float64 in the given order, so the result is deterministic.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
+    for tensors, weight in contributions:
+        for key, tensor in tensors.items():
+            term = tensor.to(torch.float64) * weight
+            sums[key] = sums[key] + term if key in sums else term
+            weights[key] = weights.get(key, 0.0) + weight
+    out = ArrayRecord()
+    for key, array in previous.items():
+        if key in sums:
+            mean = (sums[key] / weights[key]).to(getattr(torch, str(array.dtype)))
+            out[key] = Array(mean.numpy())
+        else:
+            out[key] = array
+    return out
+
+
+class FederatedStrategy(Strategy):
+    """Profiles, sampling and validation shared by the heterogeneous strategies.
+
+    Subclasses implement ``assign_payload`` (what to send a node) and reuse ``collect_valid``.
+    Client-side evaluation is off: the server evaluates centrally every width.
+    """
+
+    def __init__(self, fraction_train: float, min_train_clients: int, seed: int) -> None:
+        self.fraction_train = fraction_train
+        self.min_train_clients = min_train_clients
+        self.rng = np.random.default_rng(seed)
+        self.profiles: dict[int, NodeProfile] = {}
+        self.last_round = RoundStats()
+
+    # ------------------------------------------------------------------ profiles
+    def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:
+        """Ask every node without a known profile for it (doubles as actor warm-up)."""
+        stats = RoundStats()
+        unknown = [n for n in grid.get_node_ids() if n not in self.profiles]
+        if not unknown:
+            return stats
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({"task": task_json})}), dst_node_id=n, message_type="query")
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                stats.failures += 1
+                stats.problems.append(f"node {node}: profile query failed: {reply.error.reason}")
+                continue
+            try:
+                p = reply.content.config_records["profile"]
+                self.profiles[node] = NodeProfile(
+                    node_id=node,
+                    partition_id=int(p["partition-id"]),
+                    budget=float(p["budget"]),
+                    adversarial=bool(p["adversarial"]),
+                    num_examples=int(p["num-examples"]),
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                stats.rejected += 1
+                stats.problems.append(f"node {node}: malformed profile reply ({err})")
+        for problem in stats.problems:
+            log.warning(problem)
+        return stats
+
+    def sample(self) -> list[NodeProfile]:
+        """A seeded sample of known nodes, ordered by partition id (repeatable across runs)."""
+        nodes = sorted(self.profiles.values(), key=lambda p: p.partition_id)
+        if not nodes:
+            return []
+        count = min(len(nodes), max(self.min_train_clients, int(round(self.fraction_train * len(nodes)))))
+        picked = self.rng.choice(len(nodes), size=count, replace=False)
+        return [nodes[i] for i in sorted(picked)]
+
+    # ------------------------------------------------------------------ replies
+    def collect_valid(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        expected: dict[int, dict[str, TensorSpec]],
+        stats: RoundStats,
+    ) -> list[tuple[NodeProfile, dict[str, torch.Tensor], int, MetricRecord]]:
+        """Validate replies; bad ones are logged with the node/partition and counted, not used."""
+        valid = []
+        for msg in replies:
+            stats.replies += 1
+            node = msg.metadata.src_node_id
+            profile = self.profiles.get(node)
+            who = f"node {node}" + (f" (partition {profile.partition_id})" if profile else "")
+            sent = expected.pop(node, None)
+            if msg.has_error():
+                stats.failures += 1
+                stats.problems.append(f"round {server_round}: {who} failed: {msg.error.reason}")
+                continue
+            try:
+                if sent is None or profile is None:
+                    raise ReplyRejected("reply from a node that was not sent work this round (or a duplicate)")
+                if "arrays" not in msg.content.array_records:
+                    raise ReplyRejected("reply has no 'arrays' record")
+                record = msg.content.array_records["arrays"]
+                stats.bytes_up += record_bytes(record)
+                tensors = validate_arrays(record, sent)
+                num_examples = reply_num_examples(msg)
+            except ReplyRejected as err:
+                stats.rejected += 1
+                stats.problems.append(f"round {server_round}: rejected reply from {who}: {err}")
+                continue
+            valid.append((profile, tensors, num_examples, msg.content.metric_records["metrics"]))
+        stats.failures += len(expected)  # sent work, no reply before the timeout
+        for node in expected:
+            stats.problems.append(f"round {server_round}: node {node} did not reply in time")
+        for problem in stats.problems:
+            log.warning(problem)
+        valid.sort(key=lambda item: item[0].partition_id)  # deterministic aggregation order
+        return valid
+
+    # ------------------------------------------------------------------ client-side evaluation: off
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

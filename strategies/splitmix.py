@@ -1,0 +1,151 @@
+"""The Split-Mix strategy: assign bases by budget, send only those bases, average each base over
+exactly the clients that trained it.
+
+Base assignment: a client that affords k bases gets its first base from a shuffled cycle over all
+N bases (as in the authors' code) and the k − 1 bases that follow it (mod N). Two departures,
+both for exact evenness: the cycle is kept *per budget level* (the authors share one cycle across
+all clients), and the other k − 1 bases form a window instead of a random draw. Split-Mix bases
+are trained with separate losses, so which bases share a client does not change training; the
+window only makes "every base is trained equally often by clients of every budget" hold exactly
+after each full cycle instead of on average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+import numpy as np
+
+from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, parse_base_key
+from strategies.base import FederatedStrategy, NodeProfile, RoundStats, TensorSpec, record_bytes, tensor_specs, weighted_average
+
+
+class BaseScheduler:
+    """First base from a shuffled cycle per budget level, then the next k − 1 bases (mod N)."""
+
+    def __init__(self, num_bases: int, rng: np.random.Generator) -> None:
+        self.num_bases = num_bases
+        self.rng = rng
+        self._cycles: dict[int, list[int]] = {}
+
+    def assign(self, k: int) -> list[int]:
+        if not 1 <= k <= self.num_bases:
+            raise ValueError(f"cannot assign {k} of {self.num_bases} bases")
+        cycle = self._cycles.setdefault(k, [])
+        if not cycle:
+            cycle.extend(int(b) for b in self.rng.permutation(self.num_bases))
+        first = cycle.pop()
+        return [(first + j) % self.num_bases for j in range(k)]
+
+
+def cosine_lr(base_lr: float, server_round: int, num_rounds: int) -> float:
+    """Half-cosine decay over rounds (the authors' Digits schedule)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / max(num_rounds, 1)))
+
+
+class SplitMixStrategy(FederatedStrategy):
+    def __init__(
+        self,
+        spec: SplitMixSpec,
+        task_json: str,
+        fraction_train: float,
+        min_train_clients: int,
+        seed: int,
+        lr_at_round: Callable[[int], float],
+    ) -> None:
+        super().__init__(fraction_train, min_train_clients, seed)
+        self.spec = spec
+        self.task_json = task_json
+        self.seed = seed
+        self.lr_at_round = lr_at_round
+        self.scheduler = BaseScheduler(spec.num_bases, self.rng)
+        self._sent: dict[int, dict[str, TensorSpec]] = {}
+        self._current = ArrayRecord()
+        self.assignments: dict[int, list[int]] = {}  # node -> bases, last round
+
+    def summary(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ train
+    def client_seed(self, server_round: int, partition_id: int) -> int:
+        return (self.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._current = arrays
+        self._sent = {}
+        self.assignments = {}
+        stats = RoundStats()
+        messages = []
+        lr = self.lr_at_round(server_round)
+        for profile in self.sample():
+            k = min(self.spec.num_bases, int(math.floor(profile.budget / self.spec.atom_width + 1e-9)))
+            if k < 1:
+                stats.problems.append(f"node {profile.node_id}: budget {profile.budget} affords no base; skipped")
+                continue
+            bases = self.scheduler.assign(k)
+            payload = ArrayRecord({key: arrays[key] for key in arrays if parse_base_key(key)[0] in bases})
+            self.assignments[profile.node_id] = bases
+            self._sent[profile.node_id] = self.expected_reply(payload, profile)
+            stats.bytes_down += record_bytes(payload)
+            content = RecordDict(
+                {
+                    "arrays": payload,
+                    "config": ConfigRecord(
+                        {
+                            "task": self.task_json,
+                            "round": server_round,
+                            "lr": lr,
+                            "bases": bases,
+                            "seed": self.client_seed(server_round, profile.partition_id),
+                        }
+                    ),
+                }
+            )
+            messages.append(Message(content, dst_node_id=profile.node_id, message_type="train"))
+        stats.sampled = len(messages)
+        self.last_round = stats
+        return messages
+
+    @staticmethod
+    def expected_reply(payload: ArrayRecord, profile: NodeProfile) -> dict[str, TensorSpec]:
+        """What a node must send back: everything it got, minus the adversarial-BN tensors when
+        it does not train adversarially (it never touched them)."""
+        specs = tensor_specs(payload)
+        if profile.adversarial:
+            return specs
+        return {k: s for k, s in specs.items() if not is_adversarial_tensor(parse_base_key(k)[1])}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.last_round
+        valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
+        metrics = stats.as_metrics()
+        if len(valid) < self.min_train_clients:
+            stats.problems.append(
+                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
+                f"{self.min_train_clients}); global model left unchanged"
+            )
+            metrics.update({"valid": len(valid), "round-failed": 1})
+            return None, MetricRecord(metrics)
+        contributions = [(tensors, float(n)) for _, tensors, n, _ in valid]
+        stats.examples = sum(n for _, _, n, _ in valid)
+        stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
+        stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
+        metrics = stats.as_metrics()
+        metrics.update({"valid": len(valid), "round-failed": 0})
+        return weighted_average(contributions, self._current), MetricRecord(metrics)
+
+
+def base_training_counts(assignments: dict[int, list[int]], num_bases: int) -> list[int]:
+    """How many clients trained each base in one round (for logs and tests)."""
+    counts = [0] * num_bases
+    for bases in assignments.values():
+        for b in bases:
+            counts[b] += 1
+    return counts
+
+
+__all__ = ["BaseScheduler", "SplitMixStrategy", "cosine_lr", "base_training_counts", "base_key"]

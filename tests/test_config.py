@@ -1,0 +1,68 @@
+"""Run config: pyproject defaults == dataclass defaults; errors name key, value and what is allowed."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, SimulationConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_match_the_dataclass():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert SimulationConfig.from_mapping(run_config) == SimulationConfig()
+    assert set(run_config) == set(SimulationConfig().to_run_config())
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    assert parse_overrides("num-rounds=3 lr=0.1 dataset=mnist partition='dirichlet'") == {
+        "num-rounds": 3,
+        "lr": 0.1,
+        "dataset": "mnist",
+        "partition": "dirichlet",
+    }
+    cfg = load_config(overrides="num-rounds=3 dataset=digits")
+    assert cfg.num_rounds == 3
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("nmu-rounds=3", ["unknown config key 'nmu-rounds'", "num-rounds"]),
+        ("num-rounds=abc", ["'num-rounds'", "'abc'", "integer"]),
+        ("num-rounds=0", ["'num-rounds'", "0", "[1, inf]"]),
+        ("dataset=imagenet", ["'dataset'", "'imagenet'", "digits, mnist, cifar10, svhn"]),
+        ("fraction-train=1.5", ["'fraction-train'", "1.5", "(0, 1]"]),
+        ("budgets='16-8'", ["'budgets'", "16-8", "atom width"]),
+        ("budgets='x-1'", ["'budgets'", "'x'"]),
+        ("atom-width=0.3", ["'atom-width'", "0.3", "1/N"]),
+        ("eval-lambdas='0.5,2'", ["'eval-lambdas'", "[0, 1]"]),
+        ("min-train-clients=99", ["'min-train-clients'", "99", "num-clients"]),
+        ("lr-schedule=step", ["'lr-schedule'", "'step'", "cosine, constant"]),
+    ],
+)
+def test_invalid_values_fail_fast_naming_key_value_and_allowed(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_config_file_and_overrides_layer(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('num-rounds = 7\ndataset = "digits"\npartition = "dirichlet"\n')
+    cfg = load_config(path, "num-rounds=2")
+    assert (cfg.num_rounds, cfg.partition) == (2, "dirichlet")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("num-rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_shipped_experiment_configs_are_valid():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        load_config(path)

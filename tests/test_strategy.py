@@ -1,0 +1,173 @@
+"""Split-Mix strategy: per-base aggregation by hand, even base assignment, reply validation."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from models.splitmix import SplitMixSpec, init_global_state, is_adversarial_tensor, parse_base_key
+from strategies.base import NodeProfile, ReplyRejected, tensor_specs, validate_arrays
+from strategies.splitmix import BaseScheduler, SplitMixStrategy
+
+SPEC = SplitMixSpec(atom_width=0.25)  # 4 bases keeps the toy small
+
+
+def make_strategy(profiles):
+    strategy = SplitMixStrategy(SPEC, "{}", fraction_train=1.0, min_train_clients=1, seed=0, lr_at_round=lambda r: 0.1)
+    strategy.profiles = {p.node_id: p for p in profiles}
+    return strategy
+
+
+def reply_with(msg: Message, fill: float, num_examples: int, drop_adv: bool) -> Message:
+    arrays = ArrayRecord()
+    for key, array in msg.content["arrays"].items():
+        if drop_adv and is_adversarial_tensor(parse_base_key(key)[1]):
+            continue
+        arrays[key] = Array(np.full(array.shape, fill, dtype=array.dtype))
+    metrics = MetricRecord({"num-examples": num_examples, "loss": 1.0, "train-time": 0.1})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def test_per_base_aggregation_matches_hand_computation():
+    profiles = [
+        NodeProfile(11, 0, budget=0.25, adversarial=False, num_examples=10),  # 1 base
+        NodeProfile(12, 1, budget=0.5, adversarial=True, num_examples=30),  # 2 bases
+        NodeProfile(13, 2, budget=0.5, adversarial=False, num_examples=60),  # 2 bases
+    ]
+    strategy = make_strategy(profiles)
+    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    messages = list(strategy.configure_train(1, initial, None, None))
+    assert len(messages) == 3
+    fills = {11: 1.0, 12: 2.0, 13: 4.0}
+    sizes = {11: 10, 12: 30, 13: 60}
+    replies = [
+        reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12)
+        for m in messages
+    ]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["valid"] == 3 and metrics["rejected"] == 0
+
+    for key, array in new.items():
+        base, name = parse_base_key(key)
+        holders = [n for n, bases in strategy.assignments.items() if base in bases]
+        if is_adversarial_tensor(name):
+            holders = [n for n in holders if n == 12]  # only the adversarial client trained adv BN
+        value = array.numpy()
+        if not holders:  # nobody trained it: unchanged
+            np.testing.assert_array_equal(value, initial[key].numpy())
+            continue
+        expected = sum(fills[n] * sizes[n] for n in holders) / sum(sizes[n] for n in holders)
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+    trained = {b for bases in strategy.assignments.values() for b in bases}
+    assert len(trained) >= 2
+
+
+def test_bad_replies_are_rejected_and_the_aggregate_ignores_them():
+    profiles = [NodeProfile(20 + i, i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
+    strategy = make_strategy(profiles)
+    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    messages = list(strategy.configure_train(1, initial, None, None))
+    good = [reply_with(m, 1.0 + i, 10, drop_adv=False) for i, m in enumerate(messages)]
+
+    def missing_key(msg):
+        r = reply_with(msg, 9.0, 10, drop_adv=False)
+        del r.content["arrays"][next(iter(r.content["arrays"].keys()))]
+        return r
+
+    def wrong_shape(msg):
+        r = reply_with(msg, 9.0, 10, drop_adv=False)
+        key = next(iter(r.content["arrays"].keys()))
+        r.content["arrays"][key] = Array(np.zeros((3, 3), dtype=np.float32))
+        return r
+
+    def with_nan(msg):
+        r = reply_with(msg, 9.0, 10, drop_adv=False)
+        key = next(iter(r.content["arrays"].keys()))
+        bad = r.content["arrays"][key].numpy().copy()
+        bad.flat[0] = np.nan
+        r.content["arrays"][key] = Array(bad)
+        return r
+
+    # Baseline: only the first message's client replies, validly.
+    strategy_a = make_strategy(profiles)
+    msgs_a = list(strategy_a.configure_train(1, initial, None, None))
+    reference, _ = strategy_a.aggregate_train(1, [reply_with(msgs_a[0], 1.0, 10, drop_adv=False)])
+
+    bad = [missing_key(messages[1]), wrong_shape(messages[2]), with_nan(messages[3])]
+    new, metrics = strategy.aggregate_train(1, [good[0], *bad])
+    assert metrics["rejected"] == 3 and metrics["valid"] == 1
+    for key in new.keys():
+        np.testing.assert_array_equal(new[key].numpy(), reference[key].numpy())
+
+
+def test_round_below_minimum_keeps_global_model():
+    profiles = [NodeProfile(30 + i, i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
+    strategy = make_strategy(profiles)
+    strategy.min_train_clients = 2
+    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    messages = list(strategy.configure_train(1, initial, None, None))
+    new, metrics = strategy.aggregate_train(1, [reply_with(messages[0], 1.0, 5, drop_adv=True)])
+    assert new is None and metrics["round-failed"] == 1 and metrics["failures"] == 1
+
+
+def test_failed_client_counts_as_failure():
+    from flwr.app import Error
+
+    profiles = [NodeProfile(40 + i, i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
+    strategy = make_strategy(profiles)
+    messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
+    error = Message(Error(code=0, reason="boom"), reply_to=messages[1])
+    _, metrics = strategy.aggregate_train(1, [reply_with(messages[0], 1.0, 5, drop_adv=True), error])
+    assert metrics["failures"] == 1 and metrics["valid"] == 1
+
+
+def test_validate_arrays_names_the_problem():
+    record = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float32))})
+    specs = tensor_specs(record)
+    assert torch.equal(validate_arrays(record, specs)["base0.w"], torch.ones(2, 2))
+    wrong_dtype = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float64))})
+    with pytest.raises(ReplyRejected, match="dtype"):
+        validate_arrays(wrong_dtype, specs)
+    with pytest.raises(ReplyRejected, match="unexpected"):
+        validate_arrays(ArrayRecord({**record, "base0.x": Array(np.ones(1, dtype=np.float32))}), specs)
+
+
+def test_base_assignment_is_even_over_rounds():
+    """Over many rounds, every base is trained about equally often by every budget level."""
+    rng = np.random.default_rng(0)
+    scheduler = BaseScheduler(8, rng)
+    budgets = [1, 2, 4, 8] * 5  # k bases per client: 20 clients, 4 budget levels
+    counts = Counter()
+    for _ in range(400):
+        for k in budgets:
+            for b in scheduler.assign(k):
+                counts[(k, b)] += 1
+    for k in (1, 2, 4, 8):
+        per_base = np.array([counts[(k, b)] for b in range(8)])
+        assert per_base.sum() == 400 * 5 * k
+        # 2000 assignments per level = 250 full cycles: exactly even for every base and budget
+        assert (per_base == per_base[0]).all(), (k, per_base)
+    # The first base follows a shuffled cycle: each run of 8 first picks covers all 8 bases,
+    # and the order differs between cycles.
+    scheduler = BaseScheduler(8, np.random.default_rng(1))
+    firsts = [scheduler.assign(1)[0] for _ in range(64)]
+    for start in range(0, 64, 8):
+        assert sorted(firsts[start : start + 8]) == list(range(8))
+    assert firsts[:8] != firsts[8:16]
+    # Partial rounds stay within one assignment of even at any time.
+    scheduler = BaseScheduler(8, np.random.default_rng(2))
+    seen = Counter(b for _ in range(13) for b in scheduler.assign(3))
+    assert max(seen.values()) - min(seen.values()) <= 3
+
+
+def test_assigned_bases_are_distinct_and_sent_alone():
+    profiles = [NodeProfile(50, 0, budget=0.75, adversarial=True, num_examples=5)]
+    strategy = make_strategy(profiles)
+    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    (msg,) = strategy.configure_train(1, initial, None, None)
+    bases = list(msg.content["config"]["bases"])
+    assert len(bases) == 3 and len(set(bases)) == 3
+    sent = {parse_base_key(k)[0] for k in msg.content["arrays"].keys()}
+    assert sent == set(bases)
