@@ -14,10 +14,11 @@ from typing import Callable
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from clients.app import resolve_device
+from clients.codec import to_record, to_tensors
 from clients.data import test_data
 from models.cost import count_macs, count_params
 from models.splitmix import SplitMixSpec, init_global_state
@@ -108,7 +109,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         )
     say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
 
-    arrays = ArrayRecord(init_global_state(spec, cfg.seed))
+    arrays = to_record(init_global_state(spec, cfg.seed))
     totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
     scores: WidthScores | None = None
     for rnd in range(1, cfg.num_rounds + 1):
@@ -119,7 +120,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         train_s = time.perf_counter() - t0
         if new_arrays is not None:
             arrays = new_arrays
-        state = arrays.to_torch_state_dict()
+        state = to_tensors(arrays)
         store.save_weights(state, {"round": str(rnd)})
 
         t1 = time.perf_counter()

@@ -14,9 +14,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from clients.codec import decode, encode
 
 log = logging.getLogger("splitmix")
 
@@ -89,7 +91,7 @@ def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dic
         raise ReplyRejected(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     if extra:
         raise ReplyRejected(f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}")
-    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, np.ndarray] = {}
     for key in sorted(expected):
         array, spec = record[key], expected[key]
         if tuple(array.shape) != spec.shape:
@@ -97,15 +99,30 @@ def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dic
         if str(array.dtype) != spec.dtype:
             raise ReplyRejected(f"tensor '{key}' has dtype {array.dtype}, expected {spec.dtype}")
         try:
-            values = array.numpy()
-        except Exception as err:  # corrupt payload
+            values[key] = decode(array)
+        except (ValueError, TypeError) as err:  # corrupt payload
             raise ReplyRejected(f"tensor '{key}' cannot be decoded: {err}") from None
-        if values.shape != spec.shape or str(values.dtype) != spec.dtype:
-            raise ReplyRejected(f"tensor '{key}' payload does not match its declared shape/dtype")
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            raise ReplyRejected(f"tensor '{key}' contains NaN or Inf")
-        tensors[key] = torch.from_numpy(values)
-    return tensors
+    return _checked_tensors(values)
+
+
+def _checked_tensors(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """One contiguous copy per dtype: a single NaN/Inf check per reply, and writable tensors
+    (views into that copy) without a copy per tensor."""
+    by_dtype: dict[np.dtype, list[str]] = {}
+    for key, value in values.items():
+        by_dtype.setdefault(value.dtype, []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for dtype, keys in by_dtype.items():
+        flat = np.concatenate([values[k].reshape(-1) for k in keys])
+        if np.issubdtype(dtype, np.floating) and not np.isfinite(flat).all():
+            bad = next(k for k in keys if not np.isfinite(values[k]).all())
+            raise ReplyRejected(f"tensor '{bad}' contains NaN or Inf")
+        buffer, offset = torch.from_numpy(flat), 0
+        for key in keys:
+            size = values[key].size
+            out[key] = buffer[offset : offset + size].view(values[key].shape)
+            offset += size
+    return out
 
 
 def reply_num_examples(msg: Message) -> int:
@@ -130,15 +147,19 @@ def weighted_average(
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     for tensors, weight in contributions:
-        for key, tensor in tensors.items():
-            term = tensor.to(torch.float64) * weight
-            sums[key] = sums[key] + term if key in sums else term
-            weights[key] = weights.get(key, 0.0) + weight
+        keys = list(tensors)
+        for key in keys:
+            if key not in sums:
+                sums[key] = torch.zeros(tensors[key].shape, dtype=torch.float64)
+                weights[key] = 0.0
+            weights[key] += weight
+        # one fused call per contribution (float32 terms promoted into float64 sums)
+        torch._foreach_add_([sums[k] for k in keys], [tensors[k] for k in keys], alpha=weight)
     out = ArrayRecord()
     for key, array in previous.items():
         if key in sums:
             mean = (sums[key] / weights[key]).to(getattr(torch, str(array.dtype)))
-            out[key] = Array(mean.numpy())
+            out[key] = encode(mean)
         else:
             out[key] = array
     return out

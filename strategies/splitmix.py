@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 import numpy as np
 
-from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, parse_base_key
-from strategies.base import FederatedStrategy, NodeProfile, RoundStats, TensorSpec, record_bytes, tensor_specs, weighted_average
+from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
+from strategies.base import FederatedStrategy, RoundStats, TensorSpec, weighted_average
 
 
 class BaseScheduler:
@@ -81,16 +81,30 @@ class SplitMixStrategy(FederatedStrategy):
         stats = RoundStats()
         messages = []
         lr = self.lr_at_round(server_round)
+        # Group the global tensors by base once per round; messages reuse the Array objects.
+        by_base: dict[int, list[tuple[str, Array, TensorSpec, bool]]] = {}
+        for key, array in arrays.items():
+            index, name = parse_base_key(key)
+            spec = TensorSpec(tuple(array.shape), str(array.dtype))
+            by_base.setdefault(index, []).append((key, array, spec, is_adversarial_tensor(name)))
         for profile in self.sample():
             k = min(self.spec.num_bases, int(math.floor(profile.budget / self.spec.atom_width + 1e-9)))
             if k < 1:
                 stats.problems.append(f"node {profile.node_id}: budget {profile.budget} affords no base; skipped")
                 continue
             bases = self.scheduler.assign(k)
-            payload = ArrayRecord({key: arrays[key] for key in arrays if parse_base_key(key)[0] in bases})
+            payload = ArrayRecord()
+            expected: dict[str, TensorSpec] = {}
+            for index in bases:
+                for key, array, spec, adversarial_only in by_base[index]:
+                    payload[key] = array
+                    stats.bytes_down += len(array.data)
+                    # A client that does not train adversarially never touches (and does not
+                    # return) the adversarial-BN tensors.
+                    if profile.adversarial or not adversarial_only:
+                        expected[key] = spec
             self.assignments[profile.node_id] = bases
-            self._sent[profile.node_id] = self.expected_reply(payload, profile)
-            stats.bytes_down += record_bytes(payload)
+            self._sent[profile.node_id] = expected
             content = RecordDict(
                 {
                     "arrays": payload,
@@ -109,15 +123,6 @@ class SplitMixStrategy(FederatedStrategy):
         stats.sampled = len(messages)
         self.last_round = stats
         return messages
-
-    @staticmethod
-    def expected_reply(payload: ArrayRecord, profile: NodeProfile) -> dict[str, TensorSpec]:
-        """What a node must send back: everything it got, minus the adversarial-BN tensors when
-        it does not train adversarially (it never touched them)."""
-        specs = tensor_specs(payload)
-        if profile.adversarial:
-            return specs
-        return {k: s for k, s in specs.items() if not is_adversarial_tensor(parse_base_key(k)[1])}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.last_round
@@ -148,4 +153,4 @@ def base_training_counts(assignments: dict[int, list[int]], num_bases: int) -> l
     return counts
 
 
-__all__ = ["BaseScheduler", "SplitMixStrategy", "cosine_lr", "base_training_counts", "base_key"]
+__all__ = ["BaseScheduler", "SplitMixStrategy", "cosine_lr", "base_training_counts"]

@@ -1,0 +1,116 @@
+"""How much does Flower's simulation engine cost on top of the training it runs?
+
+(a) the default digits workload with 100 clients through ``splitmix simulate``'s engine
+    (Flower Simulation Engine, Ray backend), timing the training rounds (configure, send,
+    client training, receive, validate, aggregate);
+(b) the same local training — same clients, same bases per client, same data, same seeds, same
+    recipe — plus the same per-base averaging, as a plain sequential torch loop in one process.
+
+Start-up (Ray start, actor spawn, imports, data loading, profile discovery) is printed on its own
+line and excluded from the ratio. The last line is ``efficiency: X`` with X = time(b) / time(a).
+
+    python bench/simulation_efficiency.py [--clients 100] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clients.data import client_train_data
+from clients.profiles import make_profile
+from clients.recipe import train_bases
+from models.splitmix import init_global_state, load_stacked, select_bases, split_stacked_state
+from server.config import SimulationConfig, load_config, parse_overrides
+from strategies.splitmix import BaseScheduler, cosine_lr
+
+import numpy as np
+
+
+def framework(cfg: SimulationConfig) -> tuple[float, float, list[float], float]:
+    from server.simulation import simulate
+
+    start = time.perf_counter()
+    run = simulate(cfg)
+    wall = time.perf_counter() - start
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    client_time = sum(r["client-time"] for r in rounds)
+    return wall, summary["timing"]["startup_s"], [r["train-seconds"] for r in rounds], client_time
+
+
+def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
+    """Sequential torch: the same assignment rule, data, seeds and recipe, no framework."""
+    torch.set_num_threads(threads)
+    spec, task = cfg.spec(), cfg.client_task()
+    profiles = [make_profile(i, cfg.num_clients, cfg.budgets, cfg.adv_fraction, cfg.seed) for i in range(cfg.num_clients)]
+    for p in profiles:  # data loading belongs to start-up in (a) too
+        client_train_data(task.data, p.partition_id)
+    scheduler = BaseScheduler(spec.num_bases, np.random.default_rng(cfg.seed))
+    state = init_global_state(spec, cfg.seed)
+    models = {k: spec.build(k) for k in range(1, spec.num_bases + 1)}
+    times = []
+    for rnd in range(1, cfg.num_rounds + 1):
+        start = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        for p in profiles:
+            bases = scheduler.assign(p.num_bases(spec.atom_width))
+            model = load_stacked(models[len(bases)], select_bases(state, bases))
+            data = client_train_data(task.data, p.partition_id)
+            seed = (cfg.seed * 1_000_003 + rnd * 10_007 + p.partition_id) % (2**31 - 1)
+            train_bases(model, data, task.train, cosine_lr(cfg.lr, rnd, cfg.num_rounds), p.adversarial, seed)
+            for b, base_state in zip(bases, split_stacked_state(model.state_dict(), len(bases))):
+                for name, t in base_state.items():
+                    if not p.adversarial and ".adv." in f".{name}":
+                        continue
+                    key = f"base{b}.{name}"
+                    sums[key] = sums.get(key, 0) + t.double() * len(data)
+                    weights[key] = weights.get(key, 0.0) + len(data)
+        state = {k: (sums[k] / weights[k]).float() if k in sums else v for k, v in state.items()}
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--run-config", default="", help="extra overrides, e.g. \"client-num-cpus=2\"")
+    args = parser.parse_args()
+    out = tempfile.mkdtemp(prefix="splitmix-bench-")
+    overrides = {
+        "num-clients": args.clients,
+        "num-rounds": args.rounds,
+        "eval-pgd-steps": 0,  # evaluation is not part of the compared work
+        "out-dir": out,
+        "run-name": "bench",
+    }
+    cfg = load_config(overrides={**overrides, **parse_overrides(args.run_config)})
+    # The plain loop runs first, on a quiet machine (no Ray processes yet, none shutting down).
+    b1 = plain_loop(cfg, threads=1)
+    b2 = plain_loop(cfg, threads=2)
+    torch.set_num_threads(cfg.torch_threads)
+    wall, startup, round_times, client_time = framework(cfg)
+    a = sum(round_times)
+    b_rounds = min(b1, b2, key=sum)
+    b = sum(b_rounds)
+    steady = sum(b_rounds[1:]) / sum(round_times[1:]) if len(round_times) > 1 else float("nan")
+    print(f"workload: digits, {cfg.num_clients} clients, {cfg.num_rounds} rounds, budgets {cfg.budgets}, "
+          f"adv-fraction {cfg.adv_fraction}, {cfg.local_epochs} local epochs")
+    print(f"startup (Ray start, actors, imports, data, profile discovery): {startup:.2f} s; whole simulate() call {wall:.2f} s")
+    print(f"(a) framework training rounds: {a:.2f} s  per round: {', '.join(f'{t:.2f}' for t in round_times)}")
+    print(f"    time inside ClientApp training (summed over clients): {client_time:.2f} s")
+    print(f"(b) plain sequential torch loop: {b:.2f} s  per round: {', '.join(f'{t:.2f}' for t in b_rounds)}"
+          f"  (1 thread {sum(b1):.2f} s, 2 threads {sum(b2):.2f} s)")
+    print(f"steady-state efficiency (rounds 2..{len(round_times)}): {steady:.3f}")
+    print(f"efficiency: {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
