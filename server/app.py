@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -13,6 +16,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    logger = logging.getLogger("splitmix")
+    if not logger.handlers:  # progress lines appear in `flwr run --stream` / `flwr log`
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s splitmix: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     cfg = SimulationConfig.from_mapping(dict(context.run_config))
     run_dir = run_federation(grid, cfg)
     print(f"run folder: {run_dir}", flush=True)
