@@ -25,9 +25,9 @@ import torch
 from clients.data import client_train_data
 from clients.profiles import make_profile
 from clients.recipe import train_bases
-from models.splitmix import init_global_state, load_stacked, select_bases, split_stacked_state
+from models.splitmix import init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 from server.config import SimulationConfig, load_config, parse_overrides
-from strategies.splitmix import BaseScheduler, cosine_lr
+from strategies.splitmix import BaseScheduler, client_seed, cosine_lr
 
 import numpy as np
 
@@ -60,14 +60,14 @@ def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
         sums: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for p in profiles:
-            bases = scheduler.assign(p.num_bases(spec.atom_width))
+            bases = scheduler.assign(spec.bases_for_budget(p.budget))
             model = load_stacked(models[len(bases)], select_bases(state, bases))
             data = client_train_data(task.data, p.partition_id)
-            seed = (cfg.seed * 1_000_003 + rnd * 10_007 + p.partition_id) % (2**31 - 1)
+            seed = client_seed(cfg.seed, rnd, p.partition_id)
             train_bases(model, data, task.train, cosine_lr(cfg.lr, rnd, cfg.num_rounds), p.adversarial, seed)
             for b, base_state in zip(bases, split_stacked_state(model.state_dict(), len(bases))):
                 for name, t in base_state.items():
-                    if not p.adversarial and ".adv." in f".{name}":
+                    if not p.adversarial and is_adversarial_tensor(name):
                         continue
                     key = f"base{b}.{name}"
                     sums[key] = sums.get(key, 0) + t.double() * len(data)

@@ -62,7 +62,7 @@ def _warm_up(task: ClientTask, profile: ClientProfile, data) -> None:
     an adversarial client), without touching weights or BN statistics: once per actor and budget,
     so one-off costs (allocations, kernel selection, autograd set-up) land in start-up instead of
     in the first training round."""
-    k = min(task.spec.num_bases, profile.num_bases(task.spec.atom_width))
+    k = task.spec.bases_for_budget(profile.budget)
     if k < 1 or (task.spec, k, profile.adversarial) in _WARM or len(data) < 2:
         return
     _WARM.add((task.spec, k, profile.adversarial))

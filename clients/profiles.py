@@ -20,10 +20,6 @@ class ClientProfile:
     budget: float  # the largest width this client can train, in (0, 1]
     adversarial: bool  # trains with PGD through the adversarial BN path
 
-    def num_bases(self, atom_width: float) -> int:
-        """How many Split-Mix bases of width ``atom_width`` fit in the budget."""
-        return int(np.floor(self.budget / atom_width + 1e-9))
-
 
 def parse_budgets(spec: str) -> list[float]:
     """``'8-4-2-1'`` → ``[0.125, 0.25, 0.5, 1.0]``; ``'8-4-8d3-2'`` → ``[.125, .25, .375, .5]``."""

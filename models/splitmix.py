@@ -54,6 +54,10 @@ class SplitMixSpec:
             raise ValueError(f"width {width:g} is not a multiple of the atom width {self.atom_width:g}; allowed: {allowed}")
         return int(round(k))
 
+    def bases_for_budget(self, budget: float) -> int:
+        """How many bases a client with compute budget ``budget`` (a width) trains: floor(budget/r)."""
+        return min(self.num_bases, int(budget / self.atom_width + 1e-9))
+
     def build(self, num_bases: int) -> StackedNet:
         """A fresh stack of ``num_bases`` bases (randomly initialised, each independently)."""
         return create_model(

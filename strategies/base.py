@@ -168,8 +168,10 @@ def weighted_average(
 class FederatedStrategy(Strategy):
     """Profiles, sampling and validation shared by the heterogeneous strategies.
 
-    Subclasses implement ``assign_payload`` (what to send a node) and reuse ``collect_valid``.
-    Client-side evaluation is off: the server evaluates centrally every width.
+    Subclasses implement ``configure_train`` (which tensors each sampled node gets, recording
+    what it must send back) and ``aggregate_train`` (built on ``collect_valid`` and
+    ``weighted_average``). Client-side evaluation is off: the server evaluates every width
+    centrally.
     """
 
     def __init__(self, fraction_train: float, min_train_clients: int, seed: int) -> None:

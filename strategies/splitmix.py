@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-
-import numpy as np
 
 from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec, weighted_average
@@ -40,6 +39,11 @@ class BaseScheduler:
             cycle.extend(int(b) for b in self.rng.permutation(self.num_bases))
         first = cycle.pop()
         return [(first + j) % self.num_bases for j in range(k)]
+
+
+def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local training in one round (shuffling, PGD starts)."""
+    return (run_seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
 
 
 def cosine_lr(base_lr: float, server_round: int, num_rounds: int) -> float:
@@ -71,9 +75,6 @@ class SplitMixStrategy(FederatedStrategy):
         pass
 
     # ------------------------------------------------------------------ train
-    def client_seed(self, server_round: int, partition_id: int) -> int:
-        return (self.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._current = arrays
         self._sent = {}
@@ -88,7 +89,7 @@ class SplitMixStrategy(FederatedStrategy):
             spec = TensorSpec(tuple(array.shape), str(array.dtype))
             by_base.setdefault(index, []).append((key, array, spec, is_adversarial_tensor(name)))
         for profile in self.sample():
-            k = min(self.spec.num_bases, int(math.floor(profile.budget / self.spec.atom_width + 1e-9)))
+            k = self.spec.bases_for_budget(profile.budget)
             if k < 1:
                 stats.problems.append(f"node {profile.node_id}: budget {profile.budget} affords no base; skipped")
                 continue
@@ -114,7 +115,7 @@ class SplitMixStrategy(FederatedStrategy):
                             "round": server_round,
                             "lr": lr,
                             "bases": bases,
-                            "seed": self.client_seed(server_round, profile.partition_id),
+                            "seed": client_seed(self.seed, server_round, profile.partition_id),
                         }
                     ),
                 }
@@ -142,15 +143,3 @@ class SplitMixStrategy(FederatedStrategy):
         metrics = stats.as_metrics()
         metrics.update({"valid": len(valid), "round-failed": 0})
         return weighted_average(contributions, self._current), MetricRecord(metrics)
-
-
-def base_training_counts(assignments: dict[int, list[int]], num_bases: int) -> list[int]:
-    """How many clients trained each base in one round (for logs and tests)."""
-    counts = [0] * num_bases
-    for bases in assignments.values():
-        for b in bases:
-            counts[b] += 1
-    return counts
-
-
-__all__ = ["BaseScheduler", "SplitMixStrategy", "cosine_lr", "base_training_counts"]

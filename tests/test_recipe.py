@@ -63,6 +63,6 @@ def test_budget_levels_and_profiles():
     ]
     assert adversarial_clients(50, 0.5, seed=0).sum() == 25
     profile = make_profile(3, 50, "8-4-2-1", 0.0, 0, {"budget": "2", "adversarial": True})
-    assert profile.budget == 0.5 and profile.adversarial and profile.num_bases(0.125) == 4
+    assert profile.budget == 0.5 and profile.adversarial and SplitMixSpec().bases_for_budget(profile.budget) == 4
     with pytest.raises(ValueError, match="budget"):
         make_profile(3, 50, "8-4-2-1", 0.0, 0, {"budget": 2.0})
