@@ -66,3 +66,10 @@ def test_config_file_and_overrides_layer(tmp_path):
 def test_shipped_experiment_configs_are_valid():
     for path in sorted((ROOT / "configs").glob("*.toml")):
         load_config(path)
+
+
+def test_cli_rejects_bad_config_with_exit_code_2(capsys):
+    from server.cli import main
+
+    assert main(["simulate", "--run-config", "num-rounds=-1"]) == 2
+    assert "'num-rounds'" in capsys.readouterr().err

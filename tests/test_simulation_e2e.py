@@ -5,19 +5,20 @@ import json
 import pytest
 
 from models.splitmix import SplitMixSpec
-from server.config import load_config
 from server.store import load_weights
 
 
 @pytest.mark.timeout(300)
-def test_two_round_simulation_writes_a_complete_run_folder(tmp_path):
-    from server.simulation import simulate
+def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
+    """`splitmix simulate` end to end; the last line of stdout is the run folder."""
+    from server.cli import main
 
-    cfg = load_config(
-        overrides=f"num-clients=6 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=2 out-dir='{tmp_path}' run-name=e2e"
-    )
-    run = simulate(cfg)
-    assert run == tmp_path / "e2e"
+    overrides = f"num-clients=6 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=2 out-dir='{tmp_path}' run-name=e2e"
+    assert main(["simulate", "--run-config", overrides]) == 0
+    stdout = capsys.readouterr().out
+    run = tmp_path / "e2e"
+    assert stdout.strip().splitlines()[-1] == str(run)
+    assert "accuracy (λ=0)" in stdout  # the per-width table
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "summary.json",
                  "accuracy_per_width.png", "robustness.png"):
         assert (run / name).stat().st_size > 0, name
