@@ -97,15 +97,23 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     device = resolve_device(cfg.device)
     evaluator = Evaluator(spec, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device)
     lr_at = (lambda r: cosine_lr(cfg.lr, r, cfg.num_rounds)) if cfg.lr_schedule == "cosine" else (lambda r: cfg.lr)
-    strategy = SplitMixStrategy(spec, task.to_json(), cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
+    task_json = task.to_json()
+    strategy = SplitMixStrategy(spec, task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
 
     start = time.perf_counter()
-    discovery = strategy.discover(grid, task.to_json(), cfg.round_timeout)
+    discovery = strategy.discover(grid, task_json, cfg.round_timeout)
+    store.append_events(0, discovery.problems)
     startup = time.perf_counter() - start
     if len(strategy.profiles) < cfg.min_train_clients:
         raise RuntimeError(
             f"only {len(strategy.profiles)} client(s) reported a profile (min-train-clients = {cfg.min_train_clients}); "
             + "; ".join(discovery.problems[:3])
+        )
+    if len(strategy.profiles) != cfg.num_clients:
+        log.warning(
+            "num-clients = %d but %d node(s) reported a profile: only their partitions take part "
+            "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",
+            cfg.num_clients, len(strategy.profiles), cfg.num_clients,
         )
     say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
 
@@ -132,6 +140,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, "eval-seconds": eval_s, **dict(metrics or {})}
         row.update(_score_columns(spec, scores))
         store.append_round(row)
+        store.append_events(rnd, strategy.last_round.problems)
         for key in ("bytes_down", "bytes_up", "failures", "rejected"):
             totals[key] += int(row.get(key.replace("_", "-"), 0))
         totals["train_s"] += train_s

@@ -5,6 +5,7 @@ runs/<name>/
   config.json          resolved run config (+ Split-Mix spec) — enough to repeat the run
   metrics.jsonl        one JSON object per round (training, communication, accuracy per width)
   metrics.csv          the same, flat, for spreadsheets
+  events.jsonl         rejected replies, failed clients, failed rounds (only when there are any)
   model.safetensors    final global weights (all bases, "base{i}.<path>"), written atomically
   summary.json         per-width accuracy / robust accuracy / params / MACs
   accuracy_per_width.png, robustness.png
@@ -78,6 +79,14 @@ class RunStore:
     def append_round(self, row: dict[str, Any]) -> None:
         with open(self.root / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def append_events(self, server_round: int, problems: list[str]) -> None:
+        """Rejected replies, failed clients and failed rounds, one JSON line each (events.jsonl)."""
+        if not problems:
+            return
+        with open(self.root / "events.jsonl", "a") as fh:
+            for problem in problems:
+                fh.write(json.dumps({"round": server_round, "problem": problem}) + "\n")
 
     def rounds(self) -> list[dict[str, Any]]:
         path = self.root / "metrics.jsonl"

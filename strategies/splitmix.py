@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
-from strategies.base import FederatedStrategy, RoundStats, TensorSpec, weighted_average
+from strategies.base import FederatedStrategy, log, RoundStats, TensorSpec, weighted_average
 
 
 class BaseScheduler:
@@ -130,10 +130,12 @@ class SplitMixStrategy(FederatedStrategy):
         valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
         metrics = stats.as_metrics()
         if len(valid) < self.min_train_clients:
-            stats.problems.append(
+            problem = (
                 f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
                 f"{self.min_train_clients}); global model left unchanged"
             )
+            stats.problems.append(problem)
+            log.warning(problem)
             metrics.update({"valid": len(valid), "round-failed": 1})
             return None, MetricRecord(metrics)
         contributions = [(tensors, float(n)) for _, tensors, n, _ in valid]

@@ -42,3 +42,6 @@ def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, in_process_
     assert [r["valid"] for r in rounds] == [5, 5]
     weights = load_weights(run / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events] == [1, 2]
+    assert all("partition 2" in e["problem"] and "NaN" in e["problem"] for e in events)
