@@ -136,10 +136,6 @@ def set_route(model: nn.Module, route: Route) -> None:
             module.route = route
 
 
-def has_dual_bn(model: nn.Module) -> bool:
-    return any(isinstance(m, DualBatchNorm) for m in model.modules())
-
-
 @contextmanager
 def routed(model: nn.Module, route: Route) -> Iterator[nn.Module]:
     """Temporarily route every dual BN; restores the previous route afterwards."""

@@ -76,10 +76,6 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def tensor_specs(record: ArrayRecord) -> dict[str, TensorSpec]:
-    return {key: TensorSpec(tuple(a.shape), str(a.dtype)) for key, a in record.items()}
-
-
 def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
     """Check keys, shapes, dtypes and finiteness; return the decoded tensors.
 

@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from models.splitmix import SplitMixSpec, init_global_state, is_adversarial_tensor, parse_base_key
-from strategies.base import NodeProfile, ReplyRejected, tensor_specs, validate_arrays
+from strategies.base import NodeProfile, ReplyRejected, TensorSpec, validate_arrays
 from strategies.splitmix import BaseScheduler, SplitMixStrategy
 
 SPEC = SplitMixSpec(atom_width=0.25)  # 4 bases keeps the toy small
@@ -125,7 +125,7 @@ def test_failed_client_counts_as_failure():
 
 def test_validate_arrays_names_the_problem():
     record = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float32))})
-    specs = tensor_specs(record)
+    specs = {"base0.w": TensorSpec((2, 2), "float32")}
     assert torch.equal(validate_arrays(record, specs)["base0.w"], torch.ones(2, 2))
     wrong_dtype = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float64))})
     with pytest.raises(ReplyRejected, match="dtype"):
