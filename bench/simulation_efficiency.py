@@ -25,7 +25,7 @@ import torch
 from clients.data import client_train_data
 from clients.profiles import make_profile
 from clients.recipe import train_bases
-from models.splitmix import init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
+from models.splitmix import base_key, init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 from server.config import SimulationConfig, load_config, parse_overrides
 from strategies.splitmix import BaseScheduler, client_seed, cosine_lr
 
@@ -60,7 +60,7 @@ def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
         sums: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for p in profiles:
-            bases = scheduler.assign(spec.bases_for_budget(p.budget))
+            bases = scheduler.assign(spec.bases_for_budget(p.budget), group=p.budget)
             model = load_stacked(models[len(bases)], select_bases(state, bases))
             data = client_train_data(task.data, p.partition_id)
             seed = client_seed(cfg.seed, rnd, p.partition_id)
@@ -69,7 +69,7 @@ def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
                 for name, t in base_state.items():
                     if not p.adversarial and is_adversarial_tensor(name):
                         continue
-                    key = f"base{b}.{name}"
+                    key = base_key(b, name)
                     sums[key] = sums.get(key, 0) + t.double() * len(data)
                     weights[key] = weights.get(key, 0.0) + len(data)
         state = {k: (sums[k] / weights[k]).float() if k in sums else v for k, v in state.items()}

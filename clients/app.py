@@ -21,8 +21,8 @@ from clients.data import client_train_data
 from clients.profiles import ClientProfile, make_profile
 from clients.recipe import per_base_loss, train_bases
 from clients.task import ClientTask
-from models.blocks import StackedNet, frozen_bn_stats, routed
-from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, load_stacked, parse_base_key, split_stacked_state
+from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, routed
+from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 
 app = ClientApp()
 
@@ -107,15 +107,13 @@ def train(msg: Message, context: Context) -> Message:
     task = ClientTask.from_json(str(config["task"]))
     torch.set_num_threads(task.torch_threads)
     profile = _profile(task, context)
+    if str(config.get("method", "splitmix")) == "width":
+        return _train_width_slice(msg, context, task, profile)
     indices = [int(i) for i in config["bases"]]
 
     # Decode: per-base states, in the order the server listed the bases.
     received = to_tensors(msg.content["arrays"])
-    per_base: dict[int, dict[str, torch.Tensor]] = {i: {} for i in indices}
-    for key, tensor in received.items():
-        index, name = parse_base_key(key)
-        per_base[index][name] = tensor
-    model = load_stacked(_cached_model(task.spec, len(indices)), [per_base[i] for i in indices])
+    model = load_stacked(_cached_model(task.spec, len(indices)), select_bases(received, indices))
 
     result = train_bases(
         model,
@@ -136,7 +134,11 @@ def train(msg: Message, context: Context) -> Message:
             if profile.adversarial or not is_adversarial_tensor(name)
         }
     )
-    metrics = MetricRecord(
+    return Message(RecordDict({"arrays": arrays, "metrics": _metrics(result, profile)}), reply_to=msg)
+
+
+def _metrics(result, profile: ClientProfile) -> MetricRecord:
+    return MetricRecord(
         {
             "num-examples": result.num_examples,
             "loss": result.loss,
@@ -148,4 +150,69 @@ def train(msg: Message, context: Context) -> Message:
             "adversarial": int(profile.adversarial),
         }
     )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+_LOCAL_BN = "local-bn"
+
+
+def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile: ClientProfile) -> Message:
+    """HeteroFL/SHeteroFL/FedAvg/FedBN: train the width-w network the server sliced for us.
+
+    With ``local-bn`` (FedBN) the batch-norm entries never come from or go to the server: they
+    live in this node's Context state across rounds (initial values on a node's first round).
+    """
+    config = msg.content["config"]
+    width = float(config["width"])
+    model = _cached_model_width(task.spec, width)
+    state = to_tensors(msg.content["arrays"])
+    local_bn = bool(config.get("local-bn", False))
+    if local_bn:
+        kept = context.state.array_records.get(_LOCAL_BN)
+        state.update(to_tensors(kept) if kept is not None else _initial_norm_state(task.spec, width))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise KeyError(f"width-{width} state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    result = train_bases(
+        model,
+        client_train_data(task.data, profile.partition_id),
+        task.train,
+        lr=float(config["lr"]),
+        adversarial=profile.adversarial,
+        seed=int(config["seed"]),
+        device=resolve_device(task.device),
+    )
+    trained = {k: v.cpu() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    norm_keys = norm_state_keys(model)
+    if local_bn:
+        context.state[_LOCAL_BN] = to_record({k: v for k, v in trained.items() if k in norm_keys})
+    arrays = to_record(
+        {
+            k: v
+            for k, v in trained.items()
+            if not (local_bn and k in norm_keys) and (profile.adversarial or not is_adversarial_tensor(k))
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": _metrics(result, profile)}), reply_to=msg)
+
+
+_WIDTH_MODELS: dict[tuple[SplitMixSpec, float], StackedNet] = {}
+_NORM_INIT: dict[tuple[SplitMixSpec, float], dict[str, torch.Tensor]] = {}
+
+
+def _cached_model_width(spec: SplitMixSpec, width: float) -> StackedNet:
+    key = (spec, width)
+    if key not in _WIDTH_MODELS:
+        _WIDTH_MODELS[key] = spec.build_width(width)
+    return _WIDTH_MODELS[key]
+
+
+def _initial_norm_state(spec: SplitMixSpec, width: float) -> dict[str, torch.Tensor]:
+    """Freshly initialised BN entries (weight 1, bias 0, mean 0, var 1) for a node's first round."""
+    key = (spec, width)
+    if key not in _NORM_INIT:
+        fresh = spec.build_width(width)
+        keys = norm_state_keys(fresh)
+        _NORM_INIT[key] = {k: v.clone() for k, v in fresh.state_dict().items() if k in keys}
+    return _NORM_INIT[key]

@@ -64,8 +64,8 @@ def decode(array: Array) -> np.ndarray:
     count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(f"payload holds {len(data) - offset} bytes, shape {shape} of {dtype} needs {count * dtype.itemsize}")
-    if data[offset - 1 : offset] != b"\n" or b"'fortran_order': True" in data[10:offset]:
-        raise ValueError("unexpected .npy header")
+    if data[:offset] != _npy_header(shape, str(dtype)):
+        raise ValueError(f"the .npy header does not describe {shape} {dtype} in C order")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 

@@ -32,10 +32,6 @@ class DatasetInfo:
     in_channels: int
     image_size: int
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.in_channels, self.image_size, self.image_size)
-
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", 10, 1, 8),

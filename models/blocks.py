@@ -199,3 +199,50 @@ class StackedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_bases(x).mean(dim=1)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def make_static_bn_(model: nn.Module) -> nn.Module:
+    """Static batch norm (SHeteroFL): no running statistics at all, batch statistics always.
+
+    Applied after construction so every model family gets it without a constructor flag.
+    """
+    for bn in _batch_norms(model):
+        bn.track_running_stats = False
+        bn.running_mean = None
+        bn.running_var = None
+        bn.num_batches_tracked = None
+    return model
+
+
+def norm_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that belong to batch-norm layers (affine parameters and statistics)."""
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + k for k in module.state_dict())
+    return keys
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """Re-estimate every BN's running statistics on ``x`` (a cumulative average over batches),
+    then switch to eval mode. With dual BN each path is estimated along its own route."""
+    bns = _batch_norms(model)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: exact mean over the batches seen
+    model.train()
+    routes: list[Route] = ["clean", "adv"] if any(isinstance(m, DualBatchNorm) for m in model.modules()) else ["clean"]
+    device = next(model.parameters()).device
+    for route in routes:
+        with routed(model, route):
+            for i in range(0, len(x), batch_size):
+                model(x[i : i + batch_size].to(device))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()

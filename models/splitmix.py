@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from models.blocks import StackedNet, set_route
+from models.blocks import StackedNet, make_static_bn_, set_route
 from models.registry import create_model
 
 _BASE_KEY = re.compile(r"^base(\d+)\.(.+)$")
@@ -32,6 +32,7 @@ class SplitMixSpec:
     in_channels: int = 1
     image_size: int = 8
     dual_bn: bool = True
+    track_stats: bool = True  # False: static BN (batch statistics only), as in SHeteroFL
 
     def __post_init__(self) -> None:
         n = 1.0 / self.atom_width
@@ -60,15 +61,21 @@ class SplitMixSpec:
 
     def build(self, num_bases: int) -> StackedNet:
         """A fresh stack of ``num_bases`` bases (randomly initialised, each independently)."""
-        return create_model(
+        return self.build_width(self.atom_width, num_bases)
+
+    def build_width(self, width: float, num_bases: int = 1, track_stats: bool | None = None) -> StackedNet:
+        """A fresh network at any width (HeteroFL-style nested widths use ``num_bases=1``)."""
+        model = create_model(
             self.arch,
-            width=self.atom_width,
+            width=width,
             num_bases=num_bases,
             num_classes=self.num_classes,
             in_channels=self.in_channels,
             image_size=self.image_size,
             dual_bn=self.dual_bn,
         )
+        keep_stats = self.track_stats if track_stats is None else track_stats
+        return model if keep_stats else make_static_bn_(model)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from server.config import ConfigError, load_config
 
 def _summary_table(summary: dict) -> Table:
     lam = summary["robust_lambda"]
-    table = Table(title=f"Split-Mix per width ({summary['dataset']}, {summary['model']}, {summary['rounds']} rounds)")
+    table = Table(title=f"{summary['method']} per width ({summary['dataset']}, {summary['model']}, {summary['rounds']} rounds)")
     for column in ("width", "bases", "params", "MACs", "accuracy (λ=0)", f"robust acc (λ={lam:g})"):
         table.add_column(column, justify="right")
     for width, row in summary["widths"].items():

@@ -8,6 +8,7 @@ so ``flwr run .`` and ``splitmix simulate`` start from the same defaults.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from clients.recipe import LocalTrainConfig
 from clients.task import ClientTask
 from models.registry import list_models
 from models.splitmix import SplitMixSpec
+from strategies.methods import METHODS, Method, make_method
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,8 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 
 @dataclass(frozen=True)
 class SimulationConfig:
+    method: str = field(default="splitmix", metadata=_choice(*METHODS))
+    fedavg_clients: str = field(default="capable", metadata=_choice("capable", "all"))
     seed: int = field(default=0, metadata=_range(0))
     dataset: str = field(default="digits", metadata=_choice(*DATASETS))
     data_root: str = ""
@@ -134,10 +138,14 @@ class SimulationConfig:
     def pgd(self, steps: int | None = None) -> PGDConfig:
         return PGDConfig(eps=self.pgd_eps, alpha=self.pgd_alpha, steps=steps or self.pgd_steps)
 
-    def client_task(self) -> ClientTask:
+    def make_method(self) -> Method:
+        return make_method(self.method, self.spec(), fedavg_all_clients=self.fedavg_clients == "all")
+
+    def client_task(self, spec: SplitMixSpec | None = None) -> ClientTask:
+        """What clients are told; ``spec`` is the method's model spec (e.g. static BN)."""
         return ClientTask(
             data=self.data_config(),
-            spec=self.spec(),
+            spec=spec or self.spec(),
             train=LocalTrainConfig(
                 epochs=self.local_epochs,
                 batch_size=self.batch_size,
@@ -195,6 +203,9 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 
 def _check_field(f, value: Any) -> None:
     key = f.name.replace("_", "-")
+    _coerce(key, value, f.type)  # also guards direct construction of the dataclass
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(f.metadata['choices'])}")
     if "range" in f.metadata:

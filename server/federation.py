@@ -21,12 +21,12 @@ from clients.app import resolve_device
 from clients.codec import to_record, to_tensors
 from clients.data import test_data
 from models.cost import count_macs, count_params
-from models.splitmix import SplitMixSpec, init_global_state
 from server.config import SimulationConfig
 from server.evaluate import Evaluator, WidthScores
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
-from strategies.splitmix import SplitMixStrategy, cosine_lr
+from strategies.methods import Method
+from strategies.splitmix import cosine_lr
 
 log = logging.getLogger("splitmix")
 
@@ -38,39 +38,41 @@ def width_key(width: float) -> str:
     return str(round(width, 6))
 
 
-def _score_columns(spec: SplitMixSpec, scores: WidthScores) -> dict[str, float]:
+def _score_columns(scores: WidthScores) -> dict[str, float]:
     row: dict[str, float] = {}
     for kind, table in (("acc", scores.accuracy), ("racc", scores.robust)):
         for lam, values in table.items():
-            for width, value in zip(spec.widths(), values):
+            for width, value in zip(scores.widths, values):
                 row[f"{kind}-w{width_key(width)}-l{lam}"] = value
     return row
 
 
-def build_summary(cfg: SimulationConfig, spec: SplitMixSpec, scores: WidthScores, extra: dict) -> dict:
+def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, extra: dict) -> dict:
     """``{"widths": {"0.125": {"accuracy", "robust_accuracy", "params", "macs", "by_lambda"}}, ...}``.
 
     ``accuracy`` is the standard model (λ = 0); ``robust_accuracy`` is PGD accuracy of the most
     robust λ evaluated (the largest λ when some clients train adversarially, else λ = 0).
     """
+    spec = method.spec
     robust_lambda = max(cfg.lambdas) if cfg.adv_fraction > 0 else 0.0
     widths = {}
-    for k, width in enumerate(spec.widths(), start=1):
-        model = spec.build(k)
+    for i, width in enumerate(scores.widths):
+        model = method.cost_model(width)
         by_lambda = {}
         for lam in cfg.lambdas:
-            entry = {"accuracy": scores.accuracy[lam][k - 1]}
-            entry["robust_accuracy"] = scores.robust[lam][k - 1] if scores.robust else None
+            entry = {"accuracy": scores.accuracy[lam][i]}
+            entry["robust_accuracy"] = scores.robust[lam][i] if scores.robust else None
             by_lambda[str(lam)] = entry
         widths[width_key(width)] = {
-            "bases": k,
-            "accuracy": scores.accuracy[0.0][k - 1],
-            "robust_accuracy": scores.robust[robust_lambda][k - 1] if scores.robust else None,
+            "bases": model.num_bases,
+            "accuracy": scores.accuracy[0.0][i],
+            "robust_accuracy": scores.robust[robust_lambda][i] if scores.robust else None,
             "params": count_params(model),
             "macs": count_macs(model, (spec.in_channels, spec.image_size, spec.image_size)),
             "by_lambda": by_lambda,
         }
     return {
+        "method": method.name,
         "widths": widths,
         "robust_lambda": robust_lambda,
         "atom_width": spec.atom_width,
@@ -87,18 +89,20 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder."""
     say = report or (lambda text: log.info(text))
     store = RunStore.create(cfg.out_dir, cfg.run_name)
-    spec, task = cfg.spec(), cfg.client_task()
+    method = cfg.make_method()
+    spec = method.spec
+    task = cfg.client_task(spec)
     store.write_json(
         "config.json",
-        {"run_config": cfg.to_run_config(), "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
+        {"run_config": cfg.to_run_config(), "method": method.name, "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
     )
     if hasattr(grid, "pull_interval"):  # simulation's in-memory grid polls replies every 0.1 s
         grid.pull_interval = min(grid.pull_interval, 0.01)
     device = resolve_device(cfg.device)
-    evaluator = Evaluator(spec, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device)
+    evaluator = Evaluator(method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device)
     lr_at = (lambda r: cosine_lr(cfg.lr, r, cfg.num_rounds)) if cfg.lr_schedule == "cosine" else (lambda r: cfg.lr)
     task_json = task.to_json()
-    strategy = SplitMixStrategy(spec, task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
+    strategy = method.strategy(task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
 
     start = time.perf_counter()
     discovery = strategy.discover(grid, task_json, cfg.round_timeout)
@@ -117,7 +121,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         )
     say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
 
-    arrays = to_record(init_global_state(spec, cfg.seed))
+    arrays = to_record(method.initial_state(cfg.seed))
     totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
     scores: WidthScores | None = None
     for rnd in range(1, cfg.num_rounds + 1):
@@ -138,24 +142,23 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         eval_s = time.perf_counter() - t1
 
         row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, "eval-seconds": eval_s, **dict(metrics or {})}
-        row.update(_score_columns(spec, scores))
+        row.update(_score_columns(scores))
         store.append_round(row)
         store.append_events(rnd, strategy.last_round.problems)
         for key in ("bytes_down", "bytes_up", "failures", "rejected"):
             totals[key] += int(row.get(key.replace("_", "-"), 0))
         totals["train_s"] += train_s
         totals["eval_s"] += eval_s
-        full = scores.accuracy[0.0][-1]
         say(
-            f"round {rnd:>3}/{cfg.num_rounds}  loss {row.get('train-loss', float('nan')):.3f}  "
-            f"acc@1.0 {full:.3f}  acc@{spec.atom_width:g} {scores.accuracy[0.0][0]:.3f}  "
+            f"round {rnd:>3}/{cfg.num_rounds}  {method.name}  loss {row.get('train-loss', float('nan')):.3f}  "
+            f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}  "
             f"valid {row.get('valid', 0)}/{row.get('sampled', 0)}  {train_s:.1f}s+{eval_s:.1f}s"
         )
 
     assert scores is not None
     summary = build_summary(
         cfg,
-        spec,
+        method,
         scores,
         {
             "communication": {"bytes_down": totals["bytes_down"], "bytes_up": totals["bytes_up"]},

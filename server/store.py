@@ -10,7 +10,8 @@ runs/<name>/
   summary.json         per-width accuracy / robust accuracy / params / MACs
   accuracy_per_width.png, robustness.png
 ```
-Files are written via a temporary file and ``os.replace`` so a crash never leaves a torn file.
+JSON, CSV and weights are written via a temporary file and ``os.replace`` (fsynced), so a crash
+never leaves a torn file; ``metrics.jsonl`` and ``events.jsonl`` are appended line by line.
 """
 
 from __future__ import annotations
@@ -31,11 +32,20 @@ WEIGHTS = "model.safetensors"
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to a temp file in the same folder, fsync it, rename over ``path``, fsync the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -98,10 +108,14 @@ class RunStore:
         rows = self.rounds()
         path = self.root / "metrics.csv"
         columns = sorted({key for row in rows for key in row})
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        _atomic_write(path, write)
         return path
 
     def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -121,13 +121,27 @@ def _checked_tensors(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
-def reply_num_examples(msg: Message) -> int:
+REQUIRED_METRICS = ("num-examples", "loss", "train-time")
+
+
+def reply_num_examples(msg: Message, limit: int | None = None) -> int:
+    """Check the reply's metrics; return its example count (the aggregation weight).
+
+    The count must be a positive integer no larger than what the node reported at discovery
+    (``limit``): a client cannot buy itself more weight than its data.
+    """
     metrics = msg.content.metric_records.get("metrics")
-    if metrics is None or "num-examples" not in metrics:
-        raise ReplyRejected("reply has no 'metrics' record with 'num-examples'")
+    if metrics is None:
+        raise ReplyRejected("reply has no 'metrics' record")
+    for key in REQUIRED_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number")
     value = metrics["num-examples"]
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 or value != int(value):
+    if value <= 0 or value != int(value):
         raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
+    if limit is not None and value > limit:
+        raise ReplyRejected(f"'num-examples' = {int(value)} exceeds the {limit} examples the node reported")
     return int(value)
 
 
@@ -196,13 +210,20 @@ class FederatedStrategy(Strategy):
                 continue
             try:
                 p = reply.content.config_records["profile"]
-                self.profiles[node] = NodeProfile(
+                profile = NodeProfile(
                     node_id=node,
                     partition_id=int(p["partition-id"]),
                     budget=float(p["budget"]),
                     adversarial=bool(p["adversarial"]),
                     num_examples=int(p["num-examples"]),
                 )
+                if not (math.isfinite(profile.budget) and 0.0 < profile.budget <= 1.0):
+                    raise ValueError(f"budget {profile.budget} is not in (0, 1]")
+                if profile.num_examples < 0 or profile.partition_id < 0:
+                    raise ValueError("negative partition-id or num-examples")
+                if any(q.partition_id == profile.partition_id for q in self.profiles.values()):
+                    raise ValueError(f"partition-id {profile.partition_id} is already taken by another node")
+                self.profiles[node] = profile
             except (KeyError, TypeError, ValueError) as err:
                 stats.rejected += 1
                 stats.problems.append(f"node {node}: malformed profile reply ({err})")
@@ -210,9 +231,11 @@ class FederatedStrategy(Strategy):
             log.warning(problem)
         return stats
 
-    def sample(self) -> list[NodeProfile]:
-        """A seeded sample of known nodes, ordered by partition id (repeatable across runs)."""
-        nodes = sorted(self.profiles.values(), key=lambda p: p.partition_id)
+    def sample(self, eligible: Callable[[NodeProfile], bool] | None = None) -> list[NodeProfile]:
+        """A seeded sample of the known (and ``eligible``) nodes, ordered by partition id."""
+        nodes = sorted(
+            (p for p in self.profiles.values() if eligible is None or eligible(p)), key=lambda p: p.partition_id
+        )
         if not nodes:
             return []
         count = min(len(nodes), max(self.min_train_clients, int(round(self.fraction_train * len(nodes)))))
@@ -247,7 +270,7 @@ class FederatedStrategy(Strategy):
                 record = msg.content.array_records["arrays"]
                 stats.bytes_up += record_bytes(record)
                 tensors = validate_arrays(record, sent)
-                num_examples = reply_num_examples(msg)
+                num_examples = reply_num_examples(msg, profile.num_examples)
             except ReplyRejected as err:
                 stats.rejected += 1
                 stats.problems.append(f"round {server_round}: rejected reply from {who}: {err}")

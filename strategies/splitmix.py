@@ -29,12 +29,13 @@ class BaseScheduler:
     def __init__(self, num_bases: int, rng: np.random.Generator) -> None:
         self.num_bases = num_bases
         self.rng = rng
-        self._cycles: dict[int, list[int]] = {}
+        self._cycles: dict[float, list[int]] = {}
 
-    def assign(self, k: int) -> list[int]:
+    def assign(self, k: int, group: float | None = None) -> list[int]:
+        """k bases for one client; ``group`` (its budget level) picks the cycle (default: k)."""
         if not 1 <= k <= self.num_bases:
             raise ValueError(f"cannot assign {k} of {self.num_bases} bases")
-        cycle = self._cycles.setdefault(k, [])
+        cycle = self._cycles.setdefault(k if group is None else group, [])
         if not cycle:
             cycle.extend(int(b) for b in self.rng.permutation(self.num_bases))
         first = cycle.pop()
@@ -93,7 +94,7 @@ class SplitMixStrategy(FederatedStrategy):
             if k < 1:
                 stats.problems.append(f"node {profile.node_id}: budget {profile.budget} affords no base; skipped")
                 continue
-            bases = self.scheduler.assign(k)
+            bases = self.scheduler.assign(k, group=profile.budget)
             payload = ArrayRecord()
             expected: dict[str, TensorSpec] = {}
             for index in bases:

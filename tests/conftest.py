@@ -34,6 +34,10 @@ class InProcessGrid(Grid):
         self.nodes = {1000 + i: i for i in range(num_nodes)}
         self.tamper = tamper
         self.sent: list[Message] = []
+        self.contexts = {  # one Context per node, kept across rounds as Flower does
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+            for node, pid in self.nodes.items()
+        }
 
     @property
     def run(self):  # pragma: no cover - not used by the loop
@@ -61,7 +65,7 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)}, state=RecordDict(), run_config={})
+            ctx = self.contexts[node]
             handler = {"train": client_app.train, "query": client_app.query}[msg.metadata.message_type]
             reply = handler(msg, ctx)
             if self.tamper is not None:

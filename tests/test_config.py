@@ -73,3 +73,14 @@ def test_cli_rejects_bad_config_with_exit_code_2(capsys):
 
     assert main(["simulate", "--run-config", "num-rounds=-1"]) == 2
     assert "'num-rounds'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["lr=nan", "adv-lambda=inf", "fraction-train=nan"])
+def test_non_finite_numbers_are_rejected(override):
+    with pytest.raises(ConfigError, match="finite|range"):
+        load_config(overrides=override)
+
+
+def test_direct_construction_is_type_checked():
+    with pytest.raises(ConfigError, match="'num-rounds'.*integer"):
+        SimulationConfig(num_rounds=2.5)

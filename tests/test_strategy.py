@@ -171,3 +171,46 @@ def test_assigned_bases_are_distinct_and_sent_alone():
     assert len(bases) == 3 and len(set(bases)) == 3
     sent = {parse_base_key(k)[0] for k in msg.content["arrays"].keys()}
     assert sent == set(bases)
+
+
+def test_replies_with_bad_metrics_or_forged_payloads_are_rejected():
+    profiles = [NodeProfile(60 + i, i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
+    strategy = make_strategy(profiles)
+    messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
+
+    too_many = reply_with(messages[0], 1.0, 10**9, drop_adv=False)  # claims more data than it has
+    no_loss = reply_with(messages[1], 1.0, 10, drop_adv=False)
+    del no_loss.content["metrics"]["loss"]
+    big_endian = reply_with(messages[2], 1.0, 10, drop_adv=False)  # same bytes, other byte order
+    key = next(iter(big_endian.content["arrays"].keys()))
+    values = big_endian.content["arrays"][key].numpy()
+    forged = Array(np.ascontiguousarray(values.astype(">f4")))
+    big_endian.content["arrays"][key] = Array(dtype="float32", shape=forged.shape, stype=forged.stype, data=forged.data)
+    good = reply_with(messages[3], 1.0, 10, drop_adv=False)
+
+    _, metrics = strategy.aggregate_train(1, [too_many, no_loss, big_endian, good])
+    assert metrics["rejected"] == 3 and metrics["valid"] == 1
+    problems = " ".join(strategy.last_round.problems)
+    assert "exceeds the 10 examples" in problems and "'loss'" in problems and ".npy header" in problems
+
+
+def test_discovery_rejects_impossible_profiles():
+    from flwr.app import ConfigRecord
+
+    strategy = make_strategy([])
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, timeout=None):
+            profiles = {1: (0, 0.5), 2: (0, 0.25), 3: (1, float("nan"))}  # node 2 reuses partition 0
+            out = []
+            for m in messages:
+                pid, budget = profiles[m.metadata.dst_node_id]
+                record = ConfigRecord({"partition-id": pid, "budget": budget, "adversarial": False, "num-examples": 5})
+                out.append(Message(RecordDict({"profile": record}), reply_to=m))
+            return out
+
+    stats = strategy.discover(Grid(), "{}", timeout=1)
+    assert set(strategy.profiles) == {1} and stats.rejected == 2

@@ -1,0 +1,145 @@
+"""The methods the harness can run, behind one interface.
+
+A method says what the global model is (``initial_state``), which strategy trains it
+(``strategy``), which widths it can serve, and how to build the model the server evaluates at a
+width and robustness λ. The round loop (``server/federation.py``) and the evaluator only talk to
+this interface, so every method runs with the same clients, partitions, budgets, seeds, training
+budget and evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from models.blocks import StackedNet, norm_state_keys, recompute_bn_stats, set_route
+from models.slicing import slice_state
+from models.splitmix import SplitMixSpec, build_mixture, init_global_state
+from strategies.base import FederatedStrategy
+from strategies.fedavg import full_width
+from strategies.heterofl import WidthSliceStrategy, budget_width
+from strategies.splitmix import SplitMixStrategy
+
+LrSchedule = Callable[[int], float]
+
+
+class Method(ABC):
+    name: str = ""
+
+    def __init__(self, spec: SplitMixSpec, fedavg_all_clients: bool = False) -> None:
+        self.spec = spec
+        self.fedavg_all_clients = fedavg_all_clients
+
+    @abstractmethod
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> FederatedStrategy: ...
+
+    def widths(self) -> list[float]:
+        """The widths this method can serve (the Split-Mix grid k·r by default)."""
+        return self.spec.widths()
+
+    @abstractmethod
+    def cost_model(self, width: float) -> StackedNet:
+        """A model with the parameters and MACs of what is served at ``width``."""
+
+    @abstractmethod
+    def eval_model(self, state: dict[str, torch.Tensor], width: float, robustness: float, calibration: torch.Tensor) -> StackedNet:
+        """The model served at ``width`` and λ, in eval mode."""
+
+
+class SplitMix(Method):
+    name = "splitmix"
+
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        return init_global_state(self.spec, seed)
+
+    def strategy(self, task_json, fraction, min_clients, seed, lr_at):
+        return SplitMixStrategy(self.spec, task_json, fraction, min_clients, seed, lr_at)
+
+    def cost_model(self, width: float) -> StackedNet:
+        return self.spec.build(self.spec.bases_for_width(width))
+
+    def eval_model(self, state, width, robustness, calibration):
+        return build_mixture(self.spec, state, list(range(self.spec.bases_for_width(width))), robustness)
+
+
+class HeteroFL(Method):
+    name = "heterofl"
+    recompute_bn = False  # re-estimate BN statistics on data before evaluating
+
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        state = self.spec.build_width(1.0).state_dict()
+        return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    def local_keys(self) -> frozenset[str]:
+        return frozenset()
+
+    def width_of(self):
+        return budget_width
+
+    def strategy(self, task_json, fraction, min_clients, seed, lr_at):
+        return WidthSliceStrategy(
+            self.spec, task_json, fraction, min_clients, seed, lr_at, width_of=self.width_of(), local_keys=self.local_keys()
+        )
+
+    def cost_model(self, width: float) -> StackedNet:
+        return self.spec.build_width(width, track_stats=True)  # same params/MACs; runs on one input
+
+    def eval_model(self, state, width, robustness, calibration):
+        model = self.spec.build_width(width, track_stats=True)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in state}
+        missing, _ = model.load_state_dict(slice_state(state, shapes), strict=False)
+        if self.recompute_bn:
+            recompute_bn_stats(model, calibration)
+        elif any(not k.endswith("num_batches_tracked") for k in missing):
+            raise KeyError(f"global state lacks {missing[:3]}")
+        set_route(model, float(robustness))
+        return model.eval()
+
+
+class SHeteroFL(HeteroFL):
+    """HeteroFL with static BN: no running statistics while training; the server re-estimates
+    them on the evaluation inputs (unlabelled) before it evaluates any width."""
+
+    name = "sheterofl"
+    recompute_bn = True
+
+    def __init__(self, spec: SplitMixSpec, fedavg_all_clients: bool = False) -> None:
+        super().__init__(replace(spec, track_stats=False), fedavg_all_clients)
+
+
+class FedAvg(HeteroFL):
+    name = "fedavg"
+
+    def widths(self) -> list[float]:
+        return [1.0]
+
+    def width_of(self):
+        return full_width(self.fedavg_all_clients)
+
+
+class FedBN(FedAvg):
+    """FedAvg with client-local BN. The server never holds the clients' BN, so it evaluates the
+    shared weights with BN statistics re-estimated on the evaluation inputs and the BN affine
+    parameters at their initial values."""
+
+    name = "fedbn"
+    recompute_bn = True
+
+    def local_keys(self) -> frozenset[str]:
+        return frozenset(norm_state_keys(self.spec.build_width(1.0)))
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SplitMix, HeteroFL, SHeteroFL, FedAvg, FedBN)}
+
+
+def make_method(name: str, spec: SplitMixSpec, fedavg_all_clients: bool = False) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; allowed: {', '.join(METHODS)}")
+    return METHODS[name](spec, fedavg_all_clients)
