@@ -47,6 +47,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from server.config import parse_overrides
+    from server.experiment import load_experiment, run_experiment
+
+    err = Console(stderr=True)
+    try:
+        experiment = load_experiment(args.experiment)
+        extra = parse_overrides(args.run_config) if args.run_config else None
+        if extra:
+            for method in experiment.methods:
+                experiment.config_for(method, experiment.seeds[0], args.out_dir, extra)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        return 2
+    root = run_experiment(experiment, args.out_dir, extra, report=lambda text: err.print(text, highlight=False))
+    print((root / "comparison.md").read_text())
+    print(root, flush=True)  # the last line of stdout: the experiment folder
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitmix", description="Split-Mix federated learning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 dataset=digits"')
     sim.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
     sim.set_defaults(func=cmd_simulate)
+    exp = sub.add_parser("experiment", help="run every method × seed of an experiment and compare them")
+    exp.add_argument("experiment", help="experiment name (configs/<name>.toml) or path to its TOML file")
+    exp.add_argument("--out-dir", default="experiments", help="where experiment folders go")
+    exp.add_argument("--run-config", default="", help="overrides applied to every run (e.g. for a quick check)")
+    exp.set_defaults(func=cmd_experiment)
     return parser
 
 

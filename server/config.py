@@ -64,6 +64,7 @@ class SimulationConfig:
     momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
     weight_decay: float = field(default=0.0005, metadata=_range(0))
     eval_lambdas: str = "0,0.5,1"
+    eval_every: int = field(default=1, metadata=_range(1))
     eval_robust_every: int = field(default=0, metadata=_range(0))
     eval_pgd_steps: int = field(default=10, metadata=_range(0))
     out_dir: str = "runs"

@@ -51,11 +51,6 @@ class Evaluator:
             p.requires_grad_(False)
         return model
 
-    @torch.no_grad()
-    def _accuracy(self, model) -> float:
-        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in self._batches())
-        return correct / len(self.test)
-
     def _robust_accuracy(self, model, seed: int) -> float:
         gen = torch.Generator().manual_seed(seed)
         correct = 0
@@ -67,12 +62,11 @@ class Evaluator:
 
     def evaluate(self, state: dict[str, torch.Tensor], robust: bool) -> WidthScores:
         widths = self.method.widths()
-        accuracy: dict[float, list[float]] = {lam: [] for lam in self.lambdas}
-        robust_acc: dict[float, list[float]] = {lam: [] for lam in self.lambdas} if robust else {}
-        for lam in self.lambdas:
-            for i, width in enumerate(widths):
-                model = self._model(state, width, lam)
-                accuracy[lam].append(self._accuracy(model))
-                if robust:
-                    robust_acc[lam].append(self._robust_accuracy(model, seed=i + 1))
+        x, y = self.test.x.to(self.device), self.test.y.to(self.device)
+        state = {k: v.to(self.device) for k, v in state.items()}
+        accuracy = {lam: self.method.clean_accuracy(state, x, y, lam) for lam in self.lambdas}
+        robust_acc: dict[float, list[float]] = {}
+        if robust:
+            for lam in self.lambdas:
+                robust_acc[lam] = [self._robust_accuracy(self._model(state, w, lam), seed=i + 1) for i, w in enumerate(widths)]
         return WidthScores(widths, accuracy, robust_acc)

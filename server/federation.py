@@ -137,21 +137,26 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
 
         t1 = time.perf_counter()
         final = rnd == cfg.num_rounds
-        robust = cfg.eval_pgd_steps > 0 and (final or (cfg.eval_robust_every > 0 and rnd % cfg.eval_robust_every == 0))
-        scores = evaluator.evaluate(state, robust)
+        row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
+        if final or rnd % cfg.eval_every == 0:
+            robust = cfg.eval_pgd_steps > 0 and (final or (cfg.eval_robust_every > 0 and rnd % cfg.eval_robust_every == 0))
+            scores = evaluator.evaluate(state, robust)
+            row.update(_score_columns(scores))
         eval_s = time.perf_counter() - t1
-
-        row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, "eval-seconds": eval_s, **dict(metrics or {})}
-        row.update(_score_columns(scores))
+        row["eval-seconds"] = eval_s
         store.append_round(row)
         store.append_events(rnd, strategy.last_round.problems)
         for key in ("bytes_down", "bytes_up", "failures", "rejected"):
             totals[key] += int(row.get(key.replace("_", "-"), 0))
         totals["train_s"] += train_s
         totals["eval_s"] += eval_s
+        accuracy = (
+            f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}"
+            if scores is not None and f"acc-w{width_key(scores.widths[0])}-l0.0" in row
+            else "(not evaluated)"
+        )
         say(
-            f"round {rnd:>3}/{cfg.num_rounds}  {method.name}  loss {row.get('train-loss', float('nan')):.3f}  "
-            f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}  "
+            f"round {rnd:>3}/{cfg.num_rounds}  {method.name}  loss {row.get('train-loss', float('nan')):.3f}  {accuracy}  "
             f"valid {row.get('valid', 0)}/{row.get('sampled', 0)}  {train_s:.1f}s+{eval_s:.1f}s"
         )
 

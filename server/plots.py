@@ -49,3 +49,41 @@ def plot_robustness(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_vs_width(comparison: dict[str, Any], widths: list[str], path: Path) -> Path:
+    """Mean test accuracy per width with ±1 std error bars, one line per method."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, result in comparison.items():
+        ws = [w for w in widths if w in result["accuracy"]]
+        ax.errorbar(
+            [float(w) for w in ws],
+            [result["accuracy"][w]["mean"] for w in ws],
+            yerr=[result["accuracy"][w]["std"] for w in ws],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    ax.set(xlabel="width", ylabel="test accuracy (λ = 0)", title="accuracy per width (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_bytes(comparison: dict[str, Any], path: Path) -> Path:
+    """Accuracy of each method's widest model against the bytes clients upload per round."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, result in comparison.items():
+        widest = max(result["accuracy"], key=float)
+        acc = result["accuracy"][widest]
+        ax.errorbar(result["upload_bytes_per_round"] / 1e6, acc["mean"], yerr=acc["std"], marker="o", capsize=3, label=f"{method} (width {widest})")
+    ax.set(xlabel="upload per round (MB)", ylabel="test accuracy (λ = 0)", title="accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

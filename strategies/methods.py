@@ -51,6 +51,11 @@ class Method(ABC):
     def eval_model(self, state: dict[str, torch.Tensor], width: float, robustness: float, calibration: torch.Tensor) -> StackedNet:
         """The model served at ``width`` and λ, in eval mode."""
 
+    @torch.no_grad()
+    def clean_accuracy(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, robustness: float) -> list[float]:
+        """Accuracy of the served model at every width in ``widths()`` (one model per width)."""
+        return [float((self.eval_model(state, w, robustness, x).to(x.device)(x).argmax(-1) == y).float().mean()) for w in self.widths()]
+
 
 class SplitMix(Method):
     name = "splitmix"
@@ -66,6 +71,15 @@ class SplitMix(Method):
 
     def eval_model(self, state, width, robustness, calibration):
         return build_mixture(self.spec, state, list(range(self.spec.bases_for_width(width))), robustness)
+
+    @torch.no_grad()
+    def clean_accuracy(self, state, x, y, robustness):
+        """All widths from one pass: every base's logits once, width k = mean of the first k."""
+        model = build_mixture(self.spec, state, list(range(self.spec.num_bases)), robustness).to(x.device)
+        logits = model.forward_bases(x)  # (B, N, C)
+        n = self.spec.num_bases
+        mixed = logits.cumsum(dim=1) / torch.arange(1, n + 1, device=x.device).view(1, n, 1)
+        return (mixed.argmax(-1) == y.unsqueeze(1)).float().mean(0).tolist()
 
 
 class HeteroFL(Method):
