@@ -219,12 +219,13 @@ def make_static_bn_(model: nn.Module) -> nn.Module:
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that belong to batch-norm layers (affine parameters and statistics)."""
+    """State-dict keys of batch-norm layers (affine parameters and running statistics; the
+    unused ``num_batches_tracked`` counters are never federated and are left out)."""
     keys: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             prefix = f"{name}." if name else ""
-            keys.update(prefix + k for k in module.state_dict())
+            keys.update(prefix + k for k in module.state_dict() if k != "num_batches_tracked")
     return keys
 
 

@@ -197,6 +197,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' = {value!r} must be true or false")
         return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. eval-lambdas=0 or budgets=8 typed without quotes
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' = {value!r} must be a string")
     return value
@@ -204,7 +206,9 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 
 def _check_field(f, value: Any) -> None:
     key = f.name.replace("_", "-")
-    _coerce(key, value, f.type)  # also guards direct construction of the dataclass
+    coerced = _coerce(key, value, f.type)  # also guards direct construction of the dataclass
+    if isinstance(coerced, str) and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' = {value!r} must be a string")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
     if "choices" in f.metadata and value not in f.metadata["choices"]:

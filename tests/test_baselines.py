@@ -1,0 +1,131 @@
+"""Baselines: HeteroFL slicing and count-weighted aggregation by hand, FedBN keeps BN local,
+SHeteroFL re-estimates BN statistics before evaluation, byte counts match what was sent."""
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from clients.codec import to_record, to_tensors
+from models.blocks import norm_state_keys
+from models.slicing import leading_slices
+from models.splitmix import SplitMixSpec, is_adversarial_tensor
+from strategies.base import NodeProfile
+from strategies.methods import FedBN, HeteroFL, SHeteroFL, SplitMix
+
+SPEC = SplitMixSpec()
+
+
+def reply(msg: Message, fill: float, n: int, drop_adv: bool) -> Message:
+    arrays = ArrayRecord()
+    for key, array in msg.content["arrays"].items():
+        if not (drop_adv and is_adversarial_tensor(key)):
+            arrays[key] = Array(np.full(array.shape, fill, dtype=array.dtype))
+    metrics = MetricRecord({"num-examples": n, "loss": 1.0, "train-time": 0.1})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def strategy_for(method, profiles):
+    strategy = method.strategy("{}", 1.0, 1, 0, lambda r: 0.1)
+    strategy.profiles = {p.node_id: p for p in profiles}
+    return strategy
+
+
+def test_heterofl_slices_and_count_weighted_average_match_hand_computation():
+    method = HeteroFL(SPEC)
+    profiles = [
+        NodeProfile(1, 0, budget=0.25, adversarial=True, num_examples=10),
+        NodeProfile(2, 1, budget=0.5, adversarial=True, num_examples=30),
+        NodeProfile(3, 2, budget=1.0, adversarial=True, num_examples=60),
+    ]
+    strategy = strategy_for(method, profiles)
+    state = method.initial_state(seed=0)
+    initial = to_record(state)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, initial, None, None)}
+
+    # Slicing: the width-0.5 client gets the leading half of conv2's output and input channels.
+    sent = to_tensors(messages[2].content["arrays"])
+    assert sent["conv2.weight"].shape == (64, 32, 3, 3)
+    torch.testing.assert_close(sent["conv2.weight"], state["conv2.weight"][:64, :32])
+    assert sent["fc2.weight"].shape == (10, 256)  # classes are never sliced
+
+    fills, sizes = {1: 1.0, 2: 2.0, 3: 4.0}, {1: 10, 2: 30, 3: 60}
+    new, metrics = strategy.aggregate_train(1, [reply(m, fills[n], sizes[n], False) for n, m in messages.items()])
+    assert metrics["valid"] == 3
+    w = to_tensors(new)["conv2.weight"]
+    assert w[0, 0, 0, 0] == (10 * 1 + 30 * 2 + 60 * 4) / 100  # held by all three slices
+    assert w[40, 20, 0, 0] == (30 * 2 + 60 * 4) / 90  # only in the 0.5 and 1.0 slices
+    assert w[100, 50, 0, 0] == 4.0  # only the full-width client
+    widths = [0.25, 0.5]
+    for n, width in zip((1, 2), widths):
+        block = leading_slices(tuple(to_tensors(messages[n].content["arrays"])["conv1.weight"].shape))
+        assert to_tensors(new)["conv1.weight"][block].min() >= 1.0
+
+
+def test_heterofl_entries_nobody_held_keep_their_value():
+    method = HeteroFL(SPEC)
+    strategy = strategy_for(method, [NodeProfile(1, 0, budget=0.25, adversarial=False, num_examples=5)])
+    state = method.initial_state(seed=0)
+    (msg,) = strategy.configure_train(1, to_record(state), None, None)
+    new, _ = strategy.aggregate_train(1, [reply(msg, 3.0, 5, drop_adv=True)])
+    w = to_tensors(new)
+    assert (w["conv3.weight"][:64, :32] == 3.0).all()
+    torch.testing.assert_close(w["conv3.weight"][64:], state["conv3.weight"][64:])
+    torch.testing.assert_close(w["bn1.adv.weight"], state["bn1.adv.weight"])  # adv BN untouched
+
+
+def test_fedbn_never_sends_or_overwrites_batch_norm():
+    method = FedBN(SPEC)
+    bn_keys = norm_state_keys(SPEC.build_width(1.0))
+    strategy = strategy_for(method, [NodeProfile(i, i, budget=1.0, adversarial=False, num_examples=5) for i in range(3)])
+    state = method.initial_state(seed=0)
+    messages = list(strategy.configure_train(1, to_record(state), None, None))
+    assert all(not (set(m.content["arrays"].keys()) & bn_keys) for m in messages)
+    new, metrics = strategy.aggregate_train(1, [reply(m, 7.0, 5, drop_adv=True) for m in messages])
+    assert metrics["valid"] == 3
+    after = to_tensors(new)
+    for key in bn_keys:
+        torch.testing.assert_close(after[key], state[key])
+    assert (after["conv1.weight"] == 7.0).all()
+
+
+def test_fedbn_clients_keep_their_bn_across_rounds(tmp_path, in_process_grid):
+    from server.config import load_config
+    from server.federation import run_federation
+
+    grid = in_process_grid(4)
+    cfg = load_config(overrides=f"method=fedbn fedavg-clients=all num-clients=4 num-rounds=2 local-epochs=1 adv-fraction=0 eval-pgd-steps=0 eval-lambdas='0' out-dir='{tmp_path}'")
+    run_federation(grid, cfg)
+    kept = [to_tensors(ctx.state.array_records["local-bn"]) for ctx in grid.contexts.values()]
+    assert all(set(k) == norm_state_keys(SPEC.build_width(1.0)) for k in kept)
+    # each client's BN moved away from its initial value, differently per client
+    assert not torch.equal(kept[0]["bn1.clean.running_mean"], torch.zeros(64))
+    assert not torch.equal(kept[0]["bn1.clean.running_mean"], kept[1]["bn1.clean.running_mean"])
+
+
+def test_sheterofl_recomputes_bn_statistics_before_evaluation():
+    method = SHeteroFL(SPEC)
+    state = method.initial_state(seed=0)
+    assert not any("running" in k for k in state)  # static BN: no statistics in training
+    calibration = torch.rand(256, 1, 8, 8)
+    model = method.eval_model(state, 0.5, 0.0, calibration)
+    with torch.no_grad():
+        conv1 = model.conv1(calibration)  # first layer: its BN statistics are those of conv1's output
+    torch.testing.assert_close(model.bn1.clean.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn1.clean.running_var, conv1.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    assert not model.training
+
+
+def test_byte_counts_equal_the_tensors_sent_and_received():
+    for method in (SplitMix(SPEC), HeteroFL(SPEC)):
+        profiles = [NodeProfile(i, i, budget=b, adversarial=i % 2 == 0, num_examples=5) for i, b in enumerate((0.125, 0.5, 1.0))]
+        strategy = strategy_for(method, profiles)
+        messages = list(strategy.configure_train(1, to_record(method.initial_state(0)), None, None))
+        sent = sum(len(a.data) for m in messages for a in m.content["arrays"].values())
+        assert strategy.last_round.bytes_down == sent
+        tensors = sum(a.numpy().nbytes for m in messages for a in m.content["arrays"].values())
+        headers = 128 * sum(len(m.content["arrays"]) for m in messages)  # .npy header per tensor
+        assert sent == tensors + headers
+        replies = [reply(m, 1.0, 5, drop_adv=not p.adversarial) for m, p in zip(messages, sorted(profiles, key=lambda p: p.partition_id))]
+        received = sum(len(a.data) for r in replies for a in r.content["arrays"].values())
+        _, metrics = strategy.aggregate_train(1, replies)
+        assert metrics["bytes-up"] == received and metrics["valid"] == 3
