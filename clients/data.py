@@ -4,10 +4,14 @@
   works offline. A fixed stratified 80/20 split gives the train and the centralized test set.
 - ``mnist``, ``cifar10``, ``svhn``: torchvision datasets read from a local folder in their
   standard on-disk formats (nothing is downloaded).
+- ``digits5``: the real Digits-5 domains (MNIST, SVHN, USPS, SynthDigits, MNIST-M) from a local
+  folder, each resized to 3×28×28; with the ``domains`` partition every domain goes to its own
+  client group (``digits5_domains`` documents the folder layout).
 
 Partitions come from flwr-datasets partitioners (IID, Dirichlet label shift with α) and a
-feature-shift ``domains`` scheme: five transformed copies of the data (original, inverted,
-rotated, noisy, blurred), each domain split over its own contiguous group of clients.
+feature-shift ``domains`` scheme: five domains — for ``digits5`` the real ones, otherwise five
+transformed copies of the data (original, inverted, rotated 90°, Gaussian noise σ 0.2, 3×3 blur
+with halved contrast) — each split over its own contiguous group of clients.
 
 Everything is cached per process: a Ray actor loads a dataset and computes the partitions once
 and then serves every client it simulates from memory.
@@ -38,7 +42,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 10, 1, 28),
     "cifar10": DatasetInfo("cifar10", 10, 3, 32),
     "svhn": DatasetInfo("svhn", 10, 3, 32),
+    "digits5": DatasetInfo("digits5", 10, 3, 28),
 }
+# The real Digits-5 domains (FedBN / Split-Mix order), each resized to 3×28×28.
+DIGITS5_DOMAINS = ("mnist", "svhn", "usps", "synthdigits", "mnistm")
 PARTITIONS = ("iid", "dirichlet", "domains")
 DOMAINS = ("original", "inverted", "rotated", "noisy", "blurred")
 
@@ -87,6 +94,9 @@ def load_split(dataset: str, root: str, train: bool) -> ArrayData:
             f"dataset '{dataset}' is read from a local folder: set data-root to the folder "
             "that holds it (nothing is downloaded)"
         )
+    if dataset == "digits5":
+        domains = digits5_domains(root, train)
+        return ArrayData(torch.cat([d.x for d in domains]), torch.cat([d.y for d in domains]))
     loader = {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn}[dataset]
     return loader(Path(root), train)
 
@@ -148,6 +158,64 @@ def _svhn(root: Path, train: bool) -> ArrayData:
     return _from_uint8(ds.data, ds.labels, channels_last=False)
 
 
+def _svhn_like_mat(path: Path) -> ArrayData:
+    """SVHN's .mat layout (X: 32×32×3×N uint8, y: N×1, label 10 meaning digit 0)."""
+    from scipy.io import loadmat
+
+    if not path.is_file():
+        raise FileNotFoundError(f"missing '{path}'")
+    mat = loadmat(str(path))
+    labels = mat["y"].reshape(-1).astype(np.int64) % 10
+    return _from_uint8(np.transpose(mat["X"], (3, 2, 0, 1)), labels, channels_last=False)
+
+
+def _usps(root: Path, train: bool) -> ArrayData:
+    from torchvision.datasets import USPS
+
+    name = "usps.bz2" if train else "usps.t.bz2"
+    if not (root / name).is_file():
+        raise FileNotFoundError(f"missing '{root / name}'")
+    ds = USPS(str(root), train=train, download=False)
+    return _from_uint8(ds.data, ds.targets, channels_last=False)
+
+
+def _mnist_m(root: Path, train: bool) -> ArrayData:
+    """MNIST-M as distributed: ``mnist_m_<split>/<file>.png`` and ``mnist_m_<split>_labels.txt``
+    with lines ``<file>.png <label>``."""
+    from PIL import Image
+
+    split = "train" if train else "test"
+    labels_file = root / f"mnist_m_{split}_labels.txt"
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"missing '{labels_file}'")
+    entries = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
+    images = np.stack([np.asarray(Image.open(root / f"mnist_m_{split}" / name).convert("RGB")) for name, _ in entries])
+    return _from_uint8(images, [int(label) for _, label in entries], channels_last=True)
+
+
+def _to_digits5_format(data: ArrayData) -> ArrayData:
+    """3 channels, 28×28 (grey domains are replicated, other sizes resized bilinearly)."""
+    x = data.x if data.x.shape[1] == 3 else data.x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != 28 or x.shape[-2] != 28:
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    return ArrayData(x.contiguous(), data.y)
+
+
+@lru_cache(maxsize=4)
+def digits5_domains(root: str, train: bool) -> tuple[ArrayData, ...]:
+    """The five real digit domains from ``root``: ``MNIST/raw`` (IDX), ``SVHN/{train,test}_32x32.mat``,
+    ``USPS/usps{,.t}.bz2``, ``SynthDigits/synth_{train,test}_32x32.mat``, ``MNIST_M/`` (PNG + labels)."""
+    base, split = Path(root), "train" if train else "test"
+    loaders = {
+        "mnist": lambda: _mnist(base, train),
+        "svhn": lambda: _svhn_like_mat(base / "SVHN" / f"{split}_32x32.mat"),
+        "usps": lambda: _usps(base / "USPS", train),
+        "synthdigits": lambda: _svhn_like_mat(base / "SynthDigits" / f"synth_{split}_32x32.mat"),
+        "mnistm": lambda: _mnist_m(base / "MNIST_M", train),
+    }
+    return tuple(_to_digits5_format(loaders[name]()) for name in DIGITS5_DOMAINS)
+
+
 # --------------------------------------------------------------------------- domains
 def _noisy(x: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
@@ -183,7 +251,7 @@ def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     labels = load_split(cfg.dataset, cfg.root, True).y.numpy()
     order = np.random.default_rng(cfg.seed).permutation(len(labels))
 
-    def split(idx: np.ndarray, n: int, scheme: str) -> list[np.ndarray]:
+    def split(idx: np.ndarray, n: int, scheme: str, labels: np.ndarray = labels) -> list[np.ndarray]:
         table = Dataset.from_dict({"idx": idx, "label": labels[idx]})
         if scheme == "dirichlet":
             part = DirichletPartitioner(
@@ -202,7 +270,12 @@ def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     out: list[np.ndarray] = []
     for d in range(len(DOMAINS)):
         clients = [p for p in range(cfg.num_partitions) if domain_of_client(p, cfg.num_partitions) == d]
-        out.extend(split(order[d :: len(DOMAINS)], len(clients), "iid"))
+        if cfg.dataset == "digits5":  # real domains: indices into that domain's own train set
+            domain_labels = digits5_domains(cfg.root, True)[d].y.numpy()
+            shuffled = np.random.default_rng(cfg.seed + d).permutation(len(domain_labels))
+            out.extend(split(shuffled, len(clients), "iid", domain_labels))
+        else:  # synthetic domains: disjoint shares of the one train set
+            out.extend(split(order[d :: len(DOMAINS)], len(clients), "iid"))
     return tuple(out)
 
 
@@ -211,7 +284,10 @@ def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
     """The training data of client ``partition_id`` (with its domain transform applied)."""
     if not 0 <= partition_id < cfg.num_partitions:
         raise ValueError(f"partition-id {partition_id} is out of range [0, {cfg.num_partitions})")
-    data = load_split(cfg.dataset, cfg.root, True).subset(partition_indices(cfg)[partition_id])
+    indices = partition_indices(cfg)[partition_id]
+    if cfg.partition == "domains" and cfg.dataset == "digits5":
+        return digits5_domains(cfg.root, True)[domain_of_client(partition_id, cfg.num_partitions)].subset(indices)
+    data = load_split(cfg.dataset, cfg.root, True).subset(indices)
     if cfg.partition == "domains":
         domain = DOMAINS[domain_of_client(partition_id, cfg.num_partitions)]
         data = ArrayData(DOMAIN_TRANSFORMS[domain](data.x), data.y)
@@ -221,7 +297,7 @@ def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
 def test_data(cfg: DataConfig) -> ArrayData:
     """The centralized test set (all domains concatenated for the 'domains' partition)."""
     test = load_split(cfg.dataset, cfg.root, False)
-    if cfg.partition != "domains":
+    if cfg.partition != "domains" or cfg.dataset == "digits5":  # digits5: the five real test sets
         return test
     return ArrayData(
         torch.cat([DOMAIN_TRANSFORMS[d](test.x) for d in DOMAINS]),

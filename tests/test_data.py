@@ -99,3 +99,48 @@ def test_svhn_loader_reads_mat_files(tmp_path):
     train = load_split("svhn", str(tmp_path), True)
     assert train.x.shape == (5, 3, 32, 32) and train.y.tolist() == [0, 1, 2, 3, 4]  # label 10 means digit 0
     assert len(load_split("svhn", str(tmp_path), False)) == 3
+
+
+def _write_digits5(root):
+    """Tiny files in each domain's real on-disk format: MNIST IDX, SVHN/SynthDigits .mat,
+    USPS libsvm bz2, MNIST-M PNGs with a labels file."""
+    import bz2
+
+    from PIL import Image
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 4), ("t10k", 2)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049)
+    for folder, stem in (("SVHN", "{}_32x32.mat"), ("SynthDigits", "synth_{}_32x32.mat")):
+        (root / folder).mkdir()
+        for split, n in (("train", 4), ("test", 2)):
+            savemat(root / folder / stem.format(split), {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": (np.arange(n) + 1).reshape(-1, 1)})
+    (root / "USPS").mkdir()
+    for name, n in (("usps.bz2", 4), ("usps.t.bz2", 2)):
+        lines = [f"{i % 10 + 1} " + " ".join(f"{j + 1}:{rng.uniform(-1, 1):.3f}" for j in range(256)) for i in range(n)]
+        (root / "USPS" / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    for split, n in (("train", 4), ("test", 2)):
+        folder = root / "MNIST_M" / f"mnist_m_{split}"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i:08d}.png")
+        (root / "MNIST_M" / f"mnist_m_{split}_labels.txt").write_text("".join(f"{i:08d}.png {i % 10}\n" for i in range(n)))
+
+
+def test_digits5_domains_load_from_their_real_formats(tmp_path):
+    from clients.data import digits5_domains
+
+    _write_digits5(tmp_path)
+    train = digits5_domains(str(tmp_path), True)
+    assert [len(d) for d in train] == [4, 4, 4, 4, 4]
+    assert all(d.x.shape[1:] == (3, 28, 28) and 0 <= d.x.min() and d.x.max() <= 1 for d in train)
+    assert train[1].y.tolist() == [1, 2, 3, 4]  # SVHN labels 1..4 (10 would mean 0)
+    assert train[2].y.tolist() == [0, 1, 2, 3]  # USPS labels 1..10 → 0..9
+    cfg = DataConfig(dataset="digits5", root=str(tmp_path), partition="domains", num_partitions=5)
+    for client in range(5):  # one client per domain gets that domain's whole train set
+        assert torch.equal(client_train_data(cfg, client).x.sort(0).values, train[client].x.sort(0).values)
+    assert len(central_test_set(cfg)) == 10
