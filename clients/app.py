@@ -21,7 +21,7 @@ from clients.data import client_train_data
 from clients.profiles import ClientProfile, make_profile
 from clients.recipe import per_base_loss, train_bases
 from clients.task import ClientTask
-from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, routed
+from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, per_base_inputs, routed
 from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 
 app = ClientApp()
@@ -73,7 +73,7 @@ def _warm_up(task: ClientTask, profile: ClientProfile, data) -> None:
             per_base_loss(model.forward_bases(xb), yb).backward()
         if profile.adversarial:
             with routed(model, "adv"):
-                z = xb.unsqueeze(1).expand(-1, k, *xb.shape[1:]).clone().requires_grad_(True)
+                z = per_base_inputs(xb, k).clone().requires_grad_(True)
                 per_base_loss(model.forward_bases(z), yb).backward()
     model.zero_grad(set_to_none=True)
     if len(_WARM) == 1:  # once per actor: torch.optim's first step imports and sets up lazily

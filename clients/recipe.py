@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from clients.adversarial import PGDConfig, pgd_linf
 from clients.data import ArrayData
-from models.blocks import StackedNet, frozen_bn_stats, routed
+from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def train_bases(
             loss = clean
             if adversarial:
                 with routed(model, "adv"):
-                    per_base_x = xb.unsqueeze(1).expand(-1, k, *xb.shape[1:])
+                    per_base_x = per_base_inputs(xb, k)
                     with frozen_bn_stats(model):
                         x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_x, cfg.pgd, gen)
                     adv = per_base_loss(model.forward_bases(x_adv), yb)

@@ -184,6 +184,12 @@ def expand_to_bases(x: torch.Tensor, num_bases: int) -> torch.Tensor:
     )
 
 
+def per_base_inputs(x: torch.Tensor, num_bases: int) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, k, C, H, W)``: one input copy per base, so each base can be
+    attacked separately (per-base PGD) in one batched pass."""
+    return x.unsqueeze(1).expand(-1, num_bases, *x.shape[1:])
+
+
 class StackedNet(nn.Module):
     """Base class of every registered model: k stacked bases, logits mixed by their mean.
 
