@@ -110,12 +110,17 @@ def stack_base_states(bases: Sequence[dict[str, torch.Tensor]]) -> dict[str, tor
     return {name: torch.cat([b[name] for b in bases], dim=0) for name in bases[0]}
 
 
-def load_stacked(model: StackedNet, bases: Sequence[dict[str, torch.Tensor]]) -> StackedNet:
-    """Load k per-base states into a k-stack (checks every federated tensor is present)."""
+def load_stacked(model: StackedNet, bases: Sequence[dict[str, torch.Tensor]], allow_missing_stats: bool = False) -> StackedNet:
+    """Load k per-base states into a k-stack (checks every federated tensor is present).
+
+    ``allow_missing_stats``: the states come from static-BN training (no running statistics) and
+    the model will have its statistics re-estimated.
+    """
     if len(bases) != model.num_bases:
         raise ValueError(f"model stacks {model.num_bases} bases, got {len(bases)} base states")
     missing, unexpected = model.load_state_dict(stack_base_states(bases), strict=False)
-    missing = [m for m in missing if not m.endswith(_SKIPPED_BUFFERS)]
+    skipped = _SKIPPED_BUFFERS + (("running_mean", "running_var") if allow_missing_stats else ())
+    missing = [m for m in missing if not m.endswith(skipped)]
     if missing or unexpected:
         raise KeyError(f"base state mismatch: missing {missing}, unexpected {unexpected}")
     return model

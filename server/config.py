@@ -40,6 +40,7 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 class SimulationConfig:
     method: str = field(default="splitmix", metadata=_choice(*METHODS))
     fedavg_clients: str = field(default="capable", metadata=_choice("capable", "all"))
+    bn_stats: str = field(default="tracked", metadata=_choice("tracked", "static"))
     seed: int = field(default=0, metadata=_range(0))
     dataset: str = field(default="digits", metadata=_choice(*DATASETS))
     data_root: str = ""
@@ -124,6 +125,7 @@ class SimulationConfig:
             in_channels=info.in_channels,
             image_size=info.image_size,
             dual_bn=True,
+            track_stats=self.bn_stats == "tracked",
         )
 
     def data_config(self) -> DataConfig:

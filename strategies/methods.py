@@ -17,7 +17,7 @@ import torch
 
 from models.blocks import StackedNet, norm_state_keys, recompute_bn_stats, set_route
 from models.slicing import slice_state
-from models.splitmix import SplitMixSpec, build_mixture, init_global_state
+from models.splitmix import SplitMixSpec, build_mixture, init_global_state, load_stacked, select_bases
 from strategies.base import FederatedStrategy
 from strategies.fedavg import full_width
 from strategies.heterofl import WidthSliceStrategy, budget_width
@@ -67,15 +67,29 @@ class SplitMix(Method):
         return SplitMixStrategy(self.spec, task_json, fraction, min_clients, seed, lr_at)
 
     def cost_model(self, width: float) -> StackedNet:
-        return self.spec.build(self.spec.bases_for_width(width))
+        # same params/MACs with or without running statistics; tracked BN runs on one input
+        return replace(self.spec, track_stats=True).build(self.spec.bases_for_width(width))
+
+    def _served(self, state, num_bases: int, robustness: float, calibration: torch.Tensor) -> StackedNet:
+        """The first ``num_bases`` bases mixed; with static BN, statistics re-estimated on data."""
+        indices = list(range(num_bases))
+        if self.spec.track_stats:
+            return build_mixture(self.spec, state, indices, robustness)
+        model = replace(self.spec, track_stats=True).build(num_bases)
+        load_stacked(model, select_bases(state, indices), allow_missing_stats=True)
+        recompute_bn_stats(model, calibration)
+        set_route(model, float(robustness))
+        return model.eval()
 
     def eval_model(self, state, width, robustness, calibration):
-        return build_mixture(self.spec, state, list(range(self.spec.bases_for_width(width))), robustness)
+        return self._served(state, self.spec.bases_for_width(width), robustness, calibration)
 
     @torch.no_grad()
     def clean_accuracy(self, state, x, y, robustness):
-        """All widths from one pass: every base's logits once, width k = mean of the first k."""
-        model = build_mixture(self.spec, state, list(range(self.spec.num_bases)), robustness).to(x.device)
+        """All widths from one pass: every base's logits once, width k = mean of the first k
+        (per-channel BN statistics are per base, so re-estimating them on all N bases at once
+        gives each base the same statistics as in any smaller mixture)."""
+        model = self._served(state, self.spec.num_bases, robustness, x).to(x.device)
         logits = model.forward_bases(x)  # (B, N, C)
         n = self.spec.num_bases
         mixed = logits.cumsum(dim=1) / torch.arange(1, n + 1, device=x.device).view(1, n, 1)
@@ -109,7 +123,7 @@ class HeteroFL(Method):
         model = self.spec.build_width(width, track_stats=True)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in state}
         missing, _ = model.load_state_dict(slice_state(state, shapes), strict=False)
-        if self.recompute_bn:
+        if self.recompute_bn or not self.spec.track_stats:
             recompute_bn_stats(model, calibration)
         elif any(not k.endswith("num_batches_tracked") for k in missing):
             raise KeyError(f"global state lacks {missing[:3]}")

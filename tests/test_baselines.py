@@ -1,12 +1,15 @@
 """Baselines: HeteroFL slicing and count-weighted aggregation by hand, FedBN keeps BN local,
 SHeteroFL re-estimates BN statistics before evaluation, byte counts match what was sent."""
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from clients.codec import to_record, to_tensors
-from models.blocks import norm_state_keys
+from models.blocks import expand_to_bases, norm_state_keys
 from models.slicing import leading_slices
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from strategies.base import NodeProfile
@@ -102,14 +105,14 @@ def test_fedbn_clients_keep_their_bn_across_rounds(tmp_path, in_process_grid):
     assert not torch.equal(kept[0]["bn1.clean.running_mean"], kept[1]["bn1.clean.running_mean"])
 
 
-def test_sheterofl_recomputes_bn_statistics_before_evaluation():
-    method = SHeteroFL(SPEC)
+@pytest.mark.parametrize("method", [SHeteroFL(SPEC), SplitMix(replace(SPEC, track_stats=False))], ids=["sheterofl", "splitmix-static"])
+def test_static_bn_methods_recompute_bn_statistics_before_evaluation(method):
     state = method.initial_state(seed=0)
     assert not any("running" in k for k in state)  # static BN: no statistics in training
     calibration = torch.rand(256, 1, 8, 8)
     model = method.eval_model(state, 0.5, 0.0, calibration)
     with torch.no_grad():
-        conv1 = model.conv1(calibration)  # first layer: its BN statistics are those of conv1's output
+        conv1 = model.conv1(expand_to_bases(calibration, model.num_bases))  # BN1 sees conv1's output
     torch.testing.assert_close(model.bn1.clean.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.bn1.clean.running_var, conv1.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
     assert not model.training
