@@ -106,7 +106,10 @@ def run_experiment(
 ) -> Path:
     """Run (or resume) every method × seed, then write the comparison; returns the folder."""
     if runner is None:
-        from server.simulation import simulate as runner  # noqa: PLC0415 (Ray only when needed)
+        from server.simulation import simulate  # noqa: PLC0415 (Ray only when needed)
+
+        def runner(cfg: SimulationConfig) -> Path:  # per-round progress lines of every run
+            return simulate(cfg, report=lambda text: report(f"  {text}"))
     root = Path(out_dir).resolve() / experiment.name
     runs = root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
