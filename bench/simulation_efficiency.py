@@ -18,7 +18,6 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,8 @@ from clients.profiles import make_profile
 from clients.recipe import train_bases
 from models.splitmix import base_key, init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 from server.config import SimulationConfig, load_config, parse_overrides
-from strategies.splitmix import BaseScheduler, client_seed, cosine_lr
+from strategies.base import client_seed
+from strategies.splitmix import BaseScheduler, cosine_lr
 
 import numpy as np
 

@@ -175,21 +175,68 @@ def weighted_average(
     return out
 
 
+def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local training in one round (shuffling, PGD starts)."""
+    return (run_seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
+
+
 class FederatedStrategy(Strategy):
     """Profiles, sampling and validation shared by the heterogeneous strategies.
 
-    Subclasses implement ``configure_train`` (which tensors each sampled node gets, recording
-    what it must send back) and ``aggregate_train`` (built on ``collect_valid`` and
-    ``weighted_average``). Client-side evaluation is off: the server evaluates every width
+    Subclasses implement ``configure_train`` (which tensors each sampled node gets, recording in
+    ``_sent`` what it must send back) and ``combine`` (how valid replies make the new model). Client-side evaluation is off: the server evaluates every width
     centrally.
     """
 
-    def __init__(self, fraction_train: float, min_train_clients: int, seed: int) -> None:
+    def __init__(
+        self, task_json: str, fraction_train: float, min_train_clients: int, seed: int, lr_at_round: Callable[[int], float]
+    ) -> None:
+        self.task_json = task_json
         self.fraction_train = fraction_train
         self.min_train_clients = min_train_clients
+        self.seed = seed
+        self.lr_at_round = lr_at_round
         self.rng = np.random.default_rng(seed)
         self.profiles: dict[int, NodeProfile] = {}
         self.last_round = RoundStats()
+        self._sent: dict[int, dict[str, TensorSpec]] = {}  # node -> what its reply must hold
+        self._current = ArrayRecord()
+
+    def summary(self) -> None:
+        pass
+
+    def train_message(self, profile: NodeProfile, payload: ArrayRecord, server_round: int, extra: dict) -> Message:
+        """A train instruction: the tensors, the run's task, round, lr, seed and method fields."""
+        config = {
+            "task": self.task_json,
+            "round": server_round,
+            "lr": self.lr_at_round(server_round),
+            "seed": client_seed(self.seed, server_round, profile.partition_id),
+            **extra,
+        }
+        content = RecordDict({"arrays": payload, "config": ConfigRecord(config)})
+        return Message(content, dst_node_id=profile.node_id, message_type="train")
+
+    def combine(self, contributions: list[tuple[dict[str, torch.Tensor], float]]) -> ArrayRecord:
+        """The new global ArrayRecord from (tensors, weight) pairs; method-specific."""
+        raise NotImplementedError
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.last_round
+        valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
+        if len(valid) < self.min_train_clients:
+            problem = (
+                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
+                f"{self.min_train_clients}); global model left unchanged"
+            )
+            stats.problems.append(problem)
+            log.warning(problem)
+            return None, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 1})
+        stats.examples = sum(n for _, _, n, _ in valid)
+        stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
+        stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
+        new = self.combine([(tensors, float(n)) for _, tensors, n, _ in valid])
+        return new, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 0})
 
     # ------------------------------------------------------------------ profiles
     def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:

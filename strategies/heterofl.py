@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from clients.codec import encode, to_tensors
 from models.slicing import leading_slices, slice_state
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
-from strategies.base import FederatedStrategy, NodeProfile, RoundStats, TensorSpec, log
-from strategies.splitmix import client_seed
+from strategies.base import FederatedStrategy, NodeProfile, RoundStats, TensorSpec
 
 WidthOf = Callable[[NodeProfile], "float | None"]
 
@@ -42,19 +41,13 @@ class WidthSliceStrategy(FederatedStrategy):
         width_of: WidthOf = budget_width,
         local_keys: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(fraction_train, min_train_clients, seed)
-        self.spec, self.task_json, self.seed = spec, task_json, seed
-        self.lr_at_round = lr_at_round
+        super().__init__(task_json, fraction_train, min_train_clients, seed, lr_at_round)
+        self.spec = spec
         self.width_of = width_of
         self.local_keys = local_keys  # never sent, never overwritten (FedBN's BN entries)
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
-        self._sent: dict[int, dict[str, TensorSpec]] = {}
-        self._current = ArrayRecord()
         self._state: dict[str, torch.Tensor] = {}
         self.widths_sent: dict[int, float] = {}
-
-    def summary(self) -> None:
-        pass
 
     def shapes(self, width: float) -> dict[str, tuple[int, ...]]:
         """Shapes of the width-w sub-network's federated tensors (cached per width)."""
@@ -71,7 +64,6 @@ class WidthSliceStrategy(FederatedStrategy):
         stats = RoundStats()
         payloads: dict[float, dict[str, Array]] = {}  # one encoding per width per round
         messages = []
-        lr = self.lr_at_round(server_round)
         for profile in self.sample(lambda p: self.width_of(p) is not None):
             width = float(self.width_of(profile))
             if width not in payloads:
@@ -85,44 +77,14 @@ class WidthSliceStrategy(FederatedStrategy):
                     expected[key] = TensorSpec(tuple(array.shape), str(array.dtype))
             self._sent[profile.node_id] = expected
             self.widths_sent[profile.node_id] = width
-            content = RecordDict(
-                {
-                    "arrays": payload,
-                    "config": ConfigRecord(
-                        {
-                            "task": self.task_json,
-                            "method": "width",
-                            "width": width,
-                            "local-bn": bool(self.local_keys),
-                            "round": server_round,
-                            "lr": lr,
-                            "seed": client_seed(self.seed, server_round, profile.partition_id),
-                        }
-                    ),
-                }
-            )
-            messages.append(Message(content, dst_node_id=profile.node_id, message_type="train"))
+            extra = {"method": "width", "width": width, "local-bn": bool(self.local_keys)}
+            messages.append(self.train_message(profile, payload, server_round, extra))
         stats.sampled = len(messages)
         self.last_round = stats
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self.last_round
-        valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
-        if len(valid) < self.min_train_clients:
-            problem = (
-                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
-                f"{self.min_train_clients}); global model left unchanged"
-            )
-            stats.problems.append(problem)
-            log.warning(problem)
-            return None, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 1})
-        contributions = [(tensors, float(n)) for _, tensors, n, _ in valid]
-        stats.examples = sum(n for _, _, n, _ in valid)
-        stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
-        stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
-        new = sliced_weighted_average(contributions, self._state, self._current)
-        return new, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 0})
+    def combine(self, contributions: list[tuple[dict[str, torch.Tensor], float]]) -> ArrayRecord:
+        return sliced_weighted_average(contributions, self._state, self._current)
 
 
 def sliced_weighted_average(

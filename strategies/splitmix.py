@@ -16,11 +16,11 @@ import math
 from typing import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
-from strategies.base import FederatedStrategy, log, RoundStats, TensorSpec, weighted_average
+from strategies.base import FederatedStrategy, RoundStats, TensorSpec, weighted_average
 
 
 class BaseScheduler:
@@ -42,11 +42,6 @@ class BaseScheduler:
         return [(first + j) % self.num_bases for j in range(k)]
 
 
-def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
-    """The seed of one client's local training in one round (shuffling, PGD starts)."""
-    return (run_seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
-
-
 def cosine_lr(base_lr: float, server_round: int, num_rounds: int) -> float:
     """Half-cosine decay over rounds (the authors' Digits schedule)."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / max(num_rounds, 1)))
@@ -62,18 +57,10 @@ class SplitMixStrategy(FederatedStrategy):
         seed: int,
         lr_at_round: Callable[[int], float],
     ) -> None:
-        super().__init__(fraction_train, min_train_clients, seed)
+        super().__init__(task_json, fraction_train, min_train_clients, seed, lr_at_round)
         self.spec = spec
-        self.task_json = task_json
-        self.seed = seed
-        self.lr_at_round = lr_at_round
         self.scheduler = BaseScheduler(spec.num_bases, self.rng)
-        self._sent: dict[int, dict[str, TensorSpec]] = {}
-        self._current = ArrayRecord()
         self.assignments: dict[int, list[int]] = {}  # node -> bases, last round
-
-    def summary(self) -> None:
-        pass
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -82,7 +69,6 @@ class SplitMixStrategy(FederatedStrategy):
         self.assignments = {}
         stats = RoundStats()
         messages = []
-        lr = self.lr_at_round(server_round)
         # Group the global tensors by base once per round; messages reuse the Array objects.
         by_base: dict[int, list[tuple[str, Array, TensorSpec, bool]]] = {}
         for key, array in arrays.items():
@@ -107,42 +93,12 @@ class SplitMixStrategy(FederatedStrategy):
                         expected[key] = spec
             self.assignments[profile.node_id] = bases
             self._sent[profile.node_id] = expected
-            content = RecordDict(
-                {
-                    "arrays": payload,
-                    "config": ConfigRecord(
-                        {
-                            "task": self.task_json,
-                            "round": server_round,
-                            "lr": lr,
-                            "bases": bases,
-                            "seed": client_seed(self.seed, server_round, profile.partition_id),
-                        }
-                    ),
-                }
-            )
-            messages.append(Message(content, dst_node_id=profile.node_id, message_type="train"))
+            messages.append(self.train_message(profile, payload, server_round, {"method": "splitmix", "bases": bases}))
         stats.sampled = len(messages)
         self.last_round = stats
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self.last_round
-        valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
-        metrics = stats.as_metrics()
-        if len(valid) < self.min_train_clients:
-            problem = (
-                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
-                f"{self.min_train_clients}); global model left unchanged"
-            )
-            stats.problems.append(problem)
-            log.warning(problem)
-            metrics.update({"valid": len(valid), "round-failed": 1})
-            return None, MetricRecord(metrics)
-        contributions = [(tensors, float(n)) for _, tensors, n, _ in valid]
-        stats.examples = sum(n for _, _, n, _ in valid)
-        stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
-        stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
-        metrics = stats.as_metrics()
-        metrics.update({"valid": len(valid), "round-failed": 0})
-        return weighted_average(contributions, self._current), MetricRecord(metrics)
+    def combine(self, contributions: list[tuple[dict, float]]) -> ArrayRecord:
+        """Each tensor averaged over the clients that returned it (so each base over exactly the
+        clients that trained it); untouched tensors keep their value."""
+        return weighted_average(contributions, self._current)
