@@ -13,6 +13,11 @@ from rich.table import Table
 from server.config import ConfigError, load_config
 
 
+def _fail(message: str) -> None:
+    """Errors go to stderr unwrapped (rich would fold long lines at the terminal width)."""
+    print(f"error: {message}" if not message.startswith("config error") else message, file=sys.stderr, flush=True)
+
+
 def _summary_table(summary: dict) -> Table:
     lam = summary["robust_lambda"]
     table = Table(title=f"{summary['method']} per width ({summary['dataset']}, {summary['model']}, {summary['rounds']} rounds)")
@@ -38,7 +43,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.run_config)
     except ConfigError as exc:
-        err.print(f"[red]config error:[/red] {exc}")
+        _fail(f"config error: {exc}")
         return 2
     run_dir = simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose)
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
@@ -59,11 +64,66 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             for method in experiment.methods:
                 experiment.config_for(method, experiment.seeds[0], args.out_dir, extra)
     except ConfigError as exc:
-        err.print(f"[red]config error:[/red] {exc}")
+        _fail(f"config error: {exc}")
         return 2
     root = run_experiment(experiment, args.out_dir, extra, report=lambda text: err.print(text, highlight=False))
     print((root / "comparison.md").read_text())
     print(root, flush=True)  # the last line of stdout: the experiment folder
+    return 0
+
+
+def _open_run(folder: str, err: Console):
+    from server.query import QueryError, load_run
+
+    try:
+        return load_run(folder)
+    except (QueryError, ValueError, FileNotFoundError) as exc:  # unknown folder, damaged checkpoint
+        _fail(str(exc))
+        return None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    run = _open_run(args.run, err)
+    if run is None:
+        return 2
+    lo, hi = run.robustness_range()
+    table = Table(title=f"{run.method_name} run {run.folder.name}: servable models (robustness λ in [{lo:g}, {hi:g}])")
+    for column in ("width", "bases", "params", "MACs", "accuracy (λ=0)", f"robust acc (λ={run.summary['robust_lambda']:g})"):
+        table.add_column(column, justify="right")
+    for row in run.table():
+        robust = row["robust_accuracy"]
+        table.add_row(f"{row['width']:g}", str(row["bases"]), f"{row['params']:,}", f"{row['macs']:,}",
+                      f"{row['accuracy']:.4f}", "-" if robust is None else f"{robust:.4f}")
+    Console(width=120).print(table)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from server.query import QueryError
+
+    err = Console(stderr=True)
+    run = _open_run(args.run, err)
+    if run is None:
+        return 2
+    try:
+        card = run.export(args.width, args.robustness, args.out, select=args.select)
+    except QueryError as exc:
+        _fail(str(exc))
+        return 2
+    print(json.dumps(card, indent=2))
+    print(Path(args.out).resolve(), flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.service import serve
+
+    err = Console(stderr=True)
+    run = _open_run(args.run, err)
+    if run is None:
+        return 2
+    serve(run, args.host, args.port)
     return 0
 
 
@@ -80,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out-dir", default="experiments", help="where experiment folders go")
     exp.add_argument("--run-config", default="", help="overrides applied to every run (e.g. for a quick check)")
     exp.set_defaults(func=cmd_experiment)
+    models = sub.add_parser("models", help="list the models a finished run can serve")
+    models.add_argument("run", help="a run folder written by `splitmix simulate`")
+    models.set_defaults(func=cmd_models)
+    query = sub.add_parser("query", help="build and export the model of a given width and robustness")
+    query.add_argument("run", help="a run folder written by `splitmix simulate`")
+    query.add_argument("--width", type=float, required=True, help="a width the run serves (see `splitmix models`)")
+    query.add_argument("--robustness", type=float, default=0.0, help="λ in [0, 1] (default 0)")
+    query.add_argument("--select", choices=("first", "best"), default="first", help="the first k bases, or the best k by accuracy")
+    query.add_argument("--out", required=True, help="output folder (safetensors, model card, .pt2)")
+    query.set_defaults(func=cmd_query)
+    srv = sub.add_parser("serve", help="serve predictions of a finished run over HTTP")
+    srv.add_argument("run", help="a run folder written by `splitmix simulate`")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -161,6 +161,9 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         )
 
     assert scores is not None
+    if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases
+        test = evaluator.test
+        totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, test.x.to(device), test.y.to(device))
     summary = build_summary(
         cfg,
         method,
@@ -170,6 +173,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
             "failures": totals["failures"],
             "rejected": totals["rejected"],
             "timing": {"startup_s": startup, "train_s": totals["train_s"], "eval_s": totals["eval_s"]},
+            **({"base_accuracy": totals["base_accuracy"]} if "base_accuracy" in totals else {}),
         },
     )
     store.write_json("summary.json", summary)

@@ -85,6 +85,12 @@ class SplitMix(Method):
         return self._served(state, self.spec.bases_for_width(width), robustness, calibration)
 
     @torch.no_grad()
+    def base_accuracy(self, state, x, y) -> list[float]:
+        """Each base's own accuracy (λ = 0): what `query --select best` ranks bases by."""
+        logits = self._served(state, self.spec.num_bases, 0.0, x).to(x.device).forward_bases(x)
+        return (logits.argmax(-1) == y.unsqueeze(1)).float().mean(0).tolist()
+
+    @torch.no_grad()
     def clean_accuracy(self, state, x, y, robustness):
         """All widths from one pass: every base's logits once, width k = mean of the first k
         (per-channel BN statistics are per base, so re-estimating them on all N bases at once

@@ -1,0 +1,180 @@
+"""Query a finished run: build the model of a requested width and robustness on demand.
+
+``load_run(RUN)`` reads a run folder written by ``splitmix simulate`` (config, summary,
+``model.safetensors``) and ``run.model(width=0.5, robustness=0.3)`` returns the served
+``nn.Module`` without retraining: for Split-Mix the k = width/r bases stacked into one batched
+network (their logits averaged), with λ mixing the clean and adversarial BN paths; for the
+baselines their own served model. ``export`` writes safetensors weights, a JSON model card and a
+``torch.export`` program that runs with torch alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.cost import count_macs, count_params
+from models.splitmix import SplitMixSpec, build_mixture
+from server.store import WEIGHTS, load_weights
+from strategies.methods import make_method
+
+
+class QueryError(ValueError):
+    """A query names something the run cannot serve (the message says what is allowed)."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    width: float
+    robustness: float
+    bases: list[int]
+    model: nn.Module
+
+
+class Run:
+    """A finished run folder, ready to serve models of any width / robustness it supports."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise QueryError(f"run folder '{self.folder}' does not exist")
+        for name in ("config.json", "summary.json", WEIGHTS):
+            if not (self.folder / name).is_file():
+                raise QueryError(f"'{self.folder}' is not a finished run: {name} is missing")
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.summary = json.loads((self.folder / "summary.json").read_text())
+        self.spec = SplitMixSpec(**self.config["spec"])
+        self.method_name = self.config.get("method", "splitmix")
+        self.method = make_method(self.method_name, self.spec)
+        self.state = load_weights(self.folder / WEIGHTS)  # raises ValueError on a damaged file
+        self.input_shape = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
+        self._base_order = self._bases_by_accuracy()
+
+    # ------------------------------------------------------------------ what can be served
+    def widths(self) -> list[float]:
+        return self.method.widths()
+
+    def table(self) -> list[dict[str, Any]]:
+        """Every servable width with its cost and the accuracy measured at the end of training."""
+        rows = []
+        for key, entry in self.summary["widths"].items():
+            rows.append(
+                {
+                    "width": float(key),
+                    "bases": entry["bases"],
+                    "params": entry["params"],
+                    "macs": entry["macs"],
+                    "accuracy": entry["accuracy"],
+                    "robust_accuracy": entry["robust_accuracy"],
+                }
+            )
+        return rows
+
+    def robustness_range(self) -> tuple[float, float]:
+        return (0.0, 1.0) if self.spec.dual_bn else (0.0, 0.0)
+
+    # ------------------------------------------------------------------ building models
+    def check(self, width: float, robustness: float) -> tuple[float, float]:
+        try:
+            width, robustness = float(width), float(robustness)
+        except (TypeError, ValueError):
+            raise QueryError("width and robustness must be numbers") from None
+        allowed = self.widths()
+        if not any(abs(width - w) < 1e-6 for w in allowed):
+            raise QueryError(f"width {width:g} is not served by this run; allowed widths: {', '.join(f'{w:g}' for w in allowed)}")
+        lo, hi = self.robustness_range()
+        if not lo <= robustness <= hi:
+            raise QueryError(f"robustness {robustness:g} is outside the allowed range [{lo:g}, {hi:g}]")
+        return next(w for w in allowed if abs(width - w) < 1e-6), robustness
+
+    def bases_for(self, width: float, select: str = "first") -> list[int]:
+        if self.method_name != "splitmix":
+            return []
+        k = self.spec.bases_for_width(width)
+        if select == "first":
+            return list(range(k))
+        if select == "best":
+            return sorted(self._base_order[:k])
+        raise QueryError(f"base selection '{select}' is unknown; allowed: first, best")
+
+    def served(self, width: float, robustness: float = 0.0, select: str = "first") -> ServedModel:
+        width, robustness = self.check(width, robustness)
+        return self._served(width, robustness, select)
+
+    @lru_cache(maxsize=64)  # built mixtures are cached: nothing is rebuilt per request
+    def _served(self, width: float, robustness: float, select: str) -> ServedModel:
+        bases = self.bases_for(width, select)
+        if self.method_name == "splitmix" and self.spec.track_stats:
+            model = build_mixture(self.spec, self.state, bases, robustness)
+        else:  # baselines, static BN: the method's own served model
+            if select != "first":
+                raise QueryError("base selection applies to Split-Mix runs only")
+            calibration = self._calibration_inputs()
+            model = self.method.eval_model(self.state, width, robustness, calibration)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return ServedModel(width, robustness, bases, model.eval())
+
+    def model(self, width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
+        """The served ``nn.Module`` at ``width`` and λ = ``robustness`` (eval mode)."""
+        return self.served(width, robustness, select).model
+
+    def _calibration_inputs(self) -> torch.Tensor:
+        """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
+        from clients.data import DataConfig, test_data
+
+        rc = self.config["run_config"]
+        cfg = DataConfig(dataset=rc["dataset"], root=rc["data-root"], partition=rc["partition"],
+                         num_partitions=rc["num-clients"], alpha=rc["dirichlet-alpha"], seed=rc["seed"])
+        return test_data(cfg).x
+
+    def _bases_by_accuracy(self) -> list[int]:
+        """Bases ordered by their own accuracy (λ = 0) as recorded at the end of the run."""
+        scores = self.summary.get("base_accuracy")
+        if self.method_name != "splitmix" or not scores:
+            return list(range(self.spec.num_bases))
+        return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+    # ------------------------------------------------------------------ export
+    def export(self, width: float, robustness: float, out: str | Path, select: str = "first") -> dict[str, Any]:
+        """Write ``out/model.safetensors``, ``out/model_card.json`` and ``out/model.pt2``."""
+        from safetensors.torch import save_file
+
+        served = self.served(width, robustness, select)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in served.model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        example = torch.zeros(2, *self.input_shape)
+        program = torch.export.export(served.model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        torch.export.save(program, str(out / "model.pt2"))
+        entry = self.summary["widths"].get(str(round(served.width, 6)), {})
+        card = {
+            "run": str(self.folder.resolve()),
+            "method": self.method_name,
+            "width": served.width,
+            "robustness": served.robustness,
+            "bases": served.bases,
+            "base_selection": select,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.spec.num_classes,
+            "params": count_params(served.model),
+            "macs": count_macs(served.model, self.input_shape),
+            "accuracy": entry.get("by_lambda", {}).get(str(served.robustness), {}).get("accuracy"),
+            "robust_accuracy": entry.get("by_lambda", {}).get(str(served.robustness), {}).get("robust_accuracy"),
+            "accuracy_note": "measured at the end of training at this width and λ, bases 0..k-1; null if that λ was not evaluated",
+            "files": {"weights": "model.safetensors", "program": "model.pt2"},
+        }
+        (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        return card
+
+
+def load_run(folder: str | Path) -> Run:
+    """Open a finished run folder (see :class:`Run`)."""
+    return Run(folder)

@@ -1,0 +1,191 @@
+"""Query job: served models, export round trip, and the HTTP service started for real."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import splitmix
+from models.blocks import routed, set_route
+from server.config import load_config
+from server.federation import run_federation
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from conftest import InProcessGrid
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(overrides=f"num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1' out-dir='{out}' run-name=q")
+    return run_federation(InProcessGrid(4), cfg)
+
+
+def test_mixed_model_is_the_mean_of_its_bases(run_dir):
+    run = splitmix.load_run(run_dir)
+    x = torch.rand(6, 1, 8, 8)
+    mixed = run.model(0.375)(x)
+    singles = [run.served(0.125).model.__class__]  # noqa: F841 - just builds the cache
+    from models.splitmix import build_mixture
+
+    bases = torch.stack([build_mixture(run.spec, run.state, [b])(x) for b in range(3)])
+    torch.testing.assert_close(mixed, bases.mean(0), rtol=1e-5, atol=1e-6)
+    assert run.model(0.375) is run.model(0.375)  # cached, not rebuilt
+
+
+def test_lambda_endpoints_are_the_pure_bn_paths(run_dir):
+    run = splitmix.load_run(run_dir)
+    x = torch.rand(6, 1, 8, 8)
+    from models.splitmix import build_mixture
+
+    reference = build_mixture(run.spec, run.state, [0, 1])
+    with torch.no_grad():
+        with routed(reference, "clean"):
+            clean = reference(x)
+        with routed(reference, "adv"):
+            adv = reference(x)
+        torch.testing.assert_close(run.model(0.25, 0.0)(x), clean)
+        torch.testing.assert_close(run.model(0.25, 1.0)(x), adv)
+        assert not torch.allclose(clean, adv)
+
+
+def test_export_reproduces_in_memory_logits(run_dir, tmp_path):
+    run = splitmix.load_run(run_dir)
+    card = run.export(0.5, 0.3, tmp_path)
+    assert card["bases"] == [0, 1, 2, 3] and card["width"] == 0.5 and card["params"] > 0
+    x = torch.rand(7, 1, 8, 8)
+    expected = run.model(0.5, 0.3)(x)
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    torch.testing.assert_close(program(x), expected)
+    rebuilt = run.spec.build(4)
+    rebuilt.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    set_route(rebuilt, 0.3)
+    torch.testing.assert_close(rebuilt.eval()(x), expected)
+    assert json.loads((tmp_path / "model_card.json").read_text())["robustness"] == 0.3
+
+
+def test_best_bases_follow_recorded_accuracy(run_dir):
+    run = splitmix.load_run(run_dir)
+    scores = run.summary["base_accuracy"]
+    assert len(scores) == 8
+    best3 = run.bases_for(0.375, "best")
+    assert sorted(best3) == sorted(sorted(range(8), key=lambda i: (-scores[i], i))[:3])
+
+
+def test_cli_errors_name_what_is_allowed(run_dir, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+
+    bad_width = cli("query", str(run_dir), "--width", "0.3", "--out", str(tmp_path / "o"))
+    assert bad_width.returncode == 2 and "allowed widths: 0.125" in bad_width.stderr
+    bad_lambda = cli("query", str(run_dir), "--width", "0.5", "--robustness", "1.5", "--out", str(tmp_path / "o"))
+    assert bad_lambda.returncode == 2 and "[0, 1]" in bad_lambda.stderr
+    missing = cli("models", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "summary.json"):
+        (damaged / name).write_text((run_dir / name).read_text())
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 40)
+    report = cli("models", str(damaged))
+    assert report.returncode == 2 and "damaged" in report.stderr
+    ok = cli("models", str(run_dir))
+    assert ok.returncode == 0 and "121,744" in ok.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(run_dir):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("service did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_service_predicts_like_the_in_memory_model(run_dir, service):
+    run = splitmix.load_run(run_dir)
+    from clients.data import load_split
+
+    test = load_split("digits", "", False)
+    x = test.x[:16]
+    models = httpx.get(f"{service}/models").json()
+    assert models["robustness_range"] == [0.0, 1.0] and len(models["widths"]) == 8
+    for width, lam in ((0.25, 0.0), (1.0, 0.7)):
+        reply = httpx.post(f"{service}/predict", json={"width": width, "robustness": lam, "inputs": x.tolist()})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["predictions"] == run.model(width, lam)(x).argmax(-1).tolist()
+        assert all(abs(sum(p) - 1) < 1e-4 for p in body["probabilities"])
+    # 8×8 one-channel images may also be sent without the channel axis
+    assert httpx.post(f"{service}/predict", json={"width": 0.5, "inputs": x[:, 0].tolist()}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        ({"width": 0.3, "inputs": [[[0.0] * 8] * 8]}, "allowed widths"),
+        ({"width": 0.5, "robustness": 1.5, "inputs": [[[0.0] * 8] * 8]}, "[0, 1]"),
+        ({"width": 0.5, "inputs": [[[0.0] * 7] * 8]}, "shape 1×8×8"),
+        ({"width": 0.5, "inputs": [["a"] * 8] * 8}, "numeric"),
+        ({"width": 0.5, "inputs": []}, "empty"),
+        ({"width": "wide", "inputs": [[[0.0] * 8] * 8]}, "width"),
+        ({"inputs": [[[0.0] * 8] * 8]}, "width"),
+        ({"width": 0.5, "select": "random", "inputs": [[[0.0] * 8] * 8]}, "allowed: first, best"),
+    ],
+)
+def test_service_rejects_bad_input_with_4xx(service, body, fragment):
+    reply = httpx.post(f"{service}/predict", json=body)
+    assert 400 <= reply.status_code < 500 and fragment in reply.json()["detail"], reply.text
+
+
+def test_service_rejects_malformed_and_oversized_bodies(service):
+    malformed = httpx.post(f"{service}/predict", content=b'{"width": 0.5, "inputs": [', headers={"content-type": "application/json"})
+    assert malformed.status_code == 422
+    huge = httpx.post(f"{service}/predict", content=b"0" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_service_fuzz_never_answers_5xx(service):
+    rng = random.Random(0)
+    valid = {"width": 0.5, "robustness": 0.2, "inputs": [[[0.5] * 8] * 8]}
+    junk = [None, -1, 1e308, float("inf"), "x", [], {}, [[1]], True, "0.5", [[[None] * 8] * 8]]
+    statuses = []
+    for _ in range(60):
+        body = dict(valid)
+        for key in rng.sample(["width", "robustness", "inputs", "select", "extra"], k=rng.randint(1, 3)):
+            body[key] = rng.choice(junk)
+        text = json.dumps(body, allow_nan=True)
+        if rng.random() < 0.3:
+            text = text[: rng.randint(0, len(text))]  # truncated JSON
+        reply = httpx.post(f"{service}/predict", content=text.encode(), headers={"content-type": "application/json"})
+        statuses.append(reply.status_code)
+    assert all(s < 500 for s in statuses), statuses
+    assert any(400 <= s < 500 for s in statuses)
