@@ -53,6 +53,13 @@ class StackedConv2d(nn.Conv2d):
         )
         self.num_bases = num_bases
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups > 1 and x.shape[1] * self.groups == self.in_channels:
+            # One input shared by every base: a plain convolution with the same weight tensor
+            # ((k·c_out, c_in, kh, kw)) gives each base's output without copying the input k times.
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
 
 class StackedLinear(nn.Module):
     """k independent linear layers as one batched matmul.
@@ -168,20 +175,18 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def expand_to_bases(x: torch.Tensor, num_bases: int) -> torch.Tensor:
-    """Give every base its own copy of the input channels: ``(B,C,H,W)`` → ``(B,k*C,H,W)``.
+    """The input of the first (stacked) layer.
 
-    A 5-D input ``(B, k, C, H, W)`` already holds one input per base (per-base adversarial
-    examples) and is only reshaped.
+    A 4-D input ``(B, C, H, W)`` is shared by every base and passed on as is (the first
+    :class:`StackedConv2d` applies all bases' filters to it directly). A 5-D input
+    ``(B, k, C, H, W)`` holds one input per base (per-base adversarial examples) and becomes
+    ``(B, k·C, H, W)`` for the grouped convolution.
     """
     if x.dim() == 5:
         if x.shape[1] != num_bases:
             raise ValueError(f"per-base input has {x.shape[1]} bases, model has {num_bases}")
         return x.reshape(x.shape[0], -1, *x.shape[3:])
-    if num_bases == 1:
-        return x
-    return x.unsqueeze(1).expand(-1, num_bases, *x.shape[1:]).reshape(
-        x.shape[0], num_bases * x.shape[1], *x.shape[2:]
-    )
+    return x
 
 
 def per_base_inputs(x: torch.Tensor, num_bases: int) -> torch.Tensor:

@@ -45,6 +45,10 @@ class DigitCNN(StackedNet):
         self.bn4 = make_norm(k * h, dual_bn, dims=1)
         self.fc2 = StackedLinear(h, num_classes, k)
 
+    def fusable_pairs(self) -> list[tuple[str, str]]:
+        """(layer, batch norm) pairs that inference can fold into one layer."""
+        return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("fc1", "bn4")]
+
     def forward_bases(self, x: torch.Tensor) -> torch.Tensor:
         x = expand_to_bases(x, self.num_bases)
         x = F.relu(self.bn1(self.conv1(x)))

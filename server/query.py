@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from models.cost import count_macs, count_params
+from models.fuse import fuse_for_inference
 from models.splitmix import SplitMixSpec, build_mixture
 from server.store import WEIGHTS, load_weights
 from strategies.methods import make_method
@@ -34,7 +35,8 @@ class ServedModel:
     width: float
     robustness: float
     bases: list[int]
-    model: nn.Module
+    model: nn.Module  # what is served: BN folded, channels-last (models/fuse.py)
+    module: nn.Module  # the same model unfused: the trained tensors, as exported to safetensors
 
 
 class Run:
@@ -119,7 +121,8 @@ class Run:
             model = self.method.eval_model(self.state, width, robustness, calibration)
         for p in model.parameters():
             p.requires_grad_(False)
-        return ServedModel(width, robustness, bases, model.eval())
+        model.eval()
+        return ServedModel(width, robustness, bases, fuse_for_inference(model), model)
 
     def model(self, width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
         """The served ``nn.Module`` at ``width`` and λ = ``robustness`` (eval mode)."""
@@ -149,7 +152,7 @@ class Run:
         served = self.served(width, robustness, select)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in served.model.state_dict().items()}
+        state = {k: v.contiguous() for k, v in served.module.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         example = torch.zeros(2, *self.input_shape)
         program = torch.export.export(served.model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
@@ -164,12 +167,15 @@ class Run:
             "base_selection": select,
             "input_shape": list(self.input_shape),
             "num_classes": self.spec.num_classes,
-            "params": count_params(served.model),
-            "macs": count_macs(served.model, self.input_shape),
+            "params": count_params(served.module),
+            "macs": count_macs(served.module, self.input_shape),
             "accuracy": entry.get("by_lambda", {}).get(str(served.robustness), {}).get("accuracy"),
             "robust_accuracy": entry.get("by_lambda", {}).get(str(served.robustness), {}).get("robust_accuracy"),
             "accuracy_note": "measured at the end of training at this width and λ, bases 0..k-1; null if that λ was not evaluated",
-            "files": {"weights": "model.safetensors", "program": "model.pt2"},
+            "files": {
+                "weights": "model.safetensors (the stacked bases as trained; load into the run's architecture)",
+                "program": "model.pt2 (torch.export; batch norm folded, channels-last; input (B, C, H, W) in [0, 1])",
+            },
         }
         (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         return card

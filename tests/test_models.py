@@ -118,3 +118,22 @@ def test_width_must_be_multiple_of_atom():
         spec.bases_for_width(0.3)
     with pytest.raises(ValueError, match="1/N"):
         SplitMixSpec(atom_width=0.3)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_folded_inference_model_computes_the_same_function(lam):
+    from models.fuse import fuse_for_inference
+
+    spec = SplitMixSpec()
+    model = build_mixture(spec, init_global_state(spec, seed=0), [0, 3, 5], lam)
+    for bn in model.modules():  # non-trivial statistics and affine parameters
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-1, 1)
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, (DualBatchNorm, torch.nn.BatchNorm2d)) for m in fused.modules())
+    x = torch.rand(9, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,61 @@
+"""Inference-only rewrite of a served model: fold batch norm into the layer before it and use a
+channels-last memory layout.
+
+At inference a BN layer (and a dual BN at a fixed λ, whose output is the λ-mix of two affine
+maps) is a per-channel affine map ``a·x + b``, so a conv/linear → BN pair becomes one conv/linear
+with scaled weights and a bias. Model families list such pairs in ``fusable_pairs()``
+(post-activation layouts like the digits CNN; pre-activation ResNets have none). The result
+computes the same function (to float rounding) with fewer, cheaper kernels; it is not meant for
+training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from models.blocks import DualBatchNorm
+
+
+def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(norm, DualBatchNorm):
+        route = norm.route
+        lam = 0.0 if route == "clean" else 1.0 if route == "adv" else float(route)
+        a_c, b_c = _affine(norm.clean)
+        a_a, b_a = _affine(norm.adv)
+        return (1 - lam) * a_c + lam * a_a, (1 - lam) * b_c + lam * b_a
+    if norm.running_mean is None:
+        raise ValueError("cannot fold a batch norm without running statistics (re-estimate them first)")
+    a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return a, norm.bias - a * norm.running_mean
+
+
+class ChannelsLast(nn.Module):
+    """Runs the wrapped model in channels-last layout (faster convolutions on CPU)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.contiguous(memory_format=torch.channels_last))
+
+
+@torch.no_grad()
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A folded, channels-last copy of an eval-mode model (the original is left untouched)."""
+    fused = copy.deepcopy(model).eval()
+    pairs = fused.fusable_pairs() if hasattr(fused, "fusable_pairs") else []
+    for layer_name, norm_name in pairs:
+        layer, norm = fused.get_submodule(layer_name), fused.get_submodule(norm_name)
+        a, b = _affine(norm)
+        layer.weight.mul_(a.view((-1,) + (1,) * (layer.weight.dim() - 1)))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(a)
+        layer.bias = nn.Parameter(a * bias + b, requires_grad=False)
+        parent_name, _, attr = norm_name.rpartition(".")
+        setattr(fused.get_submodule(parent_name) if parent_name else fused, attr, nn.Identity())
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    return ChannelsLast(fused).eval()
