@@ -72,11 +72,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_run(folder: str, err: Console):
+def _open_run(folder: str, err: Console, compile: bool = False):
     from server.query import QueryError, load_run
 
     try:
-        return load_run(folder)
+        return load_run(folder, compile=compile)
     except (QueryError, ValueError, FileNotFoundError) as exc:  # unknown folder, damaged checkpoint
         _fail(str(exc))
         return None
@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.service import serve
 
     err = Console(stderr=True)
-    run = _open_run(args.run, err)
+    run = _open_run(args.run, err, compile=args.compile)
     if run is None:
         return 2
     serve(run, args.host, args.port)
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("run", help="a run folder written by `splitmix simulate`")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--compile", action="store_true", help="torch.compile each served model (faster; its first request takes seconds)")
     srv.set_defaults(func=cmd_serve)
     return parser
 

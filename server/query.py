@@ -42,8 +42,9 @@ class ServedModel:
 class Run:
     """A finished run folder, ready to serve models of any width / robustness it supports."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, compile: bool = False) -> None:
         self.folder = Path(folder)
+        self.compile = compile  # torch.compile served models (fuses element-wise ops; slow first use)
         if not self.folder.is_dir():
             raise QueryError(f"run folder '{self.folder}' does not exist")
         for name in ("config.json", "summary.json", WEIGHTS):
@@ -122,7 +123,10 @@ class Run:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-        return ServedModel(width, robustness, bases, fuse_for_inference(model), model)
+        served = fuse_for_inference(model)
+        if self.compile:
+            served = torch.compile(served, dynamic=True)
+        return ServedModel(width, robustness, bases, served, model)
 
     def model(self, width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
         """The served ``nn.Module`` at ``width`` and λ = ``robustness`` (eval mode)."""
@@ -155,7 +159,7 @@ class Run:
         state = {k: v.contiguous() for k, v in served.module.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         example = torch.zeros(2, *self.input_shape)
-        program = torch.export.export(served.model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        program = torch.export.export(fuse_for_inference(served.module), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
         torch.export.save(program, str(out / "model.pt2"))
         entry = self.summary["widths"].get(str(round(served.width, 6)), {})
         card = {
@@ -181,6 +185,6 @@ class Run:
         return card
 
 
-def load_run(folder: str | Path) -> Run:
-    """Open a finished run folder (see :class:`Run`)."""
-    return Run(folder)
+def load_run(folder: str | Path, compile: bool = False) -> Run:
+    """Open a finished run folder (see :class:`Run`); ``compile`` serves torch.compile'd models."""
+    return Run(folder, compile=compile)

@@ -190,3 +190,11 @@ def test_service_fuzz_never_answers_5xx(service):
         statuses.append(reply.status_code)
     assert all(s < 500 for s in statuses), statuses
     assert any(400 <= s < 500 for s in statuses)
+
+
+def test_compiled_serving_matches_eager(run_dir):
+    eager = splitmix.load_run(run_dir)
+    compiled = splitmix.load_run(run_dir, compile=True)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled.model(0.5, 0.2)(x), eager.model(0.5, 0.2)(x), rtol=1e-4, atol=1e-5)
