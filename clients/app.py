@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from clients.codec import to_record, to_tensors
 from clients.data import client_train_data
 from clients.profiles import ClientProfile, make_profile
-from clients.recipe import per_base_loss, train_bases
+from clients.recipe import TrainResult, per_base_loss, train_bases
 from clients.task import ClientTask
 from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, per_base_inputs, routed
 from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
@@ -115,15 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     received = to_tensors(msg.content["arrays"])
     model = load_stacked(_cached_model(task.spec, len(indices)), select_bases(received, indices))
 
-    result = train_bases(
-        model,
-        client_train_data(task.data, profile.partition_id),
-        task.train,
-        lr=float(config["lr"]),
-        adversarial=profile.adversarial,
-        seed=int(config["seed"]),
-        device=resolve_device(task.device),
-    )
+    result = _local_training(model, task, profile, config)
 
     trained = split_stacked_state(model.state_dict(), len(indices))
     arrays = to_record(
@@ -137,7 +129,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": _metrics(result, profile)}), reply_to=msg)
 
 
-def _metrics(result, profile: ClientProfile) -> MetricRecord:
+def _local_training(model: StackedNet, task: ClientTask, profile: ClientProfile, config) -> TrainResult:
+    """The recipe on this client's data, with the round's lr and seed from the server."""
+    return train_bases(
+        model,
+        client_train_data(task.data, profile.partition_id),
+        task.train,
+        lr=float(config["lr"]),
+        adversarial=profile.adversarial,
+        seed=int(config["seed"]),
+        device=resolve_device(task.device),
+    )
+
+
+def _metrics(result: TrainResult, profile: ClientProfile) -> MetricRecord:
     return MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -174,15 +179,7 @@ def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile
     if missing or unexpected:
         raise KeyError(f"width-{width} state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
-    result = train_bases(
-        model,
-        client_train_data(task.data, profile.partition_id),
-        task.train,
-        lr=float(config["lr"]),
-        adversarial=profile.adversarial,
-        seed=int(config["seed"]),
-        device=resolve_device(task.device),
-    )
+    result = _local_training(model, task, profile, config)
     trained = {k: v.cpu() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     norm_keys = norm_state_keys(model)
     if local_bn:
