@@ -11,6 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _finish(fig, axes, path: Path, legend_columns: int = 1) -> Path:
+    """Grid and legend on every panel, then save the PNG and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_per_width(rounds: list[dict[str, Any]], widths: list[str], path: Path) -> Path:
     """Clean accuracy (λ = 0) of every width over rounds."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -19,13 +30,8 @@ def plot_accuracy_per_width(rounds: list[dict[str, Any]], widths: list[str], pat
         xs = [r["round"] for r in rounds if f"acc-w{w}-l0.0" in r]
         ys = [r[f"acc-w{w}-l0.0"] for r in rounds if f"acc-w{w}-l0.0" in r]
         ax.plot(xs, ys, label=f"width {w}", color=cmap(i / max(len(widths) - 1, 1)))
-    ax.set(xlabel="round", ylabel="test accuracy (λ = 0)", title="Split-Mix: accuracy per width")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.set(xlabel="round", ylabel="test accuracy (λ = 0)", title="accuracy per width")
+    return _finish(fig, [ax], path, legend_columns=2)
 
 
 def plot_robustness(summary: dict[str, Any], path: Path) -> Path:
@@ -42,13 +48,7 @@ def plot_robustness(summary: dict[str, Any], path: Path) -> Path:
             axes[1].plot(xs, ra, marker="o", label=f"λ = {lam}")
     axes[0].set(xlabel="width", ylabel="accuracy", title="standard accuracy")
     axes[1].set(xlabel="width", title="robust accuracy (PGD L∞)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, path)
 
 
 def plot_accuracy_vs_width(comparison: dict[str, Any], widths: list[str], path: Path) -> Path:
@@ -65,12 +65,7 @@ def plot_accuracy_vs_width(comparison: dict[str, Any], widths: list[str], path: 
             label=method,
         )
     ax.set(xlabel="width", ylabel="test accuracy (λ = 0)", title="accuracy per width (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, [ax], path)
 
 
 def plot_accuracy_vs_bytes(comparison: dict[str, Any], path: Path) -> Path:
@@ -81,9 +76,4 @@ def plot_accuracy_vs_bytes(comparison: dict[str, Any], path: Path) -> Path:
         acc = result["accuracy"][widest]
         ax.errorbar(result["upload_bytes_per_round"] / 1e6, acc["mean"], yerr=acc["std"], marker="o", capsize=3, label=f"{method} (width {widest})")
     ax.set(xlabel="upload per round (MB)", ylabel="test accuracy (λ = 0)", title="accuracy vs communication")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, [ax], path)

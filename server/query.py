@@ -134,12 +134,10 @@ class Run:
 
     def _calibration_inputs(self) -> torch.Tensor:
         """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
-        from clients.data import DataConfig, test_data
+        from clients.data import test_data
+        from server.config import SimulationConfig
 
-        rc = self.config["run_config"]
-        cfg = DataConfig(dataset=rc["dataset"], root=rc["data-root"], partition=rc["partition"],
-                         num_partitions=rc["num-clients"], alpha=rc["dirichlet-alpha"], seed=rc["seed"])
-        return test_data(cfg).x
+        return test_data(SimulationConfig.from_mapping(self.config["run_config"]).data_config()).x
 
     def _bases_by_accuracy(self) -> list[int]:
         """Bases ordered by their own accuracy (λ = 0) as recorded at the end of the run."""
