@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.codec import to_record, to_tensors
 from clients.data import client_train_data
+from clients.node_config import validate_node_config
 from clients.profiles import ClientProfile, make_profile
 from clients.recipe import TrainResult, per_base_loss, train_bases
 from clients.task import ClientTask
@@ -37,11 +38,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _profile(task: ClientTask, context: Context) -> ClientProfile:
+    """This node's profile; an invalid node config raises ``NodeConfigError`` naming the key,
+    which Flower returns to the server as this node's error reply."""
     node_config = dict(context.node_config)
-    if "partition-id" not in node_config:
-        raise ValueError("node-config has no 'partition-id'; start the SuperNode with --node-config 'partition-id=<i>'")
+    node = validate_node_config(node_config, task.data.num_partitions)
     return make_profile(
-        int(node_config["partition-id"]),
+        node.partition_id,
         task.data.num_partitions,
         task.budgets,
         task.adv_fraction,

@@ -13,6 +13,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from clients.node_config import validate_node_config
+
 
 @dataclass(frozen=True)
 class ClientProfile:
@@ -65,15 +67,12 @@ def make_profile(
     seed: int,
     node_config: dict | None = None,
 ) -> ClientProfile:
-    """The profile of one client; ``node_config`` keys ``budget``/``adversarial`` override."""
-    node_config = node_config or {}
-    budget = budget_of_client(partition_id, num_clients, parse_budgets(budgets))
-    adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
-    if "budget" in node_config:
-        value = node_config["budget"]
-        budget = _level_to_width(value, value) if isinstance(value, str) else float(value)
-        if not 0 < budget <= 1:
-            raise ValueError(f"node-config budget={value!r} must be a width in (0, 1]")
-    if "adversarial" in node_config:
-        adversarial = bool(node_config["adversarial"])
+    """The profile of one client; a node config's ``budget``/``adversarial`` override the
+    run-wide assignment (the node config is validated here: see ``clients/node_config.py``)."""
+    node = validate_node_config({"partition-id": partition_id, **(node_config or {})}, num_clients)
+    budget = budget_of_client(partition_id, num_clients, parse_budgets(budgets)) if node.budget is None else node.budget
+    if node.adversarial is None:
+        adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
+    else:
+        adversarial = node.adversarial
     return ClientProfile(partition_id, budget, adversarial)

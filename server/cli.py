@@ -1,4 +1,4 @@
-"""``splitmix`` command line: ``splitmix simulate [--config FILE] [--run-config "k=v ..."]``."""
+"""``splitmix`` command line: simulate, experiment, models, query, serve, deploy, supernode."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from server import deploy_cli
 from server.config import ConfigError, load_config
 
 
@@ -156,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--compile", action="store_true", help="torch.compile each served model (faster; its first request takes seconds)")
     srv.set_defaults(func=cmd_serve)
+    deploy_cli.register(sub)
+    sub.add_parser("supernode", help="check --node-config, then run flower-supernode with the same arguments", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"]:  # every other argument belongs to flower-supernode
+        return deploy_cli.cmd_supernode(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

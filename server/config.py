@@ -75,6 +75,7 @@ class SimulationConfig:
     torch_threads: int = field(default=1, metadata=_range(1))
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     round_timeout: float = field(default=600.0, metadata=_range(0, lo_open=True))
+    client_wait: float = field(default=60.0, metadata=_range(0))
 
     def __post_init__(self) -> None:
         for f in fields(self):

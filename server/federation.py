@@ -85,6 +85,20 @@ def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, ex
     }
 
 
+def _wait_for_nodes(grid: Grid, cfg: SimulationConfig, say: Reporter) -> None:
+    """In a deployment SuperNodes connect over time: wait up to ``client-wait`` seconds for
+    ``num-clients`` of them, then go on with whoever is connected (simulation: no wait)."""
+    if type(grid).__name__ == "InMemoryGrid":  # simulation: every virtual node exists from the start
+        return
+    deadline = time.monotonic() + cfg.client_wait
+    count = len(list(grid.get_node_ids()))
+    if count < cfg.num_clients and cfg.client_wait > 0:
+        say(f"{count}/{cfg.num_clients} nodes connected; waiting up to {cfg.client_wait:g}s for the rest")
+    while count < cfg.num_clients and time.monotonic() < deadline:
+        time.sleep(1.0)
+        count = len(list(grid.get_node_ids()))
+
+
 def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = None) -> Path:
     """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder."""
     say = report or (lambda text: log.info(text))
@@ -105,6 +119,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     strategy = method.strategy(task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
 
     start = time.perf_counter()
+    _wait_for_nodes(grid, cfg, say)
     discovery = strategy.discover(grid, task_json, cfg.round_timeout)
     store.append_events(0, discovery.problems)
     startup = time.perf_counter() - start
@@ -126,6 +141,8 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     scores: WidthScores | None = None
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
+        joined = strategy.discover(grid, task_json, cfg.round_timeout)  # new/restarted nodes; who is online
+        store.append_events(rnd, joined.problems)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         new_arrays, metrics = strategy.aggregate_train(rnd, replies)

@@ -198,8 +198,10 @@ class FederatedStrategy(Strategy):
         self.lr_at_round = lr_at_round
         self.rng = np.random.default_rng(seed)
         self.profiles: dict[int, NodeProfile] = {}
+        self.online: set[int] | None = None  # nodes the grid lists as connected (None: all known)
         self.last_round = RoundStats()
         self._sent: dict[int, dict[str, TensorSpec]] = {}  # node -> what its reply must hold
+        self._outbox: dict[int, Message] = {}  # node -> the instruction sent to it this round
         self._current = ArrayRecord()
 
     def summary(self) -> None:
@@ -215,7 +217,9 @@ class FederatedStrategy(Strategy):
             **extra,
         }
         content = RecordDict({"arrays": payload, "config": ConfigRecord(config)})
-        return Message(content, dst_node_id=profile.node_id, message_type="train")
+        message = Message(content, dst_node_id=profile.node_id, message_type="train")
+        self._outbox[profile.node_id] = message
+        return message
 
     def combine(self, contributions: list[tuple[dict[str, torch.Tensor], float]]) -> ArrayRecord:
         """The new global ArrayRecord from (tensors, weight) pairs; method-specific."""
@@ -240,9 +244,16 @@ class FederatedStrategy(Strategy):
 
     # ------------------------------------------------------------------ profiles
     def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:
-        """Ask every node without a known profile for it (doubles as actor warm-up)."""
+        """Ask every connected node without a known profile for it (doubles as actor warm-up).
+
+        Called before every round: only connected nodes are sampled, so a node that died stops
+        being sent work once the SuperLink marks it offline, and a node that (re)joins is asked
+        for its profile and takes part from the next round on (a restarted node may come back
+        under a new node id; its partition then moves to the new id).
+        """
         stats = RoundStats()
-        unknown = [n for n in grid.get_node_ids() if n not in self.profiles]
+        self.online = set(grid.get_node_ids())
+        unknown = [n for n in sorted(self.online) if n not in self.profiles]
         if not unknown:
             return stats
         messages = [
@@ -268,8 +279,11 @@ class FederatedStrategy(Strategy):
                     raise ValueError(f"budget {profile.budget} is not in (0, 1]")
                 if profile.num_examples < 0 or profile.partition_id < 0:
                     raise ValueError("negative partition-id or num-examples")
-                if any(q.partition_id == profile.partition_id for q in self.profiles.values()):
-                    raise ValueError(f"partition-id {profile.partition_id} is already taken by another node")
+                holders = [n for n, q in self.profiles.items() if q.partition_id == profile.partition_id]
+                if any(n in self.online for n in holders):
+                    raise ValueError(f"partition-id {profile.partition_id} is already taken by another connected node")
+                for stale in holders:  # the partition's previous node is gone
+                    del self.profiles[stale]
                 self.profiles[node] = profile
             except (KeyError, TypeError, ValueError) as err:
                 stats.rejected += 1
@@ -281,7 +295,12 @@ class FederatedStrategy(Strategy):
     def sample(self, eligible: Callable[[NodeProfile], bool] | None = None) -> list[NodeProfile]:
         """A seeded sample of the known (and ``eligible``) nodes, ordered by partition id."""
         nodes = sorted(
-            (p for p in self.profiles.values() if eligible is None or eligible(p)), key=lambda p: p.partition_id
+            (
+                p
+                for p in self.profiles.values()
+                if (eligible is None or eligible(p)) and (self.online is None or p.node_id in self.online)
+            ),
+            key=lambda p: p.partition_id,
         )
         if not nodes:
             return []
@@ -299,9 +318,13 @@ class FederatedStrategy(Strategy):
     ) -> list[tuple[NodeProfile, dict[str, torch.Tensor], int, MetricRecord]]:
         """Validate replies; bad ones are logged with the node/partition and counted, not used."""
         valid = []
+        # Error replies the SuperLink makes for an unreachable node carry the SuperLink's id as
+        # source; the id of the instruction they answer names the node.
+        addressee = {m.metadata.message_id: n for n, m in self._outbox.items() if m.metadata.message_id}
+        self._outbox = {}
         for msg in replies:
             stats.replies += 1
-            node = msg.metadata.src_node_id
+            node = addressee.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             profile = self.profiles.get(node)
             who = f"node {node}" + (f" (partition {profile.partition_id})" if profile else "")
             sent = expected.pop(node, None)
