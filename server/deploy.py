@@ -286,20 +286,27 @@ class LocalDeployment:
         runs = self.flwr("ls", self.connection, "--run-id", str(run_id))["runs"]
         return str(runs[0]["status"]) if runs else "unknown"
 
-    def wait_run(self, run_id: int, timeout: float, on_poll: Callable[[], None] | None = None) -> str:
-        """Poll until the run's status is ``finished:*``; stops the run on timeout."""
+    def wait_run(self, run_id: int, timeout: float, on_poll: Callable[[], None] | None = None, every: float = 5.0) -> str:
+        """Poll until the run's status is ``finished:*``; stops the run on timeout.
+
+        Each ``flwr ls`` is a new Python process (~1 s of CPU), so the status is asked every
+        ``every`` seconds; ``on_poll`` (cheap, e.g. reading the run folder) runs every second.
+        """
         deadline = time.monotonic() + timeout
+        next_status = time.monotonic()
         while time.monotonic() < deadline:
-            try:
-                status = self.status(run_id)
-            except (DeploymentError, subprocess.TimeoutExpired):
-                status = "unknown"
-            if status.startswith("finished"):
-                return status
+            if time.monotonic() >= next_status:
+                try:
+                    status = self.status(run_id)
+                except (DeploymentError, subprocess.TimeoutExpired):
+                    status = "unknown"
+                if status.startswith("finished"):
+                    return status
+                next_status = time.monotonic() + every
             if on_poll:
                 on_poll()
             self._check_alive("superlink")
-            time.sleep(2.0)
+            time.sleep(1.0)
         try:
             self.flwr("stop", str(run_id), self.connection)
         except DeploymentError:

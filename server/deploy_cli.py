@@ -70,7 +70,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register each public key; a key already registered counts as done."""
-    from server.deploy import write_connection
+    from server.deploy import bin_path, write_connection
 
     home = Path(tempfile.mkdtemp(prefix="splitmix-register-"))
     write_connection(home, "target", args.superlink, args.ca)
@@ -79,7 +79,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     failed = 0
     for key in args.keys:
         while True:
-            proc = subprocess.run(["flwr", "supernode", "register", str(key), "target", "--format", "json"], env=env, capture_output=True, text=True)
+            proc = subprocess.run([bin_path("flwr"), "supernode", "register", str(key), "target", "--format", "json"], env=env, capture_output=True, text=True)
             text = proc.stdout + proc.stderr
             if proc.returncode == 0 and '"success": true' in proc.stdout:
                 print(f"{key}: registered as node {json.loads(proc.stdout[proc.stdout.find('{'):]).get('node-id')}")
