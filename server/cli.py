@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server import deploy_cli
+from server import deploy_cli, ntk_study
 from server.config import ConfigError, load_config
 
 
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--compile", action="store_true", help="torch.compile each served model (faster; its first request takes seconds)")
     srv.set_defaults(func=cmd_serve)
     deploy_cli.register(sub)
+    ntk_study.register(sub)
     sub.add_parser("supernode", help="check --node-config, then run flower-supernode with the same arguments", add_help=False)
     return parser
 
