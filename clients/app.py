@@ -12,11 +12,15 @@ once and then serves many virtual clients from the same process.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.adversarial import pgd_linf
 from clients.codec import to_record, to_tensors
+from clients.sparse_codec import to_sparse_record
+from clients.sparse_training import SparseRound, steps_per_epoch
 from clients.data import client_train_data
 from clients.node_config import validate_node_config
 from clients.profiles import ClientProfile, make_profile
@@ -49,6 +53,7 @@ def _profile(task: ClientTask, context: Context) -> ClientProfile:
         task.adv_fraction,
         task.seed,
         node_config,
+        sparse_fraction=task.sparse.fraction if task.sparse.enabled else 0.0,
     )
 
 
@@ -117,31 +122,85 @@ def train(msg: Message, context: Context) -> Message:
     received = to_tensors(msg.content["arrays"])
     model = load_stacked(_cached_model(task.spec, len(indices)), select_bases(received, indices))
 
-    result = _local_training(model, task, profile, config)
+    units = [f"base{i}" for i in indices]
+    result, masks, extra = _local_training(model, task, profile, config, context, units)
 
     trained = split_stacked_state(model.state_dict(), len(indices))
-    arrays = to_record(
-        {
-            base_key(index, name): tensor.cpu()
-            for index, state in zip(indices, trained)
-            for name, tensor in state.items()
-            if profile.adversarial or not is_adversarial_tensor(name)
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": _metrics(result, profile)}), reply_to=msg)
+    tensors = {
+        base_key(index, name): tensor.cpu()
+        for index, state in zip(indices, trained)
+        for name, tensor in state.items()
+        if profile.adversarial or not is_adversarial_tensor(name)
+    }
+    return _reply(msg, tensors, masks, result, profile, extra)
 
 
-def _local_training(model: StackedNet, task: ClientTask, profile: ClientProfile, config) -> TrainResult:
-    """The recipe on this client's data, with the round's lr and seed from the server."""
-    return train_bases(
-        model,
-        client_train_data(task.data, profile.partition_id),
-        task.train,
-        lr=float(config["lr"]),
-        adversarial=profile.adversarial,
-        seed=int(config["seed"]),
-        device=resolve_device(task.device),
-    )
+def _reply(msg: Message, tensors: dict, masks: dict, result: TrainResult, profile: ClientProfile, extra: dict) -> Message:
+    """Dense tensors, or (sparse clients) only the kept entries of masked weights."""
+    arrays = to_sparse_record(tensors, masks) if masks else to_record(tensors)
+    metrics = _metrics(result, profile)
+    for key, value in extra.items():
+        metrics[key] = value
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _local_training(
+    model: StackedNet, task: ClientTask, profile: ClientProfile, config, context: Context, units: list[str]
+) -> tuple[TrainResult, dict[str, torch.Tensor], dict[str, float]]:
+    """The recipe on this client's data, with the round's lr and seed from the server; a sparse
+    client trains under its masks (kept in ``context.state``) and returns them for the upload."""
+    data = client_train_data(task.data, profile.partition_id)
+    device = resolve_device(task.device)
+    seed = int(config["seed"])
+    sparse, held_out = None, None
+    if profile.sparse and task.sparse.enabled:
+        if task.sparse.method == "dynamic-plus":
+            data, held_out = _hold_out(data, task.sparse.holdout, task.seed + profile.partition_id)
+        spec = task.spec
+        sparse = SparseRound(
+            model.to(device),
+            units,
+            task.sparse,
+            context.state,
+            server_round=int(config["round"]),
+            num_rounds=task.num_rounds,
+            round_steps=task.train.epochs * steps_per_epoch(len(data), task.train.batch_size),
+            seed=seed,
+            input_shape=(spec.in_channels, spec.image_size, spec.image_size),
+            run_seed=task.seed,
+        )
+    result = train_bases(model, data, task.train, lr=float(config["lr"]), adversarial=profile.adversarial, seed=seed, device=device, hooks=sparse)
+    if sparse is None:
+        return result, {}, {}
+    if held_out is not None:
+        _observe(sparse, model, data, held_out, task, profile, seed, device)
+    prefix = len(units) > 1 or units[0].startswith("base")
+    masks, extra = sparse.finish(lambda unit, name: f"{unit}.{name}" if prefix else name)
+    return result, masks, extra
+
+
+def _hold_out(data, share: float, seed: int):
+    """Split a client's data into (train, held-out) — Flying Bird+ watches robust overfitting."""
+    count = max(2, int(round(share * len(data))))
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(order[count:]), data.subset(order[:count])
+
+
+def _observe(sparse: SparseRound, model: StackedNet, data, held_out, task: ClientTask, profile: ClientProfile, seed: int, device) -> None:
+    """Robust (adversarial clients) or clean accuracy on training vs held-out data, per base."""
+    gen = torch.Generator().manual_seed(seed)
+    k = model.num_bases
+
+    def attack(m, x, y):
+        if not profile.adversarial:
+            return x
+        with frozen_bn_stats(m):
+            return pgd_linf(lambda z: per_base_loss(m.forward_bases(z), y), per_base_inputs(x, k), task.train.pgd, gen)
+
+    n = len(held_out)
+    batches = [(d.x[:n].to(device), d.y[:n].to(device)) for d in (data, held_out)]
+    with routed(model, "adv" if profile.adversarial else "clean"):
+        sparse.observe(batches[0], batches[1], attack)
 
 
 def _metrics(result: TrainResult, profile: ClientProfile) -> MetricRecord:
@@ -181,19 +240,15 @@ def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile
     if missing or unexpected:
         raise KeyError(f"width-{width} state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
-    result = _local_training(model, task, profile, config)
+    result, masks, extra = _local_training(model, task, profile, config, context, ["width"])
     trained = {k: v.cpu() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     norm_keys = norm_state_keys(model)
     if local_bn:
         context.state[_LOCAL_BN] = to_record({k: v for k, v in trained.items() if k in norm_keys})
-    arrays = to_record(
-        {
-            k: v
-            for k, v in trained.items()
-            if not (local_bn and k in norm_keys) and (profile.adversarial or not is_adversarial_tensor(k))
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": _metrics(result, profile)}), reply_to=msg)
+    tensors = {
+        k: v for k, v in trained.items() if not (local_bn and k in norm_keys) and (profile.adversarial or not is_adversarial_tensor(k))
+    }
+    return _reply(msg, tensors, masks, result, profile, extra)
 
 
 _WIDTH_MODELS: dict[tuple[SplitMixSpec, float], StackedNet] = {}

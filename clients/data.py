@@ -303,3 +303,13 @@ def test_data(cfg: DataConfig) -> ArrayData:
         torch.cat([DOMAIN_TRANSFORMS[d](test.x) for d in DOMAINS]),
         test.y.repeat(len(DOMAINS)),
     )
+
+
+def train_sample(cfg: DataConfig, count: int, seed: int) -> ArrayData:
+    """A seeded sample of ``count`` training examples from the union of all client partitions
+    (as the clients see them, domain transforms included): the server's view of "training data"
+    for the generalisation gap. In a deployment the server has no such data; simulations do."""
+    parts = [client_train_data(cfg, i) for i in range(cfg.num_partitions)]
+    union = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    order = np.random.default_rng(seed + 31337).permutation(len(union))[: min(count, len(union))]
+    return union.subset(np.sort(order))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping
 
-ALLOWED_KEYS = ("partition-id", "num-partitions", "budget", "adversarial")
+ALLOWED_KEYS = ("partition-id", "num-partitions", "budget", "adversarial", "sparse")
 
 
 class NodeConfigError(ValueError):
@@ -26,6 +26,7 @@ class NodeConfig:
     num_partitions: int | None = None
     budget: float | None = None  # a width in (0, 1]; None: the run's budget levels decide
     adversarial: bool | None = None  # None: the run's adv-fraction decides
+    sparse: bool | None = None  # None: the run's sparse-fraction decides (if sparse-method is set)
 
 
 BUDGET_FORMS = 'a width in (0, 1] as a number (0.5), a fraction string ("1/2") or a budget level string ("2" = 1/2, "8d3" = 3/8)'
@@ -95,7 +96,8 @@ def validate_node_config(config: Mapping[str, Any], num_clients: int | None = No
             raise NodeConfigError(f"node-config partition-id={partition} is not allowed for a run with num-clients={num_clients}; allowed: 0..{num_clients - 1}")
     budget = parse_budget(config["budget"]) if "budget" in config else None
     adversarial = _bool("adversarial", config["adversarial"]) if "adversarial" in config else None
-    return NodeConfig(partition, num_partitions, budget, adversarial)
+    sparse = _bool("sparse", config["sparse"]) if "sparse" in config else None
+    return NodeConfig(partition, num_partitions, budget, adversarial, sparse)
 
 
 def parse_node_config_string(text: str) -> dict[str, Any]:

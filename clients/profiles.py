@@ -21,6 +21,7 @@ class ClientProfile:
     partition_id: int
     budget: float  # the largest width this client can train, in (0, 1]
     adversarial: bool  # trains with PGD through the adversarial BN path
+    sparse: bool = False  # uses the run's sparse training method (clients/sparse_training.py)
 
 
 def parse_budgets(spec: str) -> list[float]:
@@ -66,6 +67,7 @@ def make_profile(
     adv_fraction: float,
     seed: int,
     node_config: dict | None = None,
+    sparse_fraction: float = 0.0,
 ) -> ClientProfile:
     """The profile of one client; a node config's ``budget``/``adversarial`` override the
     run-wide assignment (the node config is validated here: see ``clients/node_config.py``)."""
@@ -75,4 +77,8 @@ def make_profile(
         adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
     else:
         adversarial = node.adversarial
-    return ClientProfile(partition_id, budget, adversarial)
+    if node.sparse is None:  # a different seeded subset than the adversarial one
+        sparse = bool(adversarial_clients(num_clients, sparse_fraction, seed + 104729)[partition_id])
+    else:
+        sparse = node.sparse
+    return ClientProfile(partition_id, budget, adversarial, sparse)

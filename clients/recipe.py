@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.nn import functional as F
@@ -39,6 +40,12 @@ class TrainResult:
     seconds: float
 
 
+class TrainHooks(Protocol):
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def after_epoch(self) -> None: ...
+
+
 def per_base_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum over bases of each base's mean cross-entropy; logits are ``(B, k, classes)``."""
     k = logits.shape[1]
@@ -53,8 +60,12 @@ def train_bases(
     adversarial: bool,
     seed: int,
     device: torch.device | str = "cpu",
+    hooks: "TrainHooks | None" = None,
 ) -> TrainResult:
-    """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics."""
+    """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics.
+
+    ``hooks`` (e.g. a client's sparse training, ``clients/sparse_training.py``) sees every
+    optimizer step and the end of every epoch."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -84,9 +95,13 @@ def train_bases(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if hooks is not None:
+                hooks.after_step(optimizer)
             totals["loss"] += loss.item()
             totals["clean"] += clean.item()
             steps += 1
+        if hooks is not None:
+            hooks.after_epoch()
     denom = max(steps, 1) * k  # report per-base averages
     return TrainResult(
         loss=totals["loss"] / denom,

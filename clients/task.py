@@ -14,6 +14,7 @@ from functools import lru_cache
 from clients.adversarial import PGDConfig
 from clients.data import DataConfig
 from clients.recipe import LocalTrainConfig
+from clients.sparse_training import SparseConfig
 from models.splitmix import SplitMixSpec
 
 
@@ -27,6 +28,8 @@ class ClientTask:
     seed: int
     device: str = "auto"
     torch_threads: int = 1
+    sparse: SparseConfig = SparseConfig()
+    num_rounds: int = 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -50,4 +53,6 @@ def _parse(text: str) -> ClientTask:
         seed=raw["seed"],
         device=raw["device"],
         torch_threads=raw["torch_threads"],
+        sparse=SparseConfig(**raw.get("sparse", {})),
+        num_rounds=raw.get("num_rounds", 1),
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server import deploy_cli, ntk_study
+from server import deploy_cli, ntk_study, prune
 from server.config import ConfigError, load_config
 
 
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
     deploy_cli.register(sub)
     ntk_study.register(sub)
+    prune.register(sub)
     sub.add_parser("supernode", help="check --node-config, then run flower-supernode with the same arguments", add_help=False)
     return parser
 

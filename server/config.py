@@ -18,6 +18,7 @@ from clients.adversarial import PGDConfig
 from clients.data import DATASETS, PARTITIONS, DataConfig
 from clients.profiles import parse_budgets
 from clients.recipe import LocalTrainConfig
+from clients.sparse_training import SPARSE_METHODS, SparseConfig
 from clients.task import ClientTask
 from models.registry import list_models
 from models.splitmix import SplitMixSpec
@@ -76,6 +77,14 @@ class SimulationConfig:
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     round_timeout: float = field(default=600.0, metadata=_range(0, lo_open=True))
     client_wait: float = field(default=60.0, metadata=_range(0))
+    sparse_method: str = field(default="none", metadata=_choice(*SPARSE_METHODS))
+    sparse_fraction: float = field(default=1.0, metadata=_range(0, 1))
+    sparsity: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    sparse_update_every: int = field(default=20, metadata=_range(1))
+    sparse_drop_fraction: float = field(default=0.5, metadata=_range(0, 1))
+    sparse_search_threshold: float = field(default=0.08, metadata=_range(0, 1))
+    sparse_rescale: bool = True
+    eval_train_examples: int = field(default=0, metadata=_range(0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -163,6 +172,16 @@ class SimulationConfig:
             seed=self.seed,
             device=self.device,
             torch_threads=self.torch_threads,
+            sparse=SparseConfig(
+                method=self.sparse_method,
+                fraction=self.sparse_fraction,
+                sparsity=self.sparsity,
+                update_every=self.sparse_update_every,
+                drop_fraction=self.sparse_drop_fraction,
+                search_threshold=self.sparse_search_threshold,
+                rescale=self.sparse_rescale,
+            ),
+            num_rounds=self.num_rounds,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -14,6 +14,9 @@ partition = "domains"
 lr = 0.05
 ```
 
+An entry of ``methods`` may also be a label for a variant: ``methods = ["dense", "static-90"]``
+with ``[method.static-90]`` holding ``method = "splitmix"`` and the variant's keys.
+
 Runs land in ``<out-dir>/<name>/runs/<method>-seed<seed>/`` (ordinary run folders). A run whose
 ``summary.json`` exists is complete and skipped, so an interrupted experiment resumes; a run
 folder without it is a leftover of an interrupted run and is redone from scratch.
@@ -51,8 +54,11 @@ class Experiment:
         return f"{method}-seed{seed}"
 
     def config_for(self, method: str, seed: int, out_dir: Path, extra: dict[str, Any] | None = None) -> SimulationConfig:
-        values = {**self.run_config, **self.method_overrides.get(method, {}), **(extra or {})}
-        values.update({"method": method, "seed": seed, "out-dir": str(out_dir), "run-name": self.run_name(method, seed)})
+        overrides = self.method_overrides.get(method, {})
+        values = {**self.run_config, **overrides, **(extra or {})}
+        # An entry of `methods` is a method name, or a label whose [method.<label>] table names
+        # the method (variants of one method, e.g. sparse training settings).
+        values.update({"method": overrides.get("method", method), "seed": seed, "out-dir": str(out_dir), "run-name": self.run_name(method, seed)})
         return load_config(overrides=values)
 
 
@@ -160,6 +166,13 @@ def summarize_method(run_dirs: list[Path]) -> dict[str, Any]:
     walls = [json.loads((d / "wall.json").read_text())["wall_s"] for d in run_dirs if (d / "wall.json").is_file()]
     out["wall_s"] = float(np.mean(walls)) if walls else None
     out["seeds"] = len(run_dirs)
+    top = widths[-1]
+    gaps = [s["widths"][top].get("robust_gap") for s in summaries]
+    if all(g is not None for g in gaps):  # runs with eval-train-examples
+        out["robust_gap"] = _mean_std(gaps)
+        out["train_robust_accuracy"] = _mean_std([s["widths"][top]["train_robust_accuracy"] for s in summaries])
+    if all("sparse" in s for s in summaries):
+        out["train_flops_fraction"] = _mean_std([s["sparse"]["train_flops_fraction"] for s in summaries])
     return out
 
 
@@ -199,6 +212,15 @@ def markdown_table(comparison: dict[str, Any], widths: list[str], experiment: Ex
     rows.append("| upload MB/round | " + " | ".join(mb(comparison[m]["upload_bytes_per_round"]) for m in methods) + " |")
     rows.append("| download MB/round | " + " | ".join(mb(comparison[m]["download_bytes_per_round"]) for m in methods) + " |")
     rows.append("| storage MB | " + " | ".join(mb(comparison[m]["storage_bytes"]) for m in methods) + " |")
+    top = widths[-1]
+    if all(comparison[m]["robust_accuracy"].get(top) for m in methods):
+        rows.append(f"| robust acc @{top} | " + " | ".join(f"{comparison[m]['robust_accuracy'][top]['mean']:.3f}" for m in methods) + " |")
+    if any("robust_gap" in comparison[m] for m in methods):
+        rows.append(f"| robust gap @{top} (train − test) | " + " | ".join(
+            f"{comparison[m]['robust_gap']['mean']:.3f}" if "robust_gap" in comparison[m] else "—" for m in methods) + " |")
+    if any("train_flops_fraction" in comparison[m] for m in methods):
+        rows.append("| training FLOPs saved | " + " | ".join(
+            f"{1 - comparison[m]['train_flops_fraction']['mean']:.0%}" if "train_flops_fraction" in comparison[m] else "0%" for m in methods) + " |")
     rows.append("| wall s/run | " + " | ".join(f"{comparison[m]['wall_s']:.0f}" if comparison[m]["wall_s"] else "—" for m in methods) + " |")
     title = f"{experiment.name}: test accuracy (λ = 0), mean ± std over seeds {experiment.seeds}\n\n"
     return title + head + "\n".join(rows) + "\n"

@@ -19,7 +19,9 @@ from flwr.serverapp import Grid
 
 from clients.app import resolve_device
 from clients.codec import to_record, to_tensors
-from clients.data import test_data
+from clients.data import test_data, train_sample
+from clients.sparse_training import prune_state, sparse_initial_state
+from clients.sparsity import prunable_parameters
 from models.cost import count_macs, count_params
 from server.config import SimulationConfig
 from server.evaluate import Evaluator, WidthScores
@@ -55,6 +57,7 @@ def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, ex
     """
     spec = method.spec
     robust_lambda = max(cfg.lambdas) if cfg.adv_fraction > 0 else 0.0
+    train_scores: WidthScores | None = extra.pop("train_scores", None)
     widths = {}
     for i, width in enumerate(scores.widths):
         model = method.cost_model(width)
@@ -71,6 +74,12 @@ def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, ex
             "macs": count_macs(model, (spec.in_channels, spec.image_size, spec.image_size)),
             "by_lambda": by_lambda,
         }
+        if train_scores is not None:  # accuracy on training data and the generalisation gaps
+            row = widths[width_key(width)]
+            row["train_accuracy"] = train_scores.accuracy[0.0][i]
+            row["train_robust_accuracy"] = train_scores.robust[robust_lambda][i] if train_scores.robust else None
+            if row["train_robust_accuracy"] is not None and row["robust_accuracy"] is not None:
+                row["robust_gap"] = row["train_robust_accuracy"] - row["robust_accuracy"]
     return {
         "method": method.name,
         "widths": widths,
@@ -136,7 +145,14 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         )
     say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
 
-    arrays = to_record(method.initial_state(cfg.seed))
+    initial = method.initial_state(cfg.seed)
+    prunable = set(prunable_parameters(spec.build(1)))
+    if cfg.sparse_method in ("dynamic", "dynamic-plus", "random") and cfg.sparse_fraction == 1.0 and method.name not in ("heterofl", "sheterofl"):
+        # every client starts on the same sparse sub-network of each unit: zero the rest
+        initial = sparse_initial_state(initial, prunable, cfg.client_task(spec).sparse, cfg.seed)
+    # With every client sparse, the model evaluated (and finally stored) is the sparse one.
+    served = (lambda st: prune_state(st, prunable, cfg.sparsity)) if cfg.sparse_method != "none" and cfg.sparse_fraction == 1.0 else (lambda st: st)
+    arrays = to_record(initial)
     totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
     scores: WidthScores | None = None
     for rnd in range(1, cfg.num_rounds + 1):
@@ -157,7 +173,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
         if final or rnd % cfg.eval_every == 0:
             robust = cfg.eval_pgd_steps > 0 and (final or (cfg.eval_robust_every > 0 and rnd % cfg.eval_robust_every == 0))
-            scores = evaluator.evaluate(state, robust)
+            scores = evaluator.evaluate(served(state), robust)
             row.update(_score_columns(scores))
         eval_s = time.perf_counter() - t1
         row["eval-seconds"] = eval_s
@@ -178,9 +194,26 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         )
 
     assert scores is not None
+    state = served(state)
+    store.save_weights(state, {"round": str(cfg.num_rounds), "sparsity": str(cfg.sparsity if cfg.sparse_method != "none" else 0.0)})
     if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases
         test = evaluator.test
         totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, test.x.to(device), test.y.to(device))
+    extra_summary: dict = {}
+    if cfg.eval_train_examples > 0:  # robust generalisation gap: the same evaluation on training data
+        sample = train_sample(cfg.data_config(), cfg.eval_train_examples, cfg.seed)
+        train_scores = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device).evaluate(state, cfg.eval_pgd_steps > 0)
+        extra_summary["train_scores"] = train_scores
+    rows = store.rounds()
+    if cfg.sparse_method != "none":
+        flops = [float(r.get("train-flops-fraction", 1.0)) for r in rows]
+        extra_summary["sparse"] = {
+            "method": cfg.sparse_method,
+            "sparsity": cfg.sparsity,
+            "fraction": cfg.sparse_fraction,
+            "train_flops_fraction": sum(flops) / len(flops),
+            "train_flops_saved": 1.0 - sum(flops) / len(flops),
+        }
     summary = build_summary(
         cfg,
         method,
@@ -191,6 +224,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
             "rejected": totals["rejected"],
             "timing": {"startup_s": startup, "train_s": totals["train_s"], "eval_s": totals["eval_s"]},
             **({"base_accuracy": totals["base_accuracy"]} if "base_accuracy" in totals else {}),
+            **extra_summary,
         },
     )
     store.write_json("summary.json", summary)

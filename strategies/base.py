@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.codec import decode, encode
+from clients.sparse_codec import sparse_from_record
 
 log = logging.getLogger("splitmix")
 
@@ -55,6 +56,8 @@ class RoundStats:
     examples: int = 0
     loss: float = float("nan")
     client_time: float = 0.0
+    flops_fraction: float = 1.0  # example-weighted share of dense training FLOPs (sparse clients < 1)
+    sparse_replies: int = 0
     problems: list[str] = field(default_factory=list)
 
     def as_metrics(self) -> dict[str, float | int]:
@@ -68,12 +71,19 @@ class RoundStats:
             "examples": self.examples,
             "train-loss": self.loss,
             "client-time": self.client_time,
+            "train-flops-fraction": self.flops_fraction,
+            "sparse-replies": self.sparse_replies,
         }
 
 
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord (serialized tensors)."""
     return sum(len(array.data) for array in record.values())
+
+
+def is_sparse_record(record: ArrayRecord) -> bool:
+    """A sparse client's reply: ``<key>::idx``/``<key>::val`` pairs and a ``::dense`` pack."""
+    return any("::" in key for key in record.keys())
 
 
 def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
@@ -122,6 +132,7 @@ def _checked_tensors(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 REQUIRED_METRICS = ("num-examples", "loss", "train-time")
+OPTIONAL_FRACTIONS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
 
 
 def reply_num_examples(msg: Message, limit: int | None = None) -> int:
@@ -137,6 +148,11 @@ def reply_num_examples(msg: Message, limit: int | None = None) -> int:
         value = metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number")
+    for key in OPTIONAL_FRACTIONS:
+        if key in metrics:
+            value = metrics[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
     value = metrics["num-examples"]
     if value <= 0 or value != int(value):
         raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
@@ -152,8 +168,14 @@ def weighted_average(
     """Per-tensor weighted mean over exactly the contributions that hold each tensor.
 
     Tensors nobody sent keep their previous value (the previous Array object is reused as is).
-    Accumulates in float64 in the given order, so the result is deterministic.
+    Accumulates in float64 in the given order, so the result is deterministic. Contributions
+    from sparse clients (``(mask, values)`` entries) make it entry-wise: each entry averaged over
+    the clients whose mask holds it (``strategies/sparse_aggregation.py``).
     """
+    if any(isinstance(v, tuple) for tensors, _ in contributions for v in tensors.values()):
+        from strategies.sparse_aggregation import sparse_weighted_average
+
+        return sparse_weighted_average(contributions, previous)
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     for tensors, weight in contributions:
@@ -239,6 +261,7 @@ class FederatedStrategy(Strategy):
         stats.examples = sum(n for _, _, n, _ in valid)
         stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
         stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
+        stats.flops_fraction = sum(float(m.get("flops-fraction", 1.0)) * n for _, _, n, m in valid) / stats.examples
         new = self.combine([(tensors, float(n)) for _, tensors, n, _ in valid])
         return new, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 0})
 
@@ -339,7 +362,14 @@ class FederatedStrategy(Strategy):
                     raise ReplyRejected("reply has no 'arrays' record")
                 record = msg.content.array_records["arrays"]
                 stats.bytes_up += record_bytes(record)
-                tensors = validate_arrays(record, sent)
+                if is_sparse_record(record):  # kept entries of masked weights (+ packed dense tensors)
+                    try:
+                        tensors = sparse_from_record(record, sent)
+                    except ValueError as err:
+                        raise ReplyRejected(str(err)) from None
+                    stats.sparse_replies += 1
+                else:
+                    tensors = validate_arrays(record, sent)
                 num_examples = reply_num_examples(msg, profile.num_examples)
             except ReplyRejected as err:
                 stats.rejected += 1

@@ -93,17 +93,20 @@ def sliced_weighted_average(
     previous: ArrayRecord,
 ) -> ArrayRecord:
     """Each entry: the example-weighted mean over the contributions whose (leading) slice holds
-    it; entries nobody held keep their previous value."""
+    it — and, for a sparse client's ``(mask, values)`` entry, whose mask keeps it; entries nobody
+    held keep their previous value."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     for tensors, weight in contributions:
-        for key, tensor in tensors.items():
+        for key, entry in tensors.items():
+            mask, tensor = entry if isinstance(entry, tuple) else (None, entry)
             if key not in sums:
                 sums[key] = torch.zeros(state[key].shape, dtype=torch.float64)
                 counts[key] = torch.zeros(state[key].shape, dtype=torch.float64)
             block = leading_slices(tuple(tensor.shape))
-            sums[key][block] += weight * tensor.to(torch.float64)
-            counts[key][block] += weight
+            held = torch.ones(tensor.shape, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+            sums[key][block] += weight * held * tensor.to(torch.float64)
+            counts[key][block] += weight * held
     out = ArrayRecord()
     for key, array in previous.items():
         if key not in sums:

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, RecordDict
 from clients import sparsity as sp
 from clients.codec import encode
 from clients.sparse_codec import (
-    IDX_SUFFIX,
+    DENSE_PACK, IDX_SUFFIX,
     VAL_SUFFIX,
     decode_indices,
     decode_sparse,
@@ -293,7 +293,8 @@ def test_sparse_record_round_trip_and_validation():
     masks = sp.global_magnitude_mask(model, 0.9)
     sp.apply_mask_(tensors, masks)
     record = to_sparse_record(tensors, masks)
-    assert "conv2.weight" + IDX_SUFFIX in record and "conv2.weight" not in record and "bn1.clean.bias" in record
+    assert "conv2.weight" + IDX_SUFFIX in record and "conv2.weight" not in record
+    assert DENSE_PACK in record and "bn1.clean.bias" not in record  # unmasked float32 tensors: one packed array
     expected = {k: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
     decoded = sparse_from_record(record, expected)
     for key, tensor in tensors.items():

@@ -1,0 +1,185 @@
+"""Sparse clients in the federation: masks as Flower Context state across rounds, sparse uploads,
+entry-wise aggregation over the clients that hold each entry, the served sparse model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from clients.codec import encode, to_tensors
+from clients.sparse_codec import DENSE_PACK, to_sparse_record
+from clients.sparse_training import SparseConfig, SparseRound, initial_unit_mask, prune_state
+from clients.sparsity import FlyingBird, RobustBirdSearch, masks_from_bytes, prunable_parameters
+from server.config import load_config
+from server.federation import run_federation
+from server.store import load_weights
+from strategies.base import NodeProfile, TensorSpec
+from strategies.splitmix import SplitMixStrategy
+from models.splitmix import SplitMixSpec
+
+FAST = "num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1' sparse-update-every=5"
+
+
+def _rounds(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_sparse_clients_upload_less_and_the_served_model_is_sparse(tmp_path, in_process_grid, method):
+    dense = run_federation(in_process_grid(4), load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=dense"))
+    grid = in_process_grid(4)
+    cfg = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name={method} sparse-method={method} sparsity=0.9")
+    sparse = run_federation(grid, cfg)
+    rows, dense_rows = _rounds(sparse), _rounds(dense)
+    assert all(r["valid"] == r["sampled"] and r["rejected"] == 0 for r in rows)
+    if method == "dynamic":
+        assert all(r["sparse-replies"] == r["valid"] for r in rows)  # masks from the first step  # masks from the first step: upload is a fraction of the dense one
+        assert all(r["bytes-up"] * 3 < d["bytes-up"] for r, d in zip(rows, dense_rows))
+        assert all(r["train-flops-fraction"] < 0.5 for r in rows)
+    else:  # Robust Bird trains (and uploads) dense while it searches; sparse once a mask freezes
+        assert all(r["sparse-replies"] <= r["valid"] and r["train-flops-fraction"] <= 1.0 for r in rows)
+    # Client state: one record per base the node trained, kept in its Flower Context.
+    for node, ctx in grid.contexts.items():
+        units = [k for k in ctx.state.config_records if k.startswith("sparse.base")]
+        assert units, f"node {node} kept no sparse state"
+        for unit in units:
+            record = ctx.state.config_records[unit]
+            technique = FlyingBird.from_config(record) if method == "dynamic" else RobustBirdSearch.from_config(record)
+            masks = technique.masks if method == "dynamic" else (technique.mask or {})
+            if masks:
+                total = sum(m.numel() for m in masks.values())
+                assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)  # exactly 90 % sparse
+    # The stored (served) model: every base's conv/linear weights exactly 90 % zero.
+    weights = load_weights(sparse / "model.safetensors")
+    prunable = set(prunable_parameters(cfg.spec().build(1)))
+    for base in range(8):
+        keys = [f"base{base}.{n}" for n in prunable]
+        zeros = sum(int((weights[k] == 0).sum()) for k in keys)
+        total = sum(weights[k].numel() for k in keys)
+        assert zeros == total - round(0.1 * total)
+    summary = json.loads((sparse / "summary.json").read_text())
+    assert summary["sparse"]["method"] == method and 0 < summary["sparse"]["train_flops_fraction"] <= 1
+
+
+def test_dynamic_masks_start_common_and_the_global_model_starts_sparse():
+    spec = SplitMixSpec()
+    single = spec.build(1)
+    params = {n: p.detach() for n, p in prunable_parameters(single).items()}
+    a = initial_unit_mask(params, 0.8, run_seed=3, unit="base2")
+    b = initial_unit_mask(params, 0.8, run_seed=3, unit="base2")
+    c = initial_unit_mask(params, 0.8, run_seed=3, unit="base5")
+    assert all(torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], c[n]) for n in a)
+    total = sum(m.numel() for m in a.values())
+    assert sum(int(m.sum()) for m in a.values()) == round(0.2 * total)
+
+
+def test_static_search_freezes_when_the_mask_stops_changing():
+    """Weights that do not change give identical masks at consecutive checks: distance 0 ≤ the
+    threshold at the second check, so the mask freezes and training goes sparse."""
+    from flwr.app import RecordDict
+
+    model = SplitMixSpec().build(2)
+    state = RecordDict()
+    cfg = SparseConfig(method="static", sparsity=0.8, search_threshold=0.08)
+    rnd = SparseRound(model, ["base0", "base1"], cfg, state, 1, 10, 5, seed=0, input_shape=(1, 8, 8))
+    rnd.after_epoch()
+    assert rnd.mask_of("base0") is None  # one check: nothing to compare yet
+    rnd.after_epoch()
+    assert rnd.mask_of("base0") is not None and rnd.mask_of("base1") is not None
+    masks, metrics = rnd.finish(lambda unit, name: f"{unit}.{name}")
+    assert abs(metrics["density"] - 0.2) < 1e-3
+    weight = model.conv2.weight.detach().chunk(2)[1]
+    assert torch.equal(weight == 0, ~masks["base1.conv2.weight"])  # pruned entries are zero in the model
+    assert RobustBirdSearch.from_config(state.config_records["sparse.base1"]).mask is not None
+
+
+def _reply(msg: Message, tensors: dict, masks: dict, examples: int) -> Message:
+    metrics = MetricRecord({"num-examples": examples, "loss": 1.0, "train-time": 0.1, "density": 0.5})
+    return Message(RecordDict({"arrays": to_sparse_record(tensors, masks), "metrics": metrics}), reply_to=msg)
+
+
+def test_sparse_aggregation_through_the_strategy_equals_a_hand_computation():
+    """Two clients train base 0 with overlapping masks: each entry is the example-weighted mean
+    over the clients that hold it; entries nobody holds keep their value."""
+    spec = SplitMixSpec()
+    state = {f"base{i}.{k}": v for i in range(8) for k, v in spec.build(1).state_dict().items() if "num_batches" not in k}
+    strategy = SplitMixStrategy(spec, "{}", 1.0, 1, 0, lambda r: 0.1)
+    arrays = ArrayRecord({k: encode(v) for k, v in state.items()})
+    strategy._current = arrays
+    key = "base0.fc2.weight"
+    shape = state[key].shape
+    keys = [k for k in state if k.startswith("base0.") and "adv" not in k]
+    sent = {k: TensorSpec(tuple(state[k].shape), "float32") for k in keys}
+    m1 = torch.zeros(shape, dtype=torch.bool)
+    m1[:, :3] = True
+    m2 = torch.zeros(shape, dtype=torch.bool)
+    m2[:, 2:5] = True
+    t1 = {k: torch.full_like(state[k], 1.0) for k in keys}
+    t2 = {k: torch.full_like(state[k], 4.0) for k in keys}
+    replies = []
+    for node, (tensors, mask, n) in {1: (t1, m1, 10), 2: (t2, m2, 30)}.items():
+        strategy.profiles[node] = NodeProfile(node, node, 0.125, False, 100)
+        strategy._sent[node] = dict(sent)
+        msg = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
+        reply = _reply(msg, {k: v * (mask if k == key else 1) for k, v in tensors.items()}, {key: mask}, n)
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["valid"] == 2 and metrics["sparse-replies"] == 2
+    result = to_tensors(new)[key]
+    expected = state[key].clone()
+    expected[:, :2] = 1.0  # only client 1
+    expected[:, 2] = (1.0 * 10 + 4.0 * 30) / 40  # both
+    expected[:, 3:5] = 4.0  # only client 2
+    assert torch.allclose(result, expected)  # columns 5.. untouched
+    dense_key = "base0.fc2.bias"  # packed dense tensors: plain weighted mean
+    assert torch.allclose(to_tensors(new)[dense_key], torch.full_like(state[dense_key], (10 + 120) / 40))
+
+
+def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path, in_process_grid):
+    def truncate_pack(node, reply):
+        if node == 1001 and "arrays" in reply.content.array_records:
+            arrays = reply.content["arrays"]
+            arrays[DENSE_PACK] = Array(arrays[DENSE_PACK].numpy()[:-1].copy())  # one value short
+        return reply
+
+    base = f"{FAST} num-rounds=1 sparse-method=dynamic sparsity=0.9 out-dir='{tmp_path}'"
+    run = run_federation(in_process_grid(4, tamper=truncate_pack), load_config(overrides=f"{base} run-name=bad"))
+    rows = _rounds(run)
+    assert rows[0]["rejected"] == 1 and rows[0]["valid"] == 3
+    events = (run / "events.jsonl").read_text()
+    assert "partition 1" in events and "::dense" in events
+
+
+def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid):
+    cfg = load_config(overrides=f"{FAST} method=heterofl sparse-method=dynamic sparsity=0.8 out-dir='{tmp_path}' run-name=h")
+    run = run_federation(in_process_grid(4), cfg)
+    rows = _rounds(run)
+    assert all(r["sparse-replies"] == r["valid"] > 0 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["widths"]["1.0"]["accuracy"] >= 0.0 and summary["sparse"]["sparsity"] == 0.8
+
+
+def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
+    from clients.sparse_training import sparse_initial_state
+
+    spec = SplitMixSpec()
+    state = {f"base{i}.{k}": v for i in range(2) for k, v in spec.build(1).state_dict().items() if "num_batches" not in k}
+    prunable = set(prunable_parameters(spec.build(1)))
+    cfg = SparseConfig(method="random", sparsity=0.75, rescale=True)
+    out = sparse_initial_state(state, prunable, cfg, run_seed=0)
+    for key, value in out.items():
+        name = key.split(".", 1)[1]
+        if name not in prunable:
+            assert torch.equal(value, state[key])  # BN, biases untouched
+            continue
+        kept = value != 0
+        assert int(kept.sum()) == round(0.25 * value.numel())  # uniform: every layer keeps 1 - p
+        assert torch.allclose(value[kept], state[key][kept] * 2.0)  # 1/sqrt(1 - 0.75) = 2
+    plain = sparse_initial_state(state, prunable, SparseConfig(method="random", sparsity=0.75, rescale=False), run_seed=0)
+    assert torch.equal(plain["base0.conv2.weight"] != 0, out["base0.conv2.weight"] != 0)  # same mask
+    assert torch.equal(plain["base0.conv2.weight"] * 2.0, out["base0.conv2.weight"])
