@@ -154,6 +154,7 @@ def _local_training(
     seed = int(config["seed"])
     sparse, held_out = None, None
     if profile.sparse and task.sparse.enabled:
+        single = (lambda: task.spec.build(1)) if units[0].startswith("base") else (lambda: task.spec.build_width(float(config["width"])))
         if task.sparse.method == "dynamic-plus":
             data, held_out = _hold_out(data, task.sparse.holdout, task.seed + profile.partition_id)
         spec = task.spec
@@ -168,13 +169,14 @@ def _local_training(
             seed=seed,
             input_shape=(spec.in_channels, spec.image_size, spec.image_size),
             run_seed=task.seed,
+            single_base=single,
         )
     result = train_bases(model, data, task.train, lr=float(config["lr"]), adversarial=profile.adversarial, seed=seed, device=device, hooks=sparse)
     if sparse is None:
         return result, {}, {}
     if held_out is not None:
         _observe(sparse, model, data, held_out, task, profile, seed, device)
-    prefix = len(units) > 1 or units[0].startswith("base")
+    prefix = units[0].startswith("base")
     masks, extra = sparse.finish(lambda unit, name: f"{unit}.{name}" if prefix else name)
     return result, masks, extra
 

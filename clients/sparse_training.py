@@ -16,6 +16,12 @@ width-slice model), a mask over the conv/linear weights as Flower Context state 
   1 − p of its weights), the same mask on every client, fixed for the whole run; with
   ``sparse-rescale`` the server scales the kept initial weights by 1/sqrt(1 − p), which keeps the
   network's NTK at the dense one's (``splitmix ntk`` shows it).
+- ``structured`` (arXiv 2202.04736, federated form): the t-th time a client trains a unit it
+  magnitude-prunes the *received* weights to sparsity s_t = min(``sparsity``, 1 − 0.8^t) (IMP's
+  20 % per step) and refills to channel sparsity s_t (per layer the channels with most surviving
+  weight stay dense); it trains and uploads only those channels. Computed from the global
+  weights, the channels agree across clients. No weight rewinding: the global model moves every
+  round (``splitmix prune`` does IMP with rewinding on a finished run and slices physically).
 - ``dynamic-plus`` (Flying Bird+): the same, and after each round the client scores robust accuracy
   on its training data and on a held-out share of it; when the robust generalisation gap keeps
   growing it prunes more than it regrows (sparsity rises), when the held-out robust loss stops
@@ -32,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -52,7 +59,7 @@ from clients.sparsity import (
     remask_,
 )
 
-SPARSE_METHODS = ("none", "static", "dynamic", "dynamic-plus", "random")
+SPARSE_METHODS = ("none", "static", "dynamic", "dynamic-plus", "random", "structured")
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,11 @@ class SparseRound:
         seed: int,
         input_shape: tuple[int, ...],
         run_seed: int = 0,
+        single_base: "Callable[[], nn.Module] | None" = None,
     ) -> None:
         self.model, self.units, self.cfg, self.state = model, units, cfg, state
         self.run_seed = run_seed
+        self._single_base = single_base
         self.k = len(units)
         self.params = prunable_parameters(model)
         self.techniques: dict[str, RobustBirdSearch | FlyingBird | FixedMask] = {}
@@ -124,6 +133,14 @@ class SparseRound:
             if record is not None:
                 return RobustBirdSearch.from_config(record)
             return RobustBirdSearch(cfg.sparsity, threshold=cfg.search_threshold, window=2)
+        if cfg.method == "structured":
+            mask = FixedMask.from_config(record) if record is not None else FixedMask({})
+            mask.steps += 1  # prune further each time this client meets the unit, from the received weights
+            target = min(cfg.sparsity, 1.0 - (1.0 - STRUCTURED_RATE) ** mask.steps)
+            if self._single_base is None:
+                raise ValueError("structured sparsity needs a single-base model builder (single_base)")
+            mask.masks = structured_mask(self._single_base(), {n: v.cpu() for n, v in self.views(j).items()}, target)
+            return mask
         if cfg.method == "random":
             if record is not None:
                 return FixedMask.from_config(record)
@@ -221,17 +238,42 @@ class SparseRound:
 
 
 class FixedMask:
-    """A mask that never changes (random pruning at initialisation)."""
+    """A mask changed only between rounds (random pruning at init: never; structured: refilled
+    further after each round, ``steps`` counting how often)."""
 
-    def __init__(self, masks: Masks) -> None:
+    def __init__(self, masks: Masks, steps: int = 0) -> None:
         self.masks = masks
+        self.steps = steps
 
     def to_config(self) -> ConfigRecord:
-        return ConfigRecord({"masks": masks_to_bytes(self.masks)})
+        return ConfigRecord({"masks": masks_to_bytes(self.masks), "steps": self.steps})
 
     @classmethod
     def from_config(cls, record: ConfigRecord) -> "FixedMask":
-        return cls(masks_from_bytes(bytes(record["masks"])))
+        return cls(masks_from_bytes(bytes(record["masks"])), int(record.get("steps", 0)))
+
+
+STRUCTURED_RATE = 0.2  # channel sparsity grows as 1 − 0.8^t, IMP's 20 % per step
+
+
+def structured_mask(single: nn.Module, weights: dict[str, torch.Tensor], channel_sparsity: float) -> Masks:
+    """Magnitude pruning at ``channel_sparsity`` then refill to that channel sparsity, on a
+    single-base model holding ``weights`` (the channel graph needs a real model).
+
+    A deterministic function of the weights: every client that receives the same global base in
+    a round (and has pruned it as often) gets the same channels, and masks at growing sparsity
+    nest, so the aggregate of differently pruned clients stays coherent."""
+    from clients.pruning import global_magnitude_prune, init_masks, refill
+
+    params = dict(single.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    if channel_sparsity <= 0:
+        return {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    unstructured = global_magnitude_prune(single, init_masks(single), rate=channel_sparsity)
+    masks = refill(single, unstructured, channel_sparsity=channel_sparsity)
+    return {n: masks.get(n, torch.ones_like(w, dtype=torch.bool)).cpu() for n, w in weights.items()}
 
 
 def initial_unit_mask(params: dict[str, torch.Tensor], sparsity: float, run_seed: int, unit: str, layerwise: str = "igq") -> Masks:
@@ -276,6 +318,17 @@ def prune_state(state: dict[str, torch.Tensor], prunable_names: set[str], sparsi
     for unit, names in group_prunable(state, prunable_names).items():
         params = {name: state[key] for name, key in names.items()}
         masks = global_magnitude_mask(params, sparsity)
+        for name, key in names.items():
+            out[key] = state[key] * masks[name].to(state[key].device)
+    return out
+
+
+def structured_state(state: dict[str, torch.Tensor], prunable_names: set[str], sparsity: float, single: nn.Module) -> dict[str, torch.Tensor]:
+    """Each unit's conv/linear weights pruned to whole channels at ``sparsity`` (what a
+    ``structured`` client ends at): the model such a run serves and is evaluated as."""
+    out = dict(state)
+    for unit, names in group_prunable(state, prunable_names).items():
+        masks = structured_mask(single, {name: state[key].cpu() for name, key in names.items()}, sparsity)
         for name, key in names.items():
             out[key] = state[key] * masks[name].to(state[key].device)
     return out

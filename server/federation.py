@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from clients.app import resolve_device
 from clients.codec import to_record, to_tensors
 from clients.data import test_data, train_sample
-from clients.sparse_training import prune_state, sparse_initial_state
+from clients.sparse_training import prune_state, sparse_initial_state, structured_state
 from clients.sparsity import prunable_parameters
 from models.cost import count_macs, count_params
 from server.config import SimulationConfig
@@ -151,7 +151,12 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         # every client starts on the same sparse sub-network of each unit: zero the rest
         initial = sparse_initial_state(initial, prunable, cfg.client_task(spec).sparse, cfg.seed)
     # With every client sparse, the model evaluated (and finally stored) is the sparse one.
-    served = (lambda st: prune_state(st, prunable, cfg.sparsity)) if cfg.sparse_method != "none" and cfg.sparse_fraction == 1.0 else (lambda st: st)
+    served = lambda st: st  # noqa: E731
+    if cfg.sparse_method == "structured" and cfg.sparse_fraction == 1.0:
+        single = spec.build(1) if method.name == "splitmix" else spec.build_width(1.0)
+        served = lambda st: structured_state(st, prunable, cfg.sparsity, single)  # noqa: E731
+    elif cfg.sparse_method != "none" and cfg.sparse_fraction == 1.0:
+        served = lambda st: prune_state(st, prunable, cfg.sparsity)  # noqa: E731
     arrays = to_record(initial)
     totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
     scores: WidthScores | None = None

@@ -183,3 +183,24 @@ def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
     plain = sparse_initial_state(state, prunable, SparseConfig(method="random", sparsity=0.75, rescale=False), run_seed=0)
     assert torch.equal(plain["base0.conv2.weight"] != 0, out["base0.conv2.weight"] != 0)  # same mask
     assert torch.equal(plain["base0.conv2.weight"] * 2.0, out["base0.conv2.weight"])
+
+
+def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_process_grid):
+    grid = in_process_grid(4)
+    cfg = load_config(overrides=f"{FAST} sparse-method=structured sparsity=0.5 out-dir='{tmp_path}' run-name=s")
+    run = run_federation(grid, cfg)
+    rows = _rounds(run)
+    assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
+    assert rows[1]["bytes-up"] < rows[0]["bytes-up"] or rows[0]["train-flops-fraction"] == 1.0
+    from clients.sparse_training import FixedMask
+
+    for ctx in grid.contexts.values():
+        for unit, record in ctx.state.config_records.items():
+            mask = FixedMask.from_config(record)
+            conv2 = mask.masks["conv2.weight"]  # (out, in, 3, 3) of one base
+            rows_kept = conv2.flatten(1).any(dim=1)
+            alive_in = conv2.any(dim=0).flatten(1).any(dim=1)  # input channels conv1 still produces
+            assert bool(conv2[rows_kept][:, alive_in].all()) and not bool(conv2[~rows_kept].any())  # whole channels
+            expected = 1.0 - 0.8 ** mask.steps
+            removed = 1.0 - rows_kept.float().mean().item()
+            assert abs(removed - min(0.5, expected)) <= 1.0 / conv2.shape[0] + 1e-6

@@ -1,0 +1,213 @@
+"""Diversity regularizers for ViTs (Diverse-ViT, arXiv 2203.06345) as client loss terms.
+
+The paper reduces redundancy at three levels: patch embeddings (within the last layer, and
+between the first and last layer), attention heads (block 1) and weights (the q/k/v
+projections). Each term here is a plain function of tensors, so it works with any ViT that
+exposes them: the token sequence after patch + position embedding, the last block's output
+before the final LayerNorm, block 1's post-softmax attention, and the ``attn.qkv`` weights.
+
+Formulas follow the reference code (VITA-Group/Diverse-ViT ``reg.py``); ĥ = h / max(‖h‖, 1e-8),
+"patches" are the tokens after dropping the ``prefix_tokens`` leading ones (CLS):
+
+- :func:`patch_cosine_diversity` — ``mean_{b,i,j} ⟨ĥ_i, ĥ_j⟩`` over the n×n patch matrix of
+  the last layer, diagonal included, signed (``Loss_cosine``).
+- :func:`patch_contrastive_diversity` — ``S_ij = ⟨ĥ¹_i, ĥ^L_j⟩``;
+  ``mean_{b,i} −log(e^{S_ii} / (e^{S_ii} + e^{mean_{j≠i} S_ij}))`` (``Loss_contrastive``).
+- :func:`attention_head_diversity` — ``mean_{b,h,h'} ⟨â_h, â_h'⟩`` with ``a_h = vec(A_h)``
+  (``Loss_cosine_attn``).
+- :func:`weight_condition_loss` — ``Σ (σ_max² − σ_min²)²`` over the W_q, W_k, W_v chunks of each
+  qkv weight (``Loss_condition_orth_weight``). The reference estimates the two eigenvalues of
+  MᵀM with one power-iteration step from a random vector, which is noisy and gives 0/0 = NaN
+  for an exactly orthogonal M; here they are the exact singular values (``svdvals``, whose
+  gradient is stable even for repeated values).
+
+Paper coefficients (DeiT-S, ImageNet): 0.5, 0.5, 1e-4, 5e-4 (:meth:`DiversityConfig.paper`);
+tiny models will need retuning. All default to 0 (off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_EPS = 1e-8
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm, as the reference does: ``h / max(‖h‖, 1e-8)``."""
+    return h / h.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def _patches(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be (batch, tokens, dim), got shape {tuple(tokens.shape)}")
+    return tokens[:, prefix_tokens:]
+
+
+def patch_cosine_diversity(
+    tokens: torch.Tensor, prefix_tokens: int = 1, include_diagonal: bool = True
+) -> torch.Tensor:
+    """Mean pairwise cosine similarity of the patch tokens of one layer (lower = more diverse).
+
+    ``L_cos = mean_{b,i,j} ⟨ĥ_{b,i}, ĥ_{b,j}⟩`` over all n×n pairs, **diagonal included** and
+    signed, as in the reference; so n identical tokens give 1 and n orthonormal ones give 1/n.
+    ``include_diagonal=False`` averages the n(n−1) off-diagonal pairs only (orthonormal → 0).
+    ``tokens`` is ``(B, N, D)``; the first ``prefix_tokens`` (CLS) are dropped.
+    """
+    h = _unit(_patches(tokens, prefix_tokens))
+    sim = h @ h.transpose(1, 2)  # (B, n, n)
+    if include_diagonal:
+        return sim.mean()
+    n = sim.shape[-1]
+    if n < 2:
+        raise ValueError("need at least two patch tokens for off-diagonal similarity")
+    off = sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)
+    return (off / (n * (n - 1))).mean()
+
+
+def patch_contrastive_diversity(
+    first: torch.Tensor, last: torch.Tensor, prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Cross-layer patch contrastive loss: a late token should stay closest to its own early token.
+
+    With ``S_ij = ⟨ĥ¹_{b,i}, ĥ^L_{b,j}⟩`` (first-layer patch i vs last-layer patch j), the
+    positive is ``S_ii`` and the negatives are averaged **inside one exponential** (reference
+    code, temperature 1):
+
+        L_con = mean_{b,i} −log( e^{S_ii} / (e^{S_ii} + e^{(1/(n−1)) Σ_{j≠i} S_ij}) )
+              = mean_{b,i} softplus(neg_i − S_ii).
+
+    Gradients flow into both layers. Orthonormal tokens with H¹ = H^L give log(1 + e⁻¹).
+    """
+    h1 = _unit(_patches(first, prefix_tokens))
+    hl = _unit(_patches(last, prefix_tokens))
+    if h1.shape != hl.shape:
+        raise ValueError(f"first and last layer tokens differ in shape: {tuple(h1.shape)} vs {tuple(hl.shape)}")
+    n = h1.shape[1]
+    if n < 2:
+        raise ValueError("need at least two patch tokens for the contrastive term")
+    sim = h1 @ hl.transpose(1, 2)  # (B, n, n)
+    pos = sim.diagonal(dim1=1, dim2=2)
+    neg = (sim.sum(-1) - pos) / (n - 1)
+    return F.softplus(neg - pos).mean()
+
+
+def attention_head_diversity(attention: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the heads' attention maps of one block.
+
+    ``a_{b,h} = vec(A_{b,h}) ∈ ℝ^{N²}``; ``L_attn = mean_{b,h,h'} ⟨â_{b,h}, â_{b,h'}⟩``, diagonal
+    included (identical heads → 1; heads with disjoint supports → 1/H). ``attention`` is the
+    post-softmax map ``(B, H, N, N)``; the reference uses block 1 only.
+    """
+    if attention.dim() != 4:
+        raise ValueError(f"attention must be (batch, heads, N, N), got shape {tuple(attention.shape)}")
+    a = _unit(attention.flatten(2))  # (B, H, N²)
+    return (a @ a.transpose(1, 2)).mean()
+
+
+def condition_number(weight: torch.Tensor) -> torch.Tensor:
+    """Exact condition number ``σ_max / σ_min`` of a matrix (inf when it is singular)."""
+    s = torch.linalg.svdvals(weight)
+    return s[..., 0] / s[..., -1]
+
+
+def weight_condition_loss(weights: Iterable[torch.Tensor], chunks: int = 3) -> torch.Tensor:
+    """Weight conditioning penalty from exact singular values (0 iff each chunk is c·orthogonal).
+
+    Each weight is split along dim 0 into ``chunks`` blocks (3 for a fused ``attn.qkv.weight``
+    of shape (3D, D) → W_q, W_k, W_v; 1 for a plain matrix). For each block M (used transposed,
+    as the reference does; singular values do not change):
+
+        L_w = Σ_blocks (λ_max(MᵀM) − λ_min(MᵀM))² = Σ_blocks (σ_max² − σ_min²)²
+
+    so diag(3, 2, 1) → (9 − 1)² = 64 and c·Q (Q orthogonal) → 0.
+    """
+    total: torch.Tensor | None = None
+    for w in weights:
+        for m in torch.chunk(w, chunks, dim=0):
+            s = torch.linalg.svdvals(m.transpose(-2, -1))
+            term = (s[0].square() - s[-1].square()).square()
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weight_condition_loss needs at least one weight")
+    return total
+
+
+def qkv_weights(model: nn.Module, suffix: str = "attn.qkv.weight") -> list[torch.Tensor]:
+    """The fused q/k/v weights of every block, found by timm's parameter name."""
+    return [p for name, p in model.named_parameters() if name.endswith(suffix)]
+
+
+@dataclass(frozen=True)
+class DiversityConfig:
+    """Coefficient of each diversity term (0 = off: the term is not even computed)."""
+
+    patch_cosine: float = 0.0
+    patch_contrastive: float = 0.0
+    attention_heads: float = 0.0
+    weight_condition: float = 0.0
+    prefix_tokens: int = 1  # leading non-patch tokens (CLS) dropped by the patch terms
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 0:
+                raise ValueError(f"diversity coefficient '{f.name}' must be >= 0, got {value}")
+
+    @classmethod
+    def paper(cls) -> "DiversityConfig":
+        """The released DeiT-S script's coefficients (0.5 / 0.5 / 1e-4 / 5e-4)."""
+        return cls(patch_cosine=0.5, patch_contrastive=0.5, attention_heads=1e-4, weight_condition=5e-4)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.patch_cosine, self.patch_contrastive, self.attention_heads, self.weight_condition))
+
+
+def diversity_terms(
+    cfg: DiversityConfig,
+    tokens_by_layer: Sequence[torch.Tensor] | None,
+    attention_by_layer: Sequence[torch.Tensor] | None,
+    weights: Iterable[torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """The unweighted value of every enabled term (for logging); disabled terms are absent.
+
+    ``tokens_by_layer[0]`` is H¹ (patch + position embedding, CLS included, the input to block
+    1) and ``tokens_by_layer[-1]`` is H^L (last block output, before the final norm);
+    ``attention_by_layer[0]`` is block 1's post-softmax attention; ``weights`` the qkv weights.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.patch_cosine or cfg.patch_contrastive:
+        if not tokens_by_layer:
+            raise ValueError("patch diversity terms need tokens_by_layer")
+    if cfg.patch_cosine:
+        terms["patch_cosine"] = patch_cosine_diversity(tokens_by_layer[-1], cfg.prefix_tokens)
+    if cfg.patch_contrastive:
+        terms["patch_contrastive"] = patch_contrastive_diversity(tokens_by_layer[0], tokens_by_layer[-1], cfg.prefix_tokens)
+    if cfg.attention_heads:
+        if not attention_by_layer:
+            raise ValueError("the attention-head term needs attention_by_layer")
+        terms["attention_heads"] = attention_head_diversity(attention_by_layer[0])
+    if cfg.weight_condition:
+        if weights is None:
+            raise ValueError("the weight-condition term needs weights")
+        terms["weight_condition"] = weight_condition_loss(weights)
+    return terms
+
+
+def diversity_loss(
+    cfg: DiversityConfig,
+    tokens_by_layer: Sequence[torch.Tensor] | None,
+    attention_by_layer: Sequence[torch.Tensor] | None,
+    weights: Iterable[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``Σ_term coefficient · term`` to add to the task loss; exactly 0 when every term is off."""
+    terms = diversity_terms(cfg, tokens_by_layer, attention_by_layer, weights)
+    if not terms:
+        ref = (tokens_by_layer or attention_by_layer or [None])[0]
+        return torch.zeros((), device=ref.device, dtype=ref.dtype) if ref is not None else torch.zeros(())
+    return sum(getattr(cfg, name) * value for name, value in terms.items())
