@@ -1,7 +1,7 @@
 """Run the ServerApp/ClientApp on Flower's deployment engine as local processes on loopback.
 
 The same topology as ``docker-compose.yml``, without Docker: one ``flower-superlink`` (TLS,
-SuperNode authentication, SQLite state), N ``flower-supernode`` processes (each with its own
+SuperNode authentication; in-memory state unless ``persistent_state``), N ``flower-supernode`` processes (each with its own
 partition/budget ``--node-config``, its own registered key and Runtime API port), and the
 ``flwr`` CLI submitting the app with ``flwr run``. Used by ``splitmix deploy local`` and the
 deployment tests.
@@ -96,6 +96,9 @@ class LocalDeployment:
     tls: bool = True
     auth: bool = True
     connection: str = "local-deployment"
+    # Flower's SQLite state raised "database is locked" under heavy CPU load here (a run then
+    # ends finished:failed); in-memory state is enough for a deployment that lives one command.
+    persistent_state: bool = False
     say: Callable[[str], None] = lambda text: None
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     port: int = 0
@@ -209,7 +212,9 @@ class LocalDeployment:
 
     def superlink_args(self) -> list[str]:
         args = [bin_path("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--database", str(self.workdir / "superlink-state.db"), "--disable-runtime-dependency-installation"]
+        if self.persistent_state:
+            args += ["--database", str(self.workdir / "superlink-state.db")]
+        args += ["--disable-runtime-dependency-installation"]
         if self.tls:
             args += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key")]
         else:
