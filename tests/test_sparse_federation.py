@@ -204,3 +204,17 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
             expected = 1.0 - 0.8 ** mask.steps
             removed = 1.0 - rows_kept.float().mean().item()
             assert abs(removed - min(0.5, expected)) <= 1.0 / conv2.shape[0] + 1e-6
+
+
+def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path, in_process_grid):
+    grid = in_process_grid(4)
+    cfg = load_config(overrides=f"{FAST} adv-fraction=1.0 sparse-method=dynamic-plus sparsity=0.8 out-dir='{tmp_path}' run-name=fbp")
+    run = run_federation(grid, cfg)
+    rows = _rounds(run)
+    assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
+    from clients.data import client_train_data
+    from clients.sparsity import FlyingBirdPlus
+
+    assert all(r["examples"] < sum(len(client_train_data(cfg.data_config(), i)) for i in range(4)) for r in rows)  # 10 % held out
+    observed = [FlyingBirdPlus.from_config(rec) for ctx in grid.contexts.values() for rec in ctx.state.config_records.values()]
+    assert observed and all(len(t.gaps) >= 1 and len(t.gaps) == len(t.losses) for t in observed)
