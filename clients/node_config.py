@@ -29,7 +29,7 @@ class NodeConfig:
     sparse: bool | None = None  # None: the run's sparse-fraction decides (if sparse-method is set)
 
 
-BUDGET_FORMS = 'a width in (0, 1] as a number (0.5), a fraction string ("1/2") or a budget level string ("2" = 1/2, "8d3" = 3/8)'
+BUDGET_FORMS = 'a width in (0, 1] as a number (0.5 or "0.5"), a fraction string ("1/2") or a budget level string ("2" = 1/2, "8d3" = 3/8)'
 
 
 def parse_budget(value: Any) -> float:
@@ -40,14 +40,14 @@ def parse_budget(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise NodeConfigError(f"node-config budget={value!r} is not a budget; allowed: {BUDGET_FORMS}")
     try:
-        if isinstance(value, str) and "/" in value:
+        if isinstance(value, str) and ("/" in value or "." in value):
             width = float(Fraction(value))
         elif isinstance(value, str):
             den, _, num = value.partition("d")
             width = float(Fraction(int(num or 1), int(den)))
         else:
             width = float(value)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise NodeConfigError(f"node-config budget={value!r} is not a budget; allowed: {BUDGET_FORMS}") from None
     if not 0.0 < width <= 1.0:
         raise NodeConfigError(f"node-config budget={value!r} is outside (0, 1]; allowed: {BUDGET_FORMS}")
@@ -59,7 +59,7 @@ def _int(key: str, value: Any, minimum: int) -> int:
         raise NodeConfigError(f"node-config {key}={value!r} is not an integer; allowed: an integer >= {minimum}")
     try:
         number = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise NodeConfigError(f"node-config {key}={value!r} is not an integer; allowed: an integer >= {minimum}") from None
     if number != float(value) or number < minimum:
         raise NodeConfigError(f"node-config {key}={value!r} is not allowed; allowed: an integer >= {minimum}")

@@ -194,12 +194,6 @@ def decode_sparse(
     return dense.view(shape), mask.view(shape)
 
 
-def sparse_nbytes(tensor: torch.Tensor, mask: torch.Tensor) -> int:
-    """Bytes of the two Arrays that carry ``tensor`` under ``mask`` (headers included)."""
-    idx, val = encode_sparse(tensor, mask)
-    return len(encode(np.frombuffer(idx, np.uint8)).data) + len(encode(val).data)
-
-
 # ---------------------------------------------------------------------------- ArrayRecord
 
 

@@ -18,7 +18,7 @@ else
 fi
 hosts=()
 for h in "$@"; do hosts+=(--host "$h"); done
-$SPLITMIX deploy certs --out certificates "${hosts[@]}"
+$SPLITMIX deploy certs --out certificates ${hosts[@]+"${hosts[@]}"}  # (bash 3.2: empty arrays under set -u)
 $SPLITMIX deploy keys --out keys --nodes "$NODES"
 # Containers run as uid 49999 (as Flower's images do): hand them the private keys.
 if [ "$(id -u)" = 0 ]; then

@@ -27,10 +27,15 @@ DEFAULT_HOSTS = ("superlink", "localhost", "127.0.0.1", "::1")
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write, created with ``mode`` from the start (a private key is never readable by
+    others, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)  # os.open's mode is filtered by the umask
     os.replace(tmp, path)
 
 

@@ -146,7 +146,7 @@ class LocalDeployment:
             if self.auth:
                 self.node_ids[name] = self.register(self.keys / f"{name}.pub")
             self.start_supernode(name, config)
-        self._wait(lambda: len(self.online_nodes()) >= len(self.node_configs), timeout, "every SuperNode to come online", None)
+        self._wait(lambda: len(self.online_nodes()) >= len(self.node_configs), timeout, "every SuperNode to come online", self.node_names())
         self.say(f"{len(self.node_configs)} SuperNodes online")
 
     def stop(self, grace: float = 15.0) -> list[int]:
@@ -156,7 +156,10 @@ class LocalDeployment:
         """
         names = [n for n in self.processes if n != "superlink"] + (["superlink"] if "superlink" in self.processes else [])
         for name in names:
-            self._terminate(self.processes[name], grace)
+            try:
+                self._terminate(self.processes[name], grace)
+            except (subprocess.TimeoutExpired, OSError):  # the marker sweep below gets it
+                pass
         self.processes.clear()
         leftovers = marked_processes(self.marker)
         for pid in leftovers:
@@ -204,9 +207,8 @@ class LocalDeployment:
         return env
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, cwd=self.workdir, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(args, cwd=self.workdir, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = proc
         return proc
 
@@ -256,9 +258,12 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> dict:
         """Run a ``flwr`` CLI command with ``--format json``; returns the parsed JSON."""
-        proc = subprocess.run(
-            [bin_path("flwr"), *args, "--format", "json"], cwd=self.app_dir, env=self.env("cli"), capture_output=True, text=True, timeout=timeout
-        )
+        try:
+            proc = subprocess.run(
+                [bin_path("flwr"), *args, "--format", "json"], cwd=self.app_dir, env=self.env("cli"), capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s; logs in {self.logs}") from None
         text = proc.stdout.strip()
         start = text.find("{")
         try:
@@ -276,7 +281,7 @@ class LocalDeployment:
     def online_nodes(self) -> list[int]:
         try:
             nodes = self.flwr("supernode", "list", self.connection)["nodes"]
-        except (DeploymentError, subprocess.TimeoutExpired, KeyError):
+        except (DeploymentError, KeyError):
             return []
         return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
 
@@ -303,7 +308,7 @@ class LocalDeployment:
             if time.monotonic() >= next_status:
                 try:
                     status = self.status(run_id)
-                except (DeploymentError, subprocess.TimeoutExpired):
+                except DeploymentError:
                     status = "unknown"
                 if status.startswith("finished"):
                     return status
@@ -341,13 +346,14 @@ class LocalDeployment:
         if proc is not None and proc.poll() is not None:
             raise DeploymentError(f"{name} exited with code {proc.returncode}; log: {self.logs / (name + '.log')}")
 
-    def _wait(self, ready: Callable[[], bool], timeout: float, what: str, process: str | None) -> None:
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str, processes: str | list[str]) -> None:
+        """Poll ``ready``; fail early (naming its log) when one of ``processes`` has exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
                 return
-            if process:
-                self._check_alive(process)
+            for name in [processes] if isinstance(processes, str) else processes:
+                self._check_alive(name)
             time.sleep(0.5)
         raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.logs}")
 

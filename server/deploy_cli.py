@@ -70,9 +70,13 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register each public key; a key already registered counts as done."""
+    with tempfile.TemporaryDirectory(prefix="splitmix-register-") as home:
+        return _register_keys(Path(home), args)
+
+
+def _register_keys(home: Path, args: argparse.Namespace) -> int:
     from server.deploy import bin_path, write_connection
 
-    home = Path(tempfile.mkdtemp(prefix="splitmix-register-"))
     write_connection(home, "target", args.superlink, args.ca)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     deadline = time.monotonic() + args.wait
@@ -126,12 +130,15 @@ def cmd_local(args: argparse.Namespace) -> int:
     deployment = LocalDeployment(workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), say=say)
     seen = [0]
 
-    def progress() -> None:  # echo the rounds as the ServerApp writes them
+    def progress() -> None:  # echo the rounds as the ServerApp writes them (whole lines only)
         metrics = out_dir / run_config["run-name"] / "metrics.jsonl"
         if metrics.exists():
-            lines = metrics.read_text().splitlines()
+            lines = metrics.read_text().split("\n")[:-1]  # the part after the last newline may be half-written
             for line in lines[seen[0]:]:
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
                 say(f"round {row['round']}/{cfg.num_rounds}: valid {row.get('valid')}/{row.get('sampled')}, failures {row.get('failures')}, train {row.get('train-seconds', 0):.1f}s")
             seen[0] = len(lines)
 

@@ -1,7 +1,7 @@
 """What every heterogeneous-FL strategy shares: node profiles, seeded sampling, reply
 validation, per-tensor weighted means and byte accounting.
 
-Method-specific strategies (``strategies/splitmix.py``; later HeteroFL, FedAvg, FedBN) only decide
+Method-specific strategies (``strategies/splitmix.py``, ``heterofl.py``, ``fedavg.py``) only decide
 *which tensors* each client gets and receives back; everything here is written once.
 """
 
@@ -132,6 +132,7 @@ def _checked_tensors(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 REQUIRED_METRICS = ("num-examples", "loss", "train-time")
+RETRY_DISCOVERY = 5  # discovery calls (rounds) between profile queries to a node that failed one
 OPTIONAL_FRACTIONS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
 
 
@@ -224,6 +225,8 @@ class FederatedStrategy(Strategy):
         self.last_round = RoundStats()
         self._sent: dict[int, dict[str, TensorSpec]] = {}  # node -> what its reply must hold
         self._outbox: dict[int, Message] = {}  # node -> the instruction sent to it this round
+        self._discoveries = 0
+        self._retry_at: dict[int, int] = {}  # node whose profile failed -> discovery call to ask again
         self._current = ArrayRecord()
 
     def summary(self) -> None:
@@ -276,21 +279,34 @@ class FederatedStrategy(Strategy):
         """
         stats = RoundStats()
         self.online = set(grid.get_node_ids())
-        unknown = [n for n in sorted(self.online) if n not in self.profiles]
+        self._discoveries += 1
+        # A node whose profile failed is asked again only every RETRY_DISCOVERY calls, so one
+        # broken node does not hold every round up for a query timeout.
+        unknown = [
+            n for n in sorted(self.online) if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries
+        ]
         if not unknown:
             return stats
-        messages = [
-            Message(RecordDict({"config": ConfigRecord({"task": task_json})}), dst_node_id=n, message_type="query")
+        messages = {
+            n: Message(RecordDict({"config": ConfigRecord({"task": task_json})}), dst_node_id=n, message_type="query")
             for n in unknown
-        ]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            node = reply.metadata.src_node_id
+        }
+        replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
+        # As in collect_valid: the SuperLink answers for an unreachable node under its own id.
+        addressee = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
+        for node in unknown:
+            self._retry_at[node] = self._discoveries + RETRY_DISCOVERY
+        for reply in replies:
+            node = addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 stats.failures += 1
                 stats.problems.append(f"node {node}: profile query failed: {reply.error.reason}")
                 continue
             try:
                 p = reply.content.config_records["profile"]
+                for key in ("partition-id", "num-examples"):
+                    if isinstance(p[key], bool) or not isinstance(p[key], int):
+                        raise ValueError(f"'{key}' = {p[key]!r} is not an integer")
                 profile = NodeProfile(
                     node_id=node,
                     partition_id=int(p["partition-id"]),
@@ -308,7 +324,8 @@ class FederatedStrategy(Strategy):
                 for stale in holders:  # the partition's previous node is gone
                     del self.profiles[stale]
                 self.profiles[node] = profile
-            except (KeyError, TypeError, ValueError) as err:
+                self._retry_at.pop(node, None)
+            except (KeyError, TypeError, ValueError, OverflowError) as err:
                 stats.rejected += 1
                 stats.problems.append(f"node {node}: malformed profile reply ({err})")
         for problem in stats.problems:

@@ -160,6 +160,8 @@ def test_pyproject_keeps_no_federations_table():
         ("partition-id=4 num-partitions=4", "partition-id"),
         ("partition-id=-1", "partition-id"),
         ('partition-id=0 adversarial="maybe"', "adversarial"),
+        ("partition-id=inf", "partition-id"),
+        ('partition-id=0 budget="nan"', "budget"),
     ],
 )
 def test_invalid_node_config_is_named(text, key):
@@ -168,7 +170,7 @@ def test_invalid_node_config_is_named(text, key):
 
 
 def test_node_config_budget_forms():
-    forms = {"budget=0.5": 0.5, 'budget="1/4"': 0.25, 'budget="8"': 0.125, 'budget="8d3"': 0.375, "budget=1": 1.0}
+    forms = {"budget=0.5": 0.5, 'budget="0.5"': 0.5, 'budget="1/4"': 0.25, 'budget="8"': 0.125, 'budget="8d3"': 0.375, "budget=1": 1.0}
     for text, width in forms.items():
         assert validate_node_config(parse_node_config_string(f"partition-id=0 {text}")).budget == width
     with pytest.raises(NodeConfigError, match="num-clients=4"):

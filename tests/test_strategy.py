@@ -214,3 +214,32 @@ def test_discovery_rejects_impossible_profiles():
 
     stats = strategy.discover(Grid(), "{}", timeout=1)
     assert set(strategy.profiles) == {1} and stats.rejected == 2
+
+
+def test_discovery_survives_absurd_numbers_and_does_not_requery_every_round():
+    from flwr.app import ConfigRecord
+
+    strategy = make_strategy([])
+    asked: list[int] = []
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+        def send_and_receive(self, messages, timeout=None):
+            out = []
+            for m in messages:
+                node = m.metadata.dst_node_id
+                asked.append(node)
+                examples = 5 if node == 1 else float("inf")  # node 2 claims infinitely many examples
+                record = ConfigRecord({"partition-id": node - 1, "budget": 0.5, "adversarial": False, "num-examples": examples})
+                out.append(Message(RecordDict({"profile": record}), reply_to=m))
+            return out
+
+    stats = strategy.discover(Grid(), "{}", timeout=1)
+    assert set(strategy.profiles) == {1} and stats.rejected == 1 and "num-examples" in stats.problems[0]
+    for _ in range(4):  # the next rounds do not wait on the broken node again ...
+        strategy.discover(Grid(), "{}", timeout=1)
+    assert asked == [1, 2]
+    strategy.discover(Grid(), "{}", timeout=1)  # ... until RETRY_DISCOVERY calls later
+    assert asked == [1, 2, 2]
