@@ -23,7 +23,7 @@ from clients.sparse_codec import to_sparse_record
 from clients.sparse_training import SparseRound, steps_per_epoch
 from clients.data import client_train_data
 from clients.node_config import validate_node_config
-from clients.profiles import ClientProfile, make_profile
+from clients.profiles import ClientProfile, profile_of_node
 from clients.recipe import TrainResult, per_base_loss, train_bases
 from clients.task import ClientTask
 from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, per_base_inputs, routed
@@ -46,13 +46,12 @@ def _profile(task: ClientTask, context: Context) -> ClientProfile:
     which Flower returns to the server as this node's error reply."""
     node_config = dict(context.node_config)
     node = validate_node_config(node_config, task.data.num_partitions)
-    return make_profile(
-        node.partition_id,
+    return profile_of_node(
+        node,
         task.data.num_partitions,
         task.budgets,
         task.adv_fraction,
         task.seed,
-        node_config,
         sparse_fraction=task.sparse.fraction if task.sparse.enabled else 0.0,
     )
 

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from clients.node_config import validate_node_config
+from clients.node_config import NodeConfig, validate_node_config
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,12 @@ def make_profile(
     """The profile of one client; a node config's ``budget``/``adversarial`` override the
     run-wide assignment (the node config is validated here: see ``clients/node_config.py``)."""
     node = validate_node_config({"partition-id": partition_id, **(node_config or {})}, num_clients)
+    return profile_of_node(node, num_clients, budgets, adv_fraction, seed, sparse_fraction)
+
+
+def profile_of_node(node: NodeConfig, num_clients: int, budgets: str, adv_fraction: float, seed: int, sparse_fraction: float = 0.0) -> ClientProfile:
+    """The profile of a node whose (already validated) config is ``node``."""
+    partition_id = node.partition_id
     budget = budget_of_client(partition_id, num_clients, parse_budgets(budgets)) if node.budget is None else node.budget
     if node.adversarial is None:
         adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
