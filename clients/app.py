@@ -211,6 +211,7 @@ def _metrics(result: TrainResult, profile: ClientProfile) -> MetricRecord:
             "loss": result.loss,
             "clean-loss": result.clean_loss,
             "adv-loss": result.adv_loss,
+            "diversity-loss": result.diversity_loss,
             "steps": result.steps,
             "train-time": result.seconds,
             "partition-id": profile.partition_id,

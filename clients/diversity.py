@@ -211,3 +211,24 @@ def diversity_loss(
         ref = (tokens_by_layer or attention_by_layer or [None])[0]
         return torch.zeros((), device=ref.device, dtype=ref.dtype) if ref is not None else torch.zeros(())
     return sum(getattr(cfg, name) * value for name, value in terms.items())
+
+
+def stacked_vit_diversity(cfg: DiversityConfig, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, k, classes)`` of a stacked ViT (``models/vit.py``) and its diversity loss,
+    from the same forward pass.
+
+    The k bases are independent networks with summed losses (``clients/recipe.py``), so each
+    term is each base's value summed over the bases: the token/attention terms are computed on
+    the bases folded into the batch (their mean) and multiplied by k; the weight term already
+    sums over every base's W_q, W_k, W_v.
+    """
+    logits, first, last, attention = model.forward_with_tokens(x, record_attention=cfg.attention_heads > 0)
+    k, b, n, d = first.shape
+    tokens = [first.reshape(k * b, n, d), last.reshape(k * b, n, d)]
+    attn = [attention.reshape(k * b, *attention.shape[2:])] if attention is not None else None
+    weights = model.qkv_matrices() if cfg.weight_condition else None
+    terms = diversity_terms(cfg, tokens, attn, weights)
+    loss = torch.zeros((), device=logits.device, dtype=logits.dtype)
+    for name, value in terms.items():
+        loss = loss + getattr(cfg, name) * value * (1 if name == "weight_condition" else k)
+    return logits, loss

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from clients.adversarial import PGDConfig, pgd_linf
+from clients.diversity import DiversityConfig, stacked_vit_diversity
 from clients.data import ArrayData
 from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
 
@@ -28,6 +29,7 @@ class LocalTrainConfig:
     weight_decay: float = 5e-4
     adv_lambda: float = 0.5
     pgd: PGDConfig = PGDConfig()
+    diversity: DiversityConfig = DiversityConfig()  # ViT diversity regularizers (off by default)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TrainResult:
     num_examples: int
     steps: int
     seconds: float
+    diversity_loss: float = 0.0
 
 
 class TrainHooks(Protocol):
@@ -72,7 +75,8 @@ def train_bases(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     x_all, y_all = data.x.to(device), data.y.to(device)
     n, k = len(data), model.num_bases
-    totals = {"loss": 0.0, "clean": 0.0, "adv": 0.0}
+    totals = {"loss": 0.0, "clean": 0.0, "adv": 0.0, "diversity": 0.0}
+    diverse = cfg.diversity.enabled
     steps = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -82,15 +86,20 @@ def train_bases(
                 continue
             xb, yb = x_all[idx], y_all[idx]
             with routed(model, "clean"):
-                clean = per_base_loss(model.forward_bases(xb), yb)
-            loss = clean
+                if diverse:  # ViT: the regularizers see the clean pass's tokens and attention
+                    logits, div = stacked_vit_diversity(cfg.diversity, model, xb)
+                    clean = per_base_loss(logits, yb)
+                    totals["diversity"] += div.item()
+                else:
+                    clean, div = per_base_loss(model.forward_bases(xb), yb), 0.0
+            loss = clean + div
             if adversarial:
                 with routed(model, "adv"):
                     per_base_x = per_base_inputs(xb, k)
                     with frozen_bn_stats(model):
                         x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_x, cfg.pgd, gen)
                     adv = per_base_loss(model.forward_bases(x_adv), yb)
-                loss = (1.0 - cfg.adv_lambda) * clean + cfg.adv_lambda * adv
+                loss = (1.0 - cfg.adv_lambda) * clean + cfg.adv_lambda * adv + div
                 totals["adv"] += adv.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,4 +119,5 @@ def train_bases(
         num_examples=n,
         steps=steps,
         seconds=time.perf_counter() - start,
+        diversity_loss=totals["diversity"] / denom,
     )

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from clients.adversarial import PGDConfig
 from clients.data import DataConfig
+from clients.diversity import DiversityConfig
 from clients.recipe import LocalTrainConfig
 from clients.sparse_training import SparseConfig
 from models.splitmix import SplitMixSpec
@@ -44,6 +45,7 @@ def _parse(text: str) -> ClientTask:
     raw = json.loads(text)
     train = dict(raw["train"])
     train["pgd"] = PGDConfig(**train["pgd"])
+    train["diversity"] = DiversityConfig(**train.get("diversity", {}))
     return ClientTask(
         data=DataConfig(**raw["data"]),
         spec=SplitMixSpec(**raw["spec"]),

@@ -9,6 +9,7 @@ run as one batched computation (grouped convolutions), not a loop.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
@@ -33,11 +34,18 @@ class SplitMixSpec:
     image_size: int = 8
     dual_bn: bool = True
     track_stats: bool = True  # False: static BN (batch statistics only), as in SHeteroFL
+    # Extra constructor keywords of the model family as canonical JSON (hashable, so a spec stays
+    # a cache key), e.g. a ViT's topology: '{"depth": 12, "embed_dim": 256, "num_heads": 32}'.
+    model_options: str = ""
 
     def __post_init__(self) -> None:
         n = 1.0 / self.atom_width
         if self.atom_width <= 0 or self.atom_width > 1 or abs(n - round(n)) > 1e-6:
             raise ValueError(f"atom width must be 1/N for an integer N >= 1, got {self.atom_width}")
+
+    def options(self) -> dict:
+        """``model_options`` parsed (empty when unset)."""
+        return json.loads(self.model_options) if self.model_options else {}
 
     @property
     def num_bases(self) -> int:
@@ -73,6 +81,7 @@ class SplitMixSpec:
             in_channels=self.in_channels,
             image_size=self.image_size,
             dual_bn=self.dual_bn,
+            **self.options(),
         )
         keep_stats = self.track_stats if track_stats is None else track_stats
         return model if keep_stats else make_static_bn_(model)

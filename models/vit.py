@@ -335,6 +335,32 @@ class VisionTransformer(StackedNet):
             outs.append(tokens)
         return outs
 
+    def forward_with_tokens(self, x: torch.Tensor, record_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One forward pass that also returns what the diversity regularizers look at:
+        logits ``(B, k, classes)``, tokens after the embedding and after the last block
+        ``(k, B, N, D)``, and (``record_attention``) block 1's attention ``(k, B, H, N, N)``."""
+        first = tokens = self.embed(x)
+        attn0 = self.blocks[0].attn
+        attn0.record = record_attention
+        try:
+            for block in self.blocks:
+                tokens = block(tokens)
+            attention = attn0.last_attention
+        finally:
+            attn0.record, attn0.last_attention = False, None
+        logits = self.head(self.norm(tokens[:, :, 0])).transpose(0, 1)
+        return logits, first, tokens, attention
+
+    def qkv_matrices(self) -> list[torch.Tensor]:
+        """Every block's fused q/k/v weight per base as ``(3D, D)`` with W_q, W_k, W_v stacked in
+        that order (the stored rows interleave heads: (head, q/k/v, head dim))."""
+        k, h, d, dim = self.num_bases, self.num_heads, self.embed_dim // self.num_heads, self.embed_dim
+        out = []
+        for block in self.blocks:
+            w = block.attn.qkv.weight.view(k, h, 3, d, dim).permute(0, 2, 1, 3, 4).reshape(k, 3 * h * d, dim)
+            out.extend(w.unbind(0))
+        return out
+
     def forward_bases(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x)
         for block in self.blocks:

@@ -8,6 +8,7 @@ so ``flwr run .`` and ``splitmix simulate`` start from the same defaults.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clients.adversarial import PGDConfig
+from clients.diversity import DiversityConfig
 from clients.data import DATASETS, PARTITIONS, DataConfig
 from clients.profiles import parse_budgets
 from clients.recipe import LocalTrainConfig
@@ -85,6 +87,15 @@ class SimulationConfig:
     sparse_search_threshold: float = field(default=0.08, metadata=_range(0, 1))
     sparse_rescale: bool = True
     eval_train_examples: int = field(default=0, metadata=_range(0))
+    vit_depth: int = field(default=4, metadata=_range(1))
+    vit_dim: int = field(default=256, metadata=_range(1))
+    vit_heads: int = field(default=32, metadata=_range(1))
+    vit_patch: int = field(default=0, metadata=_range(0))
+    vit_mlp_ratio: float = field(default=2.0, metadata=_range(0, lo_open=True))
+    diversity_patch_cosine: float = field(default=0.0, metadata=_range(0))
+    diversity_patch_contrastive: float = field(default=0.0, metadata=_range(0))
+    diversity_heads: float = field(default=0.0, metadata=_range(0))
+    diversity_condition: float = field(default=0.0, metadata=_range(0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -110,10 +121,54 @@ class SimulationConfig:
         lambdas = self.lambdas  # validates the list
         if 0.0 not in lambdas:
             raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
+        self._check_vit()
         if self.partition == "domains" and self.num_clients < 5:
             raise ConfigError(f"config key 'num-clients' = {self.num_clients}: the 'domains' partition needs at least 5")
 
+    def _check_vit(self) -> None:
+        """ViT topology keys must describe a buildable model at every width; diversity terms
+        need a ViT (they regularise tokens, attention heads and q/k/v weights)."""
+        diversity = {k: v for k, v in self.diversity().__dict__.items() if k != "prefix_tokens" and v}
+        if not self.is_vit:
+            if diversity:
+                key = "diversity-" + {"patch_cosine": "patch-cosine", "patch_contrastive": "patch-contrastive",
+                                      "attention_heads": "heads", "weight_condition": "condition"}[next(iter(diversity))]
+                raise ConfigError(f"config key '{key}' needs a ViT model (model = vit, vit_attnscale or vit_featscale), not model = '{self.model}'")
+            return
+        if self.vit_dim % self.vit_heads:
+            raise ConfigError(f"config key 'vit-dim' = {self.vit_dim} must be a multiple of vit-heads = {self.vit_heads}")
+        heads_at_atom = self.vit_heads * self.atom_width
+        if heads_at_atom < 1 or abs(heads_at_atom - round(heads_at_atom)) > 1e-6:
+            raise ConfigError(
+                f"config key 'vit-heads' = {self.vit_heads}: every base (atom width {self.atom_width}) needs a whole "
+                f"number of heads (vit-heads × atom-width = {heads_at_atom:g}); use a multiple of {round(1 / self.atom_width)}"
+            )
+        image = DATASETS[self.dataset].image_size
+        if self.vit_patch and image % self.vit_patch:
+            raise ConfigError(f"config key 'vit-patch' = {self.vit_patch} must divide the image size {image} of '{self.dataset}' (0 = automatic)")
+
     # ------------------------------------------------------------------ derived views
+    @property
+    def is_vit(self) -> bool:
+        return self.model.startswith("vit")
+
+    def model_options(self) -> str:
+        """The model family's extra keywords as canonical JSON (ViT topology; empty otherwise)."""
+        if not self.is_vit:
+            return ""
+        options = {"depth": self.vit_depth, "embed_dim": self.vit_dim, "num_heads": self.vit_heads, "mlp_ratio": self.vit_mlp_ratio}
+        if self.vit_patch:
+            options["patch_size"] = self.vit_patch
+        return json.dumps(options, sort_keys=True)
+
+    def diversity(self) -> DiversityConfig:
+        return DiversityConfig(
+            patch_cosine=self.diversity_patch_cosine,
+            patch_contrastive=self.diversity_patch_contrastive,
+            attention_heads=self.diversity_heads,
+            weight_condition=self.diversity_condition,
+        )
+
     @property
     def lambdas(self) -> list[float]:
         try:
@@ -136,6 +191,7 @@ class SimulationConfig:
             image_size=info.image_size,
             dual_bn=True,
             track_stats=self.bn_stats == "tracked",
+            model_options=self.model_options(),
         )
 
     def data_config(self) -> DataConfig:
@@ -166,6 +222,7 @@ class SimulationConfig:
                 weight_decay=self.weight_decay,
                 adv_lambda=self.adv_lambda,
                 pgd=self.pgd(),
+                diversity=self.diversity(),
             ),
             budgets=self.budgets,
             adv_fraction=self.adv_fraction,

@@ -25,6 +25,7 @@ from clients.sparsity import prunable_parameters
 from models.cost import count_macs, count_params
 from server.config import SimulationConfig
 from server.evaluate import Evaluator, WidthScores
+from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
 from strategies.methods import Method
@@ -209,6 +210,9 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         sample = train_sample(cfg.data_config(), cfg.eval_train_examples, cfg.seed)
         train_scores = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device).evaluate(state, cfg.eval_pgd_steps > 0)
         extra_summary["train_scores"] = train_scores
+    if cfg.is_vit:  # patch-token similarity per block of the widest model (AttnScale/FeatScale study)
+        test = evaluator.test
+        extra_summary["oversmoothing"] = oversmoothing_profile(method, {k: v.to(device) for k, v in state.items()}, test.x[:256], test.x)
     rows = store.rounds()
     if cfg.sparse_method != "none":
         flops = [float(r.get("train-flops-fraction", 1.0)) for r in rows]
