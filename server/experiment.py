@@ -171,13 +171,15 @@ def summarize_method(run_dirs: list[Path]) -> dict[str, Any]:
     if all(g is not None for g in gaps):  # runs with eval-train-examples
         out["robust_gap"] = _mean_std(gaps)
         out["train_robust_accuracy"] = _mean_std([s["widths"][top]["train_robust_accuracy"] for s in summaries])
+    if all(s.get("oversmoothing") for s in summaries):  # ViT runs: patch similarity per block
+        out["patch_similarity"] = np.mean([s["oversmoothing"]["patch_similarity"] for s in summaries], axis=0).tolist()
     if all("sparse" in s for s in summaries):
         out["train_flops_fraction"] = _mean_std([s["sparse"]["train_flops_fraction"] for s in summaries])
     return out
 
 
 def write_comparison(root: Path, experiment: Experiment) -> dict[str, Any]:
-    from server.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_width
+    from server.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_width, plot_patch_similarity
 
     comparison = {}
     for method in experiment.methods:
@@ -195,6 +197,8 @@ def write_comparison(root: Path, experiment: Experiment) -> dict[str, Any]:
     (root / "comparison.md").write_text(markdown_table(comparison, widths, experiment))
     plot_accuracy_vs_width(comparison, widths, root / "accuracy_vs_width.png")
     plot_accuracy_vs_bytes(comparison, root / "accuracy_vs_upload.png")
+    if any("patch_similarity" in c for c in comparison.values()):
+        plot_patch_similarity(comparison, root / "patch_similarity.png")
     return comparison
 
 
@@ -221,6 +225,10 @@ def markdown_table(comparison: dict[str, Any], widths: list[str], experiment: Ex
     if any("train_flops_fraction" in comparison[m] for m in methods):
         rows.append("| training FLOPs saved | " + " | ".join(
             f"{1 - comparison[m]['train_flops_fraction']['mean']:.0%}" if "train_flops_fraction" in comparison[m] else "0%" for m in methods) + " |")
+    if any("patch_similarity" in comparison[m] for m in methods):
+        fmt = lambda m, i: f"{comparison[m]['patch_similarity'][i]:.3f}" if "patch_similarity" in comparison[m] else "—"  # noqa: E731
+        rows.append("| patch similarity, block 1 | " + " | ".join(fmt(m, 0) for m in methods) + " |")
+        rows.append("| patch similarity, last block | " + " | ".join(fmt(m, -1) for m in methods) + " |")
     rows.append("| wall s/run | " + " | ".join(f"{comparison[m]['wall_s']:.0f}" if comparison[m]["wall_s"] else "—" for m in methods) + " |")
     title = f"{experiment.name}: test accuracy (λ = 0), mean ± std over seeds {experiment.seeds}\n\n"
     return title + head + "\n".join(rows) + "\n"

@@ -77,3 +77,21 @@ def plot_accuracy_vs_bytes(comparison: dict[str, Any], path: Path) -> Path:
         ax.errorbar(result["upload_bytes_per_round"] / 1e6, acc["mean"], yerr=acc["std"], marker="o", capsize=3, label=f"{method} (width {widest})")
     ax.set(xlabel="upload per round (MB)", ylabel="test accuracy (λ = 0)", title="accuracy vs communication")
     return _finish(fig, [ax], path)
+
+
+def plot_patch_similarity(comparison: dict, path: Path) -> None:
+    """Mean pairwise cosine similarity of patch tokens after each block, one line per ViT method
+    (over-smoothing shows as lines rising towards 1 with depth)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, c in comparison.items():
+        if "patch_similarity" in c:
+            values = c["patch_similarity"]
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=method)
+    ax.set_xlabel("block")
+    ax.set_ylabel("patch-token cosine similarity")
+    ax.set_title("over-smoothing (width 1, test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

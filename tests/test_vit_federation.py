@@ -151,3 +151,28 @@ def test_search_topology_is_deterministic_and_feeds_simulate(tmp_path, capsys):
 def test_search_topology_refuses_an_empty_grid(tmp_path, capsys):
     assert cli_main(["search-topology", "--patch", "3", "--out", str(tmp_path / "x")]) == 2
     assert "grid is empty" in capsys.readouterr().err
+
+
+def test_vit_experiment_comparison_reports_patch_similarity(tmp_path):
+    """Over-smoothing rows and plot in an experiment's comparison (mean over seeds, per block)."""
+    from safetensors.torch import save_file
+
+    from server.experiment import Experiment, write_comparison
+
+    experiment = Experiment(name="os", methods=["vit", "attnscale"], seeds=[0, 1])
+    sims = {"vit": ([0.5, 0.9], [0.7, 0.95]), "attnscale": ([0.4, 0.6], [0.4, 0.8])}
+    for method, per_seed in sims.items():
+        for seed, similarity in enumerate(per_seed):
+            run = tmp_path / "runs" / f"{method}-seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"widths": {"1.0": {"accuracy": 0.8, "robust_accuracy": None, "params": 10, "macs": 20}},
+                       "oversmoothing": {"patch_similarity": similarity}}
+            (run / "summary.json").write_text(json.dumps(summary))
+            (run / "metrics.jsonl").write_text(json.dumps({"bytes-up": 1, "bytes-down": 2}) + "\n")
+            save_file({"w": torch.zeros(2)}, str(run / "model.safetensors"))
+    comparison = write_comparison(tmp_path, experiment)
+    assert comparison["vit"]["patch_similarity"] == pytest.approx([0.6, 0.925])
+    assert comparison["attnscale"]["patch_similarity"] == pytest.approx([0.4, 0.7])
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| patch similarity, last block | 0.925 | 0.700 |" in table
+    assert (tmp_path / "patch_similarity.png").stat().st_size > 1000
