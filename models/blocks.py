@@ -230,11 +230,12 @@ def make_static_bn_(model: nn.Module) -> nn.Module:
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of batch-norm layers (affine parameters and running statistics; the
-    unused ``num_batches_tracked`` counters are never federated and are left out)."""
+    """State-dict keys of normalisation layers — batch norm (affine parameters and running
+    statistics; the unused ``num_batches_tracked`` counters are never federated and are left out)
+    and layer norm (a ViT's, what FedBN keeps local there)."""
     keys: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) or getattr(module, "is_layer_norm", False):
             prefix = f"{name}." if name else ""
             keys.update(prefix + k for k in module.state_dict() if k != "num_batches_tracked")
     return keys

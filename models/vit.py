@@ -97,6 +97,8 @@ def _per_base(t: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
 class StackedLayerNorm(nn.Module):
     """k independent LayerNorms over the last dim of ``(k, B, ..., D)``; affine ``(k·D,)``."""
 
+    is_layer_norm = True  # models.blocks.norm_state_keys: FedBN keeps these local
+
     def __init__(self, dim: int, num_bases: int = 1) -> None:
         super().__init__()
         self.dim, self.num_bases = dim, num_bases

@@ -176,3 +176,14 @@ def test_vit_experiment_comparison_reports_patch_similarity(tmp_path):
     table = (tmp_path / "comparison.md").read_text()
     assert "| patch similarity, last block | 0.925 | 0.700 |" in table
     assert (tmp_path / "patch_similarity.png").stat().st_size > 1000
+
+
+def test_vit_fedbn_keeps_layer_norms_local():
+    """FedBN with ViT bases: every LayerNorm (both dual paths, the final norm) stays on the client."""
+    from models.blocks import norm_state_keys
+
+    spec = load_config(overrides=TINY_VIT).spec()
+    keys = norm_state_keys(spec.build_width(1.0))
+    assert "blocks.0.norm1.clean.weight" in keys and "blocks.1.norm2.adv.bias" in keys and "norm.clean.weight" in keys
+    assert len(keys) == (2 * 2 + 1) * 2 * 2  # (2 blocks × 2 norms + final) × 2 paths × (weight, bias)
+    assert not any("attn" in k or "mlp" in k for k in keys)
