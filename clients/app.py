@@ -170,7 +170,14 @@ def _local_training(
             run_seed=task.seed,
             single_base=single,
         )
-    result = train_bases(model, data, task.train, lr=float(config["lr"]), adversarial=profile.adversarial, seed=seed, device=device, hooks=sparse)
+    state_key = "optim." + "+".join(units)  # a learned optimizer's moments, for the same units next time
+    kept = context.state.array_records.get(state_key) if task.train.optimizer != "sgd" else None
+    result = train_bases(
+        model, data, task.train, lr=float(config["lr"]), adversarial=profile.adversarial, seed=seed, device=device,
+        hooks=sparse, optimizer_state=to_tensors(kept) if kept is not None else None,
+    )
+    if result.optimizer_state:
+        context.state[state_key] = to_record({k: v.cpu() for k, v in result.optimizer_state.items()})
     if sparse is None:
         return result, {}, {}
     if held_out is not None:

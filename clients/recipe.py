@@ -2,7 +2,8 @@
 
 Each base gets its own cross-entropy (the k losses are summed, so gradients never mix across
 bases); the k bases run as one stacked model. A fresh SGD is built every round (the authors'
-code: momentum 0.9, weight decay 5e-4). Adversarial clients add PGD examples routed through the
+code: momentum 0.9, weight decay 5e-4); ``optimizer`` picks another one from the registry
+(``clients/optim.py``: Adam or a learned optimizer, whose state the ClientApp keeps across rounds). Adversarial clients add PGD examples routed through the
 adversarial BN: loss = (1 − λ)·L_clean(clean BN) + λ·L_adv(adv BN).
 """
 
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from clients.adversarial import PGDConfig, pgd_linf
 from clients.diversity import DiversityConfig, stacked_vit_diversity
+from clients.optim import export_state, make_optimizer
 from clients.data import ArrayData
 from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
 
@@ -30,6 +32,8 @@ class LocalTrainConfig:
     adv_lambda: float = 0.5
     pgd: PGDConfig = PGDConfig()
     diversity: DiversityConfig = DiversityConfig()  # ViT diversity regularizers (off by default)
+    optimizer: str = "sgd"  # clients/optim.py: sgd, adam or a learned optimizer
+    l2o_artifacts: str = ""  # learned optimizers' artifact folder ("" = the per-user cache)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class TrainResult:
     steps: int
     seconds: float
     diversity_loss: float = 0.0
+    optimizer_state: dict | None = None  # per-parameter state worth keeping (clients/optim.py)
 
 
 class TrainHooks(Protocol):
@@ -64,6 +69,7 @@ def train_bases(
     seed: int,
     device: torch.device | str = "cpu",
     hooks: "TrainHooks | None" = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics.
 
@@ -72,7 +78,10 @@ def train_bases(
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(
+        cfg.optimizer, list(model.named_parameters()), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        artifacts=cfg.l2o_artifacts or None, state=optimizer_state,
+    )
     x_all, y_all = data.x.to(device), data.y.to(device)
     n, k = len(data), model.num_bases
     totals = {"loss": 0.0, "clean": 0.0, "adv": 0.0, "diversity": 0.0}
@@ -120,4 +129,5 @@ def train_bases(
         steps=steps,
         seconds=time.perf_counter() - start,
         diversity_loss=totals["diversity"] / denom,
+        optimizer_state=export_state(optimizer) if cfg.optimizer != "sgd" else None,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server import deploy_cli, ntk_study, prune, topology_search
+from server import compress, deploy_cli, l2o_cli, ntk_study, prune, topology_search
 from server.config import ConfigError, load_config
 
 
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     ntk_study.register(sub)
     prune.register(sub)
     topology_search.register(sub)
+    compress.add_compress_parser(sub)
+    l2o_cli.register(sub)
     sub.add_parser("supernode", help="check --node-config, then run flower-supernode with the same arguments", add_help=False)
     return parser
 

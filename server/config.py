@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from clients.adversarial import PGDConfig
 from clients.diversity import DiversityConfig
+from clients.optim import OPTIMIZERS
 from clients.data import DATASETS, PARTITIONS, DataConfig
 from clients.profiles import parse_budgets
 from clients.recipe import LocalTrainConfig
@@ -25,6 +26,7 @@ from clients.task import ClientTask
 from models.registry import list_models
 from models.splitmix import SplitMixSpec
 from strategies.methods import METHODS, Method, make_method
+from strategies.robust_aggregation import AGGREGATORS
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,11 @@ class SimulationConfig:
     diversity_patch_contrastive: float = field(default=0.0, metadata=_range(0))
     diversity_heads: float = field(default=0.0, metadata=_range(0))
     diversity_condition: float = field(default=0.0, metadata=_range(0))
+    optimizer: str = field(default="sgd", metadata=_choice(*OPTIMIZERS))
+    l2o_artifacts: str = ""
+    aggregation: str = field(default="mean", metadata=_choice(*AGGREGATORS))
+    trim_fraction: float = field(default=0.1, metadata=_range(0, 0.5, hi_open=True))
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -122,6 +129,11 @@ class SimulationConfig:
         if 0.0 not in lambdas:
             raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
         self._check_vit()
+        if self.aggregation != "mean" and self.method != "splitmix":
+            raise ConfigError(
+                f"config key 'aggregation' = '{self.aggregation}' is implemented for method = 'splitmix' only "
+                f"(per base); method = '{self.method}' averages nested slices: use aggregation = 'mean'"
+            )
         if self.partition == "domains" and self.num_clients < 5:
             raise ConfigError(f"config key 'num-clients' = {self.num_clients}: the 'domains' partition needs at least 5")
 
@@ -223,6 +235,8 @@ class SimulationConfig:
                 adv_lambda=self.adv_lambda,
                 pgd=self.pgd(),
                 diversity=self.diversity(),
+                optimizer=self.optimizer,
+                l2o_artifacts=self.l2o_artifacts,
             ),
             budgets=self.budgets,
             adv_fraction=self.adv_fraction,

@@ -127,6 +127,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     lr_at = (lambda r: cosine_lr(cfg.lr, r, cfg.num_rounds)) if cfg.lr_schedule == "cosine" else (lambda r: cfg.lr)
     task_json = task.to_json()
     strategy = method.strategy(task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
+    strategy.aggregation, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
 
     start = time.perf_counter()
     _wait_for_nodes(grid, cfg, say)

@@ -20,10 +20,15 @@ from server.federation import Reporter, run_federation
 
 def backend_config(cfg: SimulationConfig) -> dict:
     """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
-    so a 2-core machine runs two actors without oversubscribing the cores."""
+    so a 2-core machine runs two actors without oversubscribing the cores. ``ray-address``
+    connects to a running Ray cluster instead of starting one (never with ``num_cpus`` or
+    ``runtime_env`` in ``init_args``: Ray refuses those when connecting, Flower sets the latter)."""
+    init_args: dict = {"logging_level": "ERROR", "log_to_driver": True}
+    if cfg.ray_address:  # join an existing cluster (`ray start --head` …): Ray then owns the resources
+        init_args["address"] = cfg.ray_address
     return {
         "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+        "init_args": init_args,
     }
 
 

@@ -228,6 +228,8 @@ class FederatedStrategy(Strategy):
         self._discoveries = 0
         self._retry_at: dict[int, int] = {}  # node whose profile failed -> discovery call to ask again
         self._current = ArrayRecord()
+        self.aggregation = "mean"  # strategies/robust_aggregation.py (Split-Mix: per base)
+        self.trim_fraction = 0.1
 
     def summary(self) -> None:
         pass

@@ -20,7 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
-from strategies.base import FederatedStrategy, RoundStats, TensorSpec, weighted_average
+from strategies.robust_aggregation import aggregate_record
+from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 
 
 class BaseScheduler:
@@ -100,5 +101,6 @@ class SplitMixStrategy(FederatedStrategy):
 
     def combine(self, contributions: list[tuple[dict, float]]) -> ArrayRecord:
         """Each tensor averaged over the clients that returned it (so each base over exactly the
-        clients that trained it); untouched tensors keep their value."""
-        return weighted_average(contributions, self._current)
+        clients that trained it); untouched tensors keep their value. ``aggregation`` = median or
+        trimmed-mean replaces the example-weighted mean per coordinate (hostile clients)."""
+        return aggregate_record(self.aggregation, contributions, self._current, trim_fraction=self.trim_fraction)
