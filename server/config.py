@@ -18,6 +18,9 @@ from typing import Any, Mapping
 from clients.adversarial import PGDConfig
 from clients.diversity import DiversityConfig
 from clients.optim import OPTIMIZERS
+
+# Fault injection (issue 9): what a sampled client does wrong; "mixed" draws one kind per fault.
+FAULT_KINDS = ("mixed", "crash", "timeout", "missing-key", "extra-key", "wrong-shape", "wrong-dtype", "nan", "inf", "scaled", "sign-flip")
 from clients.data import DATASETS, PARTITIONS, DataConfig
 from clients.profiles import parse_budgets
 from clients.recipe import LocalTrainConfig
@@ -103,6 +106,9 @@ class SimulationConfig:
     aggregation: str = field(default="mean", metadata=_choice(*AGGREGATORS))
     trim_fraction: float = field(default=0.1, metadata=_range(0, 0.5, hi_open=True))
     ray_address: str = ""
+    fault_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    fault_kind: str = field(default="mixed", metadata=_choice(*FAULT_KINDS))
+    uvc_flops_ratio: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
 
     def __post_init__(self) -> None:
         for f in fields(self):
