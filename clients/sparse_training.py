@@ -22,6 +22,12 @@ width-slice model), a mask over the conv/linear weights as Flower Context state 
   weight stay dense); it trains and uploads only those channels. Computed from the global
   weights, the channels agree across clients. No weight rewinding: the global model moves every
   round (``splitmix prune`` does IMP with rewinding on a finished run and slices physically).
+- ``uvc`` (arXiv 2203.08243, for ViT clients under a FLOPs budget): each round, a short UVC
+  search (``models/uvc.py``: per-block head / head-dim / MLP-neuron counts and skip gates under a
+  primal-dual FLOPs constraint, distilled from the received model) on the client's own data picks
+  what its bases keep, projected onto ``flops-ratio`` of the dense MACs; it trains and uploads only
+  those weights (masks: the removed heads' proj columns, neurons' fc1 rows / fc2 columns, and a
+  skipped block's proj and fc2 — biases stay dense, so a skipped block adds a constant).
 - ``dynamic-plus`` (Flying Bird+): the same, and after each round the client scores robust accuracy
   on its training data and on a held-out share of it; when the robust generalisation gap keeps
   growing it prunes more than it regrows (sparsity rises), when the held-out robust loss stops
@@ -59,7 +65,7 @@ from clients.sparsity import (
     remask_,
 )
 
-SPARSE_METHODS = ("none", "static", "dynamic", "dynamic-plus", "random", "structured")
+SPARSE_METHODS = ("none", "static", "dynamic", "dynamic-plus", "random", "structured", "uvc")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class SparseConfig:
     search_threshold: float = 0.08  # Robust Bird: Hamming distance that freezes the mask
     holdout: float = 0.1  # Flying Bird+: share of local data held out to watch robust overfitting
     rescale: bool = True  # random: scale kept initial weights by 1/sqrt(1 - sparsity)
+    flops_ratio: float = 0.5  # uvc: the client's MACs budget as a share of its dense bases
+    uvc_steps: int = 30  # uvc: search steps on the client's data each round
 
     @property
     def enabled(self) -> bool:
@@ -106,12 +114,22 @@ class SparseRound:
         input_shape: tuple[int, ...],
         run_seed: int = 0,
         single_base: "Callable[[], nn.Module] | None" = None,
+        data: "tuple[torch.Tensor, torch.Tensor] | None" = None,
     ) -> None:
         self.model, self.units, self.cfg, self.state = model, units, cfg, state
         self.run_seed = run_seed
         self._single_base = single_base
         self.k = len(units)
         self.params = prunable_parameters(model)
+        self._uvc: Masks = {}
+        if cfg.method == "uvc":
+            if data is None:
+                raise ValueError("uvc needs the client's data for its search")
+            from models.uvc import uvc_masks
+
+            device = next(model.parameters()).device
+            found = uvc_masks(model, data[0].to(device), data[1].to(device), cfg.flops_ratio, steps=cfg.uvc_steps, seed=seed)
+            self._uvc = {n: m for n, m in found.items() if n in self.params}
         self.techniques: dict[str, RobustBirdSearch | FlyingBird | FixedMask] = {}
         for j, unit in enumerate(units):
             record = state.config_records.get(f"sparse.{unit}")
@@ -141,6 +159,9 @@ class SparseRound:
                 raise ValueError("structured sparsity needs a single-base model builder (single_base)")
             mask.masks = structured_mask(self._single_base(), {n: v.cpu() for n, v in self.views(j).items()}, target)
             return mask
+        if cfg.method == "uvc":  # searched afresh on the received weights every round
+            return FixedMask({n: (self._uvc[n].chunk(self.k, 0)[j].clone() if n in self._uvc else torch.ones_like(v, dtype=torch.bool))
+                              for n, v in self.views(j).items()})
         if cfg.method == "random":
             if record is not None:
                 return FixedMask.from_config(record)

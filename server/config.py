@@ -135,6 +135,8 @@ class SimulationConfig:
         if 0.0 not in lambdas:
             raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
         self._check_vit()
+        if self.sparse_method == "uvc" and not self.is_vit:
+            raise ConfigError(f"config key 'sparse-method' = 'uvc' compresses ViT bases; model = '{self.model}' is not a ViT")
         if self.aggregation != "mean" and self.method != "splitmix":
             raise ConfigError(
                 f"config key 'aggregation' = '{self.aggregation}' is implemented for method = 'splitmix' only "
@@ -257,8 +259,11 @@ class SimulationConfig:
                 drop_fraction=self.sparse_drop_fraction,
                 search_threshold=self.sparse_search_threshold,
                 rescale=self.sparse_rescale,
+                flops_ratio=self.uvc_flops_ratio,
             ),
             num_rounds=self.num_rounds,
+            fault_fraction=self.fault_fraction,
+            fault_kind=self.fault_kind,
         )
 
     def to_run_config(self) -> dict[str, Any]:
