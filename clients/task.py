@@ -31,6 +31,9 @@ class ClientTask:
     torch_threads: int = 1
     sparse: SparseConfig = SparseConfig()
     num_rounds: int = 1
+    fault_fraction: float = 0.0  # fault injection (clients/faults.py)
+    fault_kind: str = "mixed"
+    fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -57,4 +60,7 @@ def _parse(text: str) -> ClientTask:
         torch_threads=raw["torch_threads"],
         sparse=SparseConfig(**raw.get("sparse", {})),
         num_rounds=raw.get("num_rounds", 1),
+        fault_fraction=raw.get("fault_fraction", 0.0),
+        fault_kind=raw.get("fault_kind", "mixed"),
+        fault_delay=raw.get("fault_delay", 0.0),
     )
