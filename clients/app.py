@@ -17,6 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import faults
 from clients.adversarial import pgd_linf
 from clients.codec import to_record, to_tensors
 from clients.sparse_codec import to_sparse_record
@@ -113,8 +114,12 @@ def train(msg: Message, context: Context) -> Message:
     task = ClientTask.from_json(str(config["task"]))
     torch.set_num_threads(task.torch_threads)
     profile = _profile(task, context)
+    # Fault injection (simulation config fault-fraction/fault-kind): decided here, from the run
+    # seed, round and partition, so the server needs to know nothing (clients/faults.py).
+    fault = faults.fault_for(task.seed, int(config["round"]), profile.partition_id, task.fault_fraction, task.fault_kind)
+    faults.before_training(fault, task.fault_delay, profile.partition_id)
     if str(config.get("method", "splitmix")) == "width":
-        return _train_width_slice(msg, context, task, profile)
+        return _train_width_slice(msg, context, task, profile, fault)
     indices = [int(i) for i in config["bases"]]
 
     # Decode: per-base states, in the order the server listed the bases.
@@ -131,11 +136,14 @@ def train(msg: Message, context: Context) -> Message:
         for name, tensor in state.items()
         if profile.adversarial or not is_adversarial_tensor(name)
     }
-    return _reply(msg, tensors, masks, result, profile, extra)
+    return _reply(msg, tensors, masks, result, profile, extra, fault)
 
 
-def _reply(msg: Message, tensors: dict, masks: dict, result: TrainResult, profile: ClientProfile, extra: dict) -> Message:
+def _reply(
+    msg: Message, tensors: dict, masks: dict, result: TrainResult, profile: ClientProfile, extra: dict, fault: str | None = None
+) -> Message:
     """Dense tensors, or (sparse clients) only the kept entries of masked weights."""
+    tensors = faults.corrupt(fault, tensors, lambda: to_tensors(msg.content["arrays"]))
     arrays = to_sparse_record(tensors, masks) if masks else to_record(tensors)
     metrics = _metrics(result, profile)
     for key, value in extra.items():
@@ -169,6 +177,7 @@ def _local_training(
             input_shape=(spec.in_channels, spec.image_size, spec.image_size),
             run_seed=task.seed,
             single_base=single,
+            data=(data.x, data.y) if task.sparse.method == "uvc" else None,
         )
     state_key = "optim." + "+".join(units)  # a learned optimizer's moments, for the same units next time
     kept = context.state.array_records.get(state_key) if task.train.optimizer != "sgd" else None
@@ -230,7 +239,7 @@ def _metrics(result: TrainResult, profile: ClientProfile) -> MetricRecord:
 _LOCAL_BN = "local-bn"
 
 
-def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile: ClientProfile) -> Message:
+def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile: ClientProfile, fault: str | None = None) -> Message:
     """HeteroFL/SHeteroFL/FedAvg/FedBN: train the width-w network the server sliced for us.
 
     With ``local-bn`` (FedBN) the batch-norm entries never come from or go to the server: they
@@ -257,7 +266,7 @@ def _train_width_slice(msg: Message, context: Context, task: ClientTask, profile
     tensors = {
         k: v for k, v in trained.items() if not (local_bn and k in norm_keys) and (profile.adversarial or not is_adversarial_tensor(k))
     }
-    return _reply(msg, tensors, masks, result, profile, extra)
+    return _reply(msg, tensors, masks, result, profile, extra, fault)
 
 
 _WIDTH_MODELS: dict[tuple[SplitMixSpec, float], StackedNet] = {}

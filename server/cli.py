@@ -38,15 +38,32 @@ def _summary_table(summary: dict) -> Table:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.simulation import simulate
+    from server import simulation
 
     err = Console(stderr=True)
     try:
-        cfg = load_config(args.config, args.run_config)
+        if args.resume is not None:
+            if args.config is not None or args.run_config:
+                raise ConfigError("--resume takes the run's own config.json; --config/--run-config cannot change it")
+            cfg = simulation.resume_config(args.resume)
+        else:
+            cfg = load_config(args.config, args.run_config)
     except ConfigError as exc:
         _fail(f"config error: {exc}")
         return 2
-    run_dir = simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose)
+    if args.resume is not None:
+        from server.federation import stateful_clients
+
+        if not (Path(args.resume) / "checkpoint.safetensors").is_file():
+            _fail(f"run '{args.resume}' has no checkpoint.safetensors (no round completed?); nothing to resume")
+            return 2
+        reason = stateful_clients(cfg)
+        if reason is not None:
+            _fail(f"cannot resume run '{args.resume}' exactly: {reason}, which the server does not checkpoint")
+            return 2
+    run_dir = simulation.simulate(
+        cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume
+    )
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     Console(width=120).print(_summary_table(summary))
     print(run_dir, flush=True)  # the last line of stdout: the run folder
@@ -135,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", type=Path, help="TOML file with run-config keys (flat, or a pyproject)")
     sim.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 dataset=digits"')
     sim.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
+    sim.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder after its last checkpoint")
     sim.set_defaults(func=cmd_simulate)
     exp = sub.add_parser("experiment", help="run every method × seed of an experiment and compare them")
     exp.add_argument("experiment", help="experiment name (configs/<name>.toml) or path to its TOML file")

@@ -7,12 +7,15 @@ replies are aggregated; this loop only sequences the rounds and records the resu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Callable
 
 import flwr
+import numpy as np
 import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -109,17 +112,64 @@ def _wait_for_nodes(grid: Grid, cfg: SimulationConfig, say: Reporter) -> None:
         count = len(list(grid.get_node_ids()))
 
 
-def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = None) -> Path:
-    """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder."""
+def stateful_clients(cfg: SimulationConfig) -> str | None:
+    """Why this run's clients keep state across rounds (in their Flower Context), or None.
+
+    Such state lives in the client processes and is not in the server's checkpoint, so such a
+    run cannot be resumed exactly; ``--resume`` refuses it.
+    """
+    if cfg.sparse_method != "none" and cfg.sparse_fraction > 0:
+        return f"sparse-method = '{cfg.sparse_method}' keeps each client's sparse masks in its node state"
+    if cfg.optimizer != "sgd":
+        return f"optimizer = '{cfg.optimizer}' keeps each client's optimizer state in its node state"
+    if cfg.method == "fedbn":
+        return "method = 'fedbn' keeps each client's batch-norm entries in its node state"
+    return None
+
+
+def _rng_states() -> tuple[dict[str, torch.Tensor], dict]:
+    """The server process's global RNG states (torch, numpy, random) as tensors + JSON."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch-rng": torch.get_rng_state(), "numpy-rng": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))}
+    return tensors, {"numpy": [name, int(pos), int(has_gauss), float(gauss)], "random": [version, list(internal), gauss_next]}
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor], state: dict) -> None:
+    torch.set_rng_state(tensors["torch-rng"])
+    name, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, tensors["numpy-rng"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = None, resume: str | Path | None = None) -> Path:
+    """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder.
+
+    Each completed round writes ``checkpoint.safetensors`` (atomically). With ``resume`` (a run
+    folder) the run continues after that folder's last checkpoint and ends with the same weights
+    as an uninterrupted run.
+    """
     say = report or (lambda text: log.info(text))
-    store = RunStore.create(cfg.out_dir, cfg.run_name)
+    checkpoint = None
+    if resume is not None:
+        reason = stateful_clients(cfg)
+        if reason is not None:
+            raise RuntimeError(f"cannot resume run '{resume}' exactly: {reason}, which the server does not checkpoint")
+        store = RunStore(Path(resume).resolve())
+        checkpoint = store.load_checkpoint()
+    else:
+        store = RunStore.create(cfg.out_dir, cfg.run_name)
     method = cfg.make_method()
     spec = method.spec
     task = cfg.client_task(spec)
-    store.write_json(
-        "config.json",
-        {"run_config": cfg.to_run_config(), "method": method.name, "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
-    )
+    if cfg.fault_fraction > 0:  # a "timeout" fault sleeps past the round's deadline (bounded)
+        task = dataclasses.replace(task, fault_delay=cfg.round_timeout + 1.0)
+    if checkpoint is None:
+        store.write_json(
+            "config.json",
+            {"run_config": cfg.to_run_config(), "method": method.name, "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
+        )
     if hasattr(grid, "pull_interval"):  # simulation's in-memory grid polls replies every 0.1 s
         grid.pull_interval = min(grid.pull_interval, 0.01)
     device = resolve_device(cfg.device)
@@ -157,12 +207,23 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     if cfg.sparse_method == "structured" and cfg.sparse_fraction == 1.0:
         single = spec.build(1) if method.name == "splitmix" else spec.build_width(1.0)
         served = lambda st: structured_state(st, prunable, cfg.sparsity, single)  # noqa: E731
-    elif cfg.sparse_method != "none" and cfg.sparse_fraction == 1.0:
+    elif cfg.sparse_method not in ("none", "uvc") and cfg.sparse_fraction == 1.0:  # uvc masks differ per client
         served = lambda st: prune_state(st, prunable, cfg.sparsity)  # noqa: E731
     arrays = to_record(initial)
     totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
     scores: WidthScores | None = None
-    for rnd in range(1, cfg.num_rounds + 1):
+    first = 1
+    if checkpoint is not None:  # continue after the last completed round
+        weights, extra_tensors, saved = checkpoint
+        arrays = to_record(weights)
+        state = weights
+        strategy.load_state_dict(saved["strategy"])
+        totals.update(saved["totals"])
+        first = int(saved["round"]) + 1
+        store.truncate(first - 1)
+        _set_rng_states(extra_tensors, saved["rng"])
+        say(f"resuming {store.root} after round {first - 1}/{cfg.num_rounds}")
+    for rnd in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         joined = strategy.discover(grid, task_json, cfg.round_timeout)  # new/restarted nodes; who is online
         store.append_events(rnd, joined.problems)
@@ -190,6 +251,10 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
             totals[key] += int(row.get(key.replace("_", "-"), 0))
         totals["train_s"] += train_s
         totals["eval_s"] += eval_s
+        rng_tensors, rng_state = _rng_states()
+        store.save_checkpoint(
+            state, rng_tensors, {"round": rnd, "strategy": strategy.state_dict(), "totals": totals, "rng": rng_state}
+        )
         accuracy = (
             f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}"
             if scores is not None and f"acc-w{width_key(scores.widths[0])}-l0.0" in row
@@ -200,7 +265,8 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
             f"valid {row.get('valid', 0)}/{row.get('sampled', 0)}  {train_s:.1f}s+{eval_s:.1f}s"
         )
 
-    assert scores is not None
+    if scores is None:  # resumed after the last round's checkpoint: evaluate the final model again
+        scores = evaluator.evaluate(served(state), cfg.eval_pgd_steps > 0)
     state = served(state)
     store.save_weights(state, {"round": str(cfg.num_rounds), "sparsity": str(cfg.sparsity if cfg.sparse_method != "none" else 0.0)})
     if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases

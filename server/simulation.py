@@ -18,6 +18,18 @@ from server.config import SimulationConfig
 from server.federation import Reporter, run_federation
 
 
+def resume_config(run: str | Path) -> SimulationConfig:
+    """The validated run config of an existing run folder (its ``config.json``)."""
+    import json
+
+    from server.config import ConfigError
+
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"'{run}' is not a run folder (no config.json)")
+    return SimulationConfig.from_mapping(json.loads(path.read_text())["run_config"])
+
+
 def backend_config(cfg: SimulationConfig) -> dict:
     """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
     so a 2-core machine runs two actors without oversubscribing the cores. ``ray-address``
@@ -32,8 +44,9 @@ def backend_config(cfg: SimulationConfig) -> dict:
     }
 
 
-def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower: bool = True) -> Path:
-    """Run one simulation; returns the run folder. Raises what the server loop raised."""
+def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
+    """Run one simulation (or, with ``resume``, continue that run folder after its last
+    checkpoint); returns the run folder. Raises what the server loop raised."""
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -47,7 +60,7 @@ def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            outcome["run_dir"] = run_federation(grid, cfg, report)
+            outcome["run_dir"] = run_federation(grid, cfg, report, resume=resume)
         except BaseException as err:  # surfaced to the caller below
             outcome["error"] = err
             raise

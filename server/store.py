@@ -8,6 +8,8 @@ runs/<name>/
   events.jsonl         rejected replies, failed clients, failed rounds (only when there are any)
   model.safetensors    final global weights (all bases, "base{i}.<path>"), written atomically
   summary.json         per-width accuracy / robust accuracy / params / MACs
+  checkpoint.safetensors  the last completed round: global weights, strategy state, RNG states
+                       (one file, replaced atomically each round; `splitmix simulate --resume`)
   accuracy_per_width.png, robustness.png
 ```
 JSON, CSV and weights are written via a temporary file and ``os.replace`` (fsynced), so a crash
@@ -29,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "splitmix-checkpoint-1"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -64,6 +68,37 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"checkpoint '{path}' is damaged or not a safetensors file: {err}") from None
+
+
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """One file holding everything a resumed run needs (weights under ``weights/``, other
+    tensors such as RNG states under ``extra/``, the JSON ``state`` in the header), written via a
+    temporary file + fsync + rename: a crash at any point leaves the previous checkpoint intact."""
+    out = {f"weights/{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    out.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in tensors.items()})
+    metadata = {"format": CHECKPOINT_FORMAT, "round": str(state["round"]), "state": json.dumps(state, sort_keys=True)}
+    _atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """``(weights, tensors, state)`` of :func:`save_checkpoint`; a damaged file raises ValueError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at '{path}'")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+            state = json.loads(metadata["state"])
+            weights, tensors = {}, {}
+            for key in fh.keys():
+                group, name = key.split("/", 1)
+                (weights if group == "weights" else tensors)[name] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise ValueError(f"checkpoint '{path}' is damaged or not a checkpoint: {err}") from None
+    return weights, tensors, state
 
 
 class RunStore:
@@ -117,6 +152,32 @@ class RunStore:
 
         _atomic_write(path, write)
         return path
+
+    def save_checkpoint(self, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], state: dict) -> Path:
+        path = self.root / CHECKPOINT
+        save_checkpoint(path, weights, tensors, state)
+        return path
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        return load_checkpoint(self.root / CHECKPOINT)
+
+    def truncate(self, last_round: int) -> None:
+        """Drop metrics/events lines of rounds after ``last_round`` (written after the last
+        checkpoint by a run that was then interrupted); rewritten atomically."""
+        for name in ("metrics.jsonl", "events.jsonl"):
+            path = self.root / name
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line
+                    continue
+                if int(row.get("round", 0)) <= last_round:
+                    kept.append(line)
+            text = "".join(line + "\n" for line in kept)
+            _atomic_write(path, lambda tmp: tmp.write_text(text))
 
     def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         path = self.root / WEIGHTS

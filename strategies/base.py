@@ -131,6 +131,34 @@ def _checked_tensors(values: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return out
 
 
+MAGNITUDE_FACTOR = 1e3  # a returned tensor may not exceed 1e3 · (max |sent| + 1) in absolute value
+
+
+def magnitude_bound(sent_peak: float) -> float:
+    """The largest |value| a reply may hold in a tensor whose sent values peak at ``sent_peak``.
+
+    Honest local training moves weights by a few learning-rate steps and BN running statistics
+    by the data's scale, far inside this bound (the +1 covers tensors sent as zeros, e.g. biases);
+    a reply scaled by an absurd factor (the ``scaled`` fault: × 1e6) is far outside it.
+    """
+    return MAGNITUDE_FACTOR * (sent_peak + 1.0)
+
+
+def check_magnitudes(tensors: dict, bounds: dict[str, float]) -> None:
+    """Raise :class:`ReplyRejected` for the first floating tensor beyond its bound (sparse
+    entries are ``(mask, values)`` pairs: their values are checked)."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if isinstance(value, tuple):
+            value = value[1]
+        if key not in bounds or not value.is_floating_point() or value.numel() == 0:
+            continue
+        low, high = torch.aminmax(value)
+        peak = max(abs(float(low)), abs(float(high)))
+        if peak > bounds[key]:
+            raise ReplyRejected(f"tensor '{key}' has |value| up to {peak:.3g}, beyond the bound {bounds[key]:.3g} (1e3 · (max |sent| + 1))")
+
+
 REQUIRED_METRICS = ("num-examples", "loss", "train-time")
 RETRY_DISCOVERY = 5  # discovery calls (rounds) between profile queries to a node that failed one
 OPTIONAL_FRACTIONS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
@@ -228,6 +256,7 @@ class FederatedStrategy(Strategy):
         self._discoveries = 0
         self._retry_at: dict[int, int] = {}  # node whose profile failed -> discovery call to ask again
         self._current = ArrayRecord()
+        self._bounds: tuple[ArrayRecord | None, dict[str, float]] = (None, {})
         self.aggregation = "mean"  # strategies/robust_aggregation.py (Split-Mix: per base)
         self.trim_fraction = 0.1
 
@@ -389,6 +418,7 @@ class FederatedStrategy(Strategy):
                     stats.sparse_replies += 1
                 else:
                     tensors = validate_arrays(record, sent)
+                check_magnitudes(tensors, self.magnitude_bounds())
                 num_examples = reply_num_examples(msg, profile.num_examples)
             except ReplyRejected as err:
                 stats.rejected += 1
@@ -397,11 +427,36 @@ class FederatedStrategy(Strategy):
             valid.append((profile, tensors, num_examples, msg.content.metric_records["metrics"]))
         stats.failures += len(expected)  # sent work, no reply before the timeout
         for node in expected:
-            stats.problems.append(f"round {server_round}: node {node} did not reply in time")
+            profile = self.profiles.get(node)
+            who = f"node {node}" + (f" (partition {profile.partition_id})" if profile else "")
+            stats.problems.append(f"round {server_round}: {who} did not reply in time")
         for problem in stats.problems:
             log.warning(problem)
         valid.sort(key=lambda item: item[0].partition_id)  # deterministic aggregation order
         return valid
+
+    def magnitude_bounds(self) -> dict[str, float]:
+        """Per-key bound on |value| of a reply, from the global model sent this round (cached)."""
+        current, bounds = self._bounds
+        if current is not self._current:
+            bounds = {}
+            for key, array in self._current.items():
+                value = decode(array)
+                if np.issubdtype(value.dtype, np.floating):
+                    bounds[key] = magnitude_bound(float(np.abs(value).max()) if value.size else 0.0)
+            self._bounds = (self._current, bounds)
+        return bounds
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """What a resumed run needs to sample and assign exactly as the uninterrupted one: the
+        sampling generator's state and counters (JSON-serialisable). Profiles are not saved: they
+        are asked again from the nodes (node ids change between processes; partitions do not)."""
+        return {"rng": self.rng.bit_generator.state, "discoveries": self._discoveries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]  # in place: schedulers share this generator
+        self._discoveries = int(state["discoveries"])
 
     # ------------------------------------------------------------------ client-side evaluation: off
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

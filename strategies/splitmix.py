@@ -99,6 +99,13 @@ class SplitMixStrategy(FederatedStrategy):
         self.last_round = stats
         return messages
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "cycles": [[group, list(cycle)] for group, cycle in self.scheduler._cycles.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.scheduler._cycles = {group: [int(b) for b in cycle] for group, cycle in state["cycles"]}
+
     def combine(self, contributions: list[tuple[dict, float]]) -> ArrayRecord:
         """Each tensor averaged over the clients that returned it (so each base over exactly the
         clients that trained it); untouched tensors keep their value. ``aggregation`` = median or
