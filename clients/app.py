@@ -17,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import faults
+from clients import faults, node_state
 from clients.adversarial import pgd_linf
 from clients.codec import to_record, to_tensors
 from clients.sparse_codec import to_sparse_record
@@ -118,6 +118,15 @@ def train(msg: Message, context: Context) -> Message:
     # seed, round and partition, so the server needs to know nothing (clients/faults.py).
     fault = faults.fault_for(task.seed, int(config["round"]), profile.partition_id, task.fault_fraction, task.fault_kind)
     faults.before_training(fault, task.fault_delay, profile.partition_id)
+    server_round = int(config["round"])
+    node_state.restore_once(context.state, task.state_dir, profile.partition_id, server_round)  # a resumed run
+    reply = _train(msg, context, task, profile, fault, config)
+    if task.state_dir:  # keep this node's state (masks, optimizer moments, local BN) resumable
+        node_state.save_node_state(task.state_dir, profile.partition_id, server_round, context.state)
+    return reply
+
+
+def _train(msg: Message, context: Context, task: ClientTask, profile: ClientProfile, fault: str | None, config) -> Message:
     if str(config.get("method", "splitmix")) == "width":
         return _train_width_slice(msg, context, task, profile, fault)
     indices = [int(i) for i in config["bases"]]

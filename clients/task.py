@@ -34,6 +34,7 @@ class ClientTask:
     fault_fraction: float = 0.0  # fault injection (clients/faults.py)
     fault_kind: str = "mixed"
     fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
+    state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -63,4 +64,5 @@ def _parse(text: str) -> ClientTask:
         fault_fraction=raw.get("fault_fraction", 0.0),
         fault_kind=raw.get("fault_kind", "mixed"),
         fault_delay=raw.get("fault_delay", 0.0),
+        state_dir=raw.get("state_dir", ""),
     )

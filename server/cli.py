@@ -52,12 +52,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _fail(f"config error: {exc}")
         return 2
     if args.resume is not None:
-        from server.federation import stateful_clients
+        from server.federation import resume_blocker
 
         if not (Path(args.resume) / "checkpoint.safetensors").is_file():
             _fail(f"run '{args.resume}' has no checkpoint.safetensors (no round completed?); nothing to resume")
             return 2
-        reason = stateful_clients(cfg)
+        reason = resume_blocker(cfg, args.resume)
         if reason is not None:
             _fail(f"cannot resume run '{args.resume}' exactly: {reason}, which the server does not checkpoint")
             return 2

@@ -112,11 +112,16 @@ def _wait_for_nodes(grid: Grid, cfg: SimulationConfig, say: Reporter) -> None:
         count = len(list(grid.get_node_ids()))
 
 
+CLIENT_STATE = "client-state"  # run-folder subfolder of the nodes' saved Context state (simulation)
+DEPLOYMENT_GRIDS = ("HttpGrid", "GrpcGrid")  # grids of a SuperLink deployment (nodes on other machines)
+
+
 def stateful_clients(cfg: SimulationConfig) -> str | None:
     """Why this run's clients keep state across rounds (in their Flower Context), or None.
 
-    Such state lives in the client processes and is not in the server's checkpoint, so such a
-    run cannot be resumed exactly; ``--resume`` refuses it.
+    Such state lives in the client processes, not in the server's checkpoint: in simulation the
+    nodes save it per round under ``client-state/`` (``clients/node_state.py``) so a resume gets
+    it back; a run without that folder (a deployment) cannot be resumed exactly.
     """
     if cfg.sparse_method != "none" and cfg.sparse_fraction > 0:
         return f"sparse-method = '{cfg.sparse_method}' keeps each client's sparse masks in its node state"
@@ -125,6 +130,14 @@ def stateful_clients(cfg: SimulationConfig) -> str | None:
     if cfg.method == "fedbn":
         return "method = 'fedbn' keeps each client's batch-norm entries in its node state"
     return None
+
+
+def resume_blocker(cfg: SimulationConfig, run: str | Path) -> str | None:
+    """Why ``run`` cannot be resumed exactly (None: it can): stateful clients without saved state."""
+    reason = stateful_clients(cfg)
+    if reason is None or (Path(run) / CLIENT_STATE).is_dir():
+        return None
+    return f"{reason} and no {CLIENT_STATE}/ was saved"
 
 
 def _rng_states() -> tuple[dict[str, torch.Tensor], dict]:
@@ -153,7 +166,7 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     say = report or (lambda text: log.info(text))
     checkpoint = None
     if resume is not None:
-        reason = stateful_clients(cfg)
+        reason = resume_blocker(cfg, resume)
         if reason is not None:
             raise RuntimeError(f"cannot resume run '{resume}' exactly: {reason}, which the server does not checkpoint")
         store = RunStore(Path(resume).resolve())
@@ -163,6 +176,8 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
     method = cfg.make_method()
     spec = method.spec
     task = cfg.client_task(spec)
+    if stateful_clients(cfg) and type(grid).__name__ not in DEPLOYMENT_GRIDS:  # simulation: nodes save their state
+        task = dataclasses.replace(task, state_dir=str(store.root / CLIENT_STATE))
     if cfg.fault_fraction > 0:  # a "timeout" fault sleeps past the round's deadline (bounded)
         task = dataclasses.replace(task, fault_delay=cfg.round_timeout + 1.0)
     if checkpoint is None:

@@ -160,11 +160,53 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
         load_checkpoint(store.root / CHECKPOINT)
 
 
+@pytest.mark.parametrize("variant", ["sparse-method=dynamic sparsity=0.8 sparse-update-every=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"])
+def test_stateful_clients_resume_from_their_saved_node_state(variant, tmp_path, monkeypatch):
+    """Sparse masks, optimizer moments and FedBN's local BN live in each node's Context; in
+    simulation nodes save it per round (client-state/), so the resumed run (fresh Contexts)
+    still ends with the uninterrupted run's weights."""
+    overrides = f"{RUN} {variant}"
+    full = run_federation(InProcessGrid(6), load_config(overrides=f"{overrides} out-dir='{tmp_path}' run-name=full"))
+    assert any((full / "client-state").iterdir())
+    real_save = RunStore.save_checkpoint
+
+    def save_then_stop(self, weights, tensors, state):
+        path = real_save(self, weights, tensors, state)
+        if state["round"] == 2:
+            raise Interrupted("stopped after round 2")
+        return path
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        run_federation(InProcessGrid(6), load_config(overrides=f"{overrides} out-dir='{tmp_path}' run-name=cut"))
+    monkeypatch.setattr(RunStore, "save_checkpoint", real_save)
+    run = _resume_in_process(monkeypatch, tmp_path / "cut")
+    weights, expected = load_weights(run / "model.safetensors"), load_weights(full / "model.safetensors")
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k], expected[k]) for k in weights), "resumed weights differ"
+
+
 def test_resume_refuses_runs_whose_clients_keep_state(tmp_path, capsys):
     cfg = load_config(overrides=f"sparse-method=dynamic out-dir='{tmp_path}' run-name=sparse")
     run = tmp_path / "sparse"
     RunStore(run).write_json("config.json", {"run_config": cfg.to_run_config()})
     RunStore(run).save_checkpoint({"w": torch.zeros(1)}, {}, {"round": 1})
     assert main(["simulate", "--resume", str(run)]) == 2
-    assert "sparse masks" in capsys.readouterr().err
+    assert "sparse masks" in capsys.readouterr().err  # no client-state/ saved (e.g. a deployment's run)
     assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
+
+
+def test_node_state_files_keep_what_a_resume_needs(tmp_path):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from clients.node_state import load_node_state, restore_once, save_node_state
+
+    for rnd in (1, 3, 5):
+        save_node_state(tmp_path, 7, rnd, RecordDict({"sparse.base0": ConfigRecord({"masks": bytes([rnd]), "steps": rnd})}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partition-7.round-3.pb", "partition-7.round-5.pb"]
+    assert load_node_state(tmp_path, 7, before_round=5)["sparse.base0"]["masks"] == bytes([3])  # redoing round 5
+    assert load_node_state(tmp_path, 7, before_round=6)["sparse.base0"]["steps"] == 5
+    assert load_node_state(tmp_path, 8, before_round=6) is None
+    state = RecordDict()
+    assert restore_once(state, str(tmp_path), 7, 6) and state["sparse.base0"]["steps"] == 5
+    assert not restore_once(state, str(tmp_path), 7, 7)  # once per Context
