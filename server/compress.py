@@ -26,6 +26,8 @@ Output folder (``--out``, default ``<run>/uvc-w<W>-f<ratio>[-l<λ>][-best]``)::
                         params/MACs, accuracies (dense, after search, compressed, magnitude
                         baseline), what UVC kept per base and block, settings, seconds
     history.json        per epoch of the search and of each fine-tuning: loss, MACs ratio, z
+    model.pt2           torch.export program of the sliced model (dynamic batch), like
+                        ``splitmix query``'s export: runs without this project's code
 
 :func:`load_compressed` rebuilds the compressed model from ``architecture.json`` + ``model.safetensors``.
 """
@@ -65,6 +67,7 @@ from models.uvc import (
 from models.vit import VisionTransformer
 
 WEIGHTS, ARCHITECTURE, CARD, HISTORY = "model.safetensors", "architecture.json", "model_card.json", "history.json"
+PROGRAM = "model.pt2"
 Reporter = Callable[[str], None]
 
 
@@ -305,6 +308,7 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": sliced.architecture["format"]})
     (folder / ARCHITECTURE).write_text(json.dumps({**sliced.architecture, "robustness": served.robustness}, indent=2) + "\n")
+    _export_program(sliced, run.input_shape, folder / PROGRAM)
     card["seconds"]["total"] = time.perf_counter() - t0
     card["folder"] = str(folder.resolve())
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -366,8 +370,16 @@ def _card(run, served, sim, data_source: str, examples: int, select: str, flops_
                      "data": data_source, "examples": examples, "uvc": asdict(cfg),
                      "finetune": "AdamW (lr, weight decay 0.05), cosine, distillation from the dense model, masks fixed"},
         "seconds": dict(seconds),
-        "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": HISTORY, "load": "server.compress.load_compressed(folder)"},
+        "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": HISTORY, "program": PROGRAM,
+                  "load": "server.compress.load_compressed(folder), or torch.export.load(model.pt2).module()"},
     }
+
+
+def _export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """torch.export the sliced model with a dynamic batch (what ``splitmix query`` exports too)."""
+    example = torch.zeros(2, *input_shape)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+    torch.export.save(program, str(path))
 
 
 def load_compressed(folder: str | Path) -> nn.Module:

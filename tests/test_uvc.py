@@ -291,6 +291,8 @@ def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     test = test_data(cfg.data_config())
     with torch.no_grad():
         accuracy = float((model(test.x).argmax(-1) == test.y).float().mean())
+        exported = torch.export.load(str(out / "model.pt2")).module()  # servable without this project's code
+        assert torch.allclose(exported(test.x[:5]), model(test.x[:5]), atol=1e-5)
     assert accuracy == pytest.approx(card["accuracy"]["compressed"])
 
 
