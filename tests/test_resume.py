@@ -69,7 +69,8 @@ def _assert_same_final_run(run: Path, reference: Path) -> None:
     assert summary["widths"]["1.0"]["accuracy"] == ref_summary["widths"]["1.0"]["accuracy"]
 
 
-def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+def _run_until_round_two(monkeypatch, overrides: str) -> None:
+    """Run in process and stop right after the round-2 checkpoint (as a crash would)."""
     real_save = RunStore.save_checkpoint
 
     def save_then_stop(self, weights, tensors, state):
@@ -80,8 +81,12 @@ def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(un
 
     monkeypatch.setattr(RunStore, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
-        run_federation(InProcessGrid(6), load_config(overrides=f"{RUN} out-dir='{tmp_path}' run-name=cut"))
+        run_federation(InProcessGrid(6), load_config(overrides=overrides))
     monkeypatch.setattr(RunStore, "save_checkpoint", real_save)
+
+
+def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+    _run_until_round_two(monkeypatch, f"{RUN} out-dir='{tmp_path}' run-name=cut")
     run = tmp_path / "cut"
     assert not (run / "summary.json").exists()
     assert load_checkpoint(run / CHECKPOINT)[2]["round"] == 2
@@ -168,18 +173,7 @@ def test_stateful_clients_resume_from_their_saved_node_state(variant, tmp_path, 
     overrides = f"{RUN} {variant}"
     full = run_federation(InProcessGrid(6), load_config(overrides=f"{overrides} out-dir='{tmp_path}' run-name=full"))
     assert any((full / "client-state").iterdir())
-    real_save = RunStore.save_checkpoint
-
-    def save_then_stop(self, weights, tensors, state):
-        path = real_save(self, weights, tensors, state)
-        if state["round"] == 2:
-            raise Interrupted("stopped after round 2")
-        return path
-
-    monkeypatch.setattr(RunStore, "save_checkpoint", save_then_stop)
-    with pytest.raises(Interrupted):
-        run_federation(InProcessGrid(6), load_config(overrides=f"{overrides} out-dir='{tmp_path}' run-name=cut"))
-    monkeypatch.setattr(RunStore, "save_checkpoint", real_save)
+    _run_until_round_two(monkeypatch, f"{overrides} out-dir='{tmp_path}' run-name=cut")
     run = _resume_in_process(monkeypatch, tmp_path / "cut")
     weights, expected = load_weights(run / "model.safetensors"), load_weights(full / "model.safetensors")
     assert set(weights) == set(expected)
