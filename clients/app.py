@@ -116,9 +116,9 @@ def train(msg: Message, context: Context) -> Message:
     profile = _profile(task, context)
     # Fault injection (simulation config fault-fraction/fault-kind): decided here, from the run
     # seed, round and partition, so the server needs to know nothing (clients/faults.py).
-    fault = faults.fault_for(task.seed, int(config["round"]), profile.partition_id, task.fault_fraction, task.fault_kind)
-    faults.before_training(fault, task.fault_delay, profile.partition_id)
     server_round = int(config["round"])
+    fault = faults.fault_for(task.seed, server_round, profile.partition_id, task.fault_fraction, task.fault_kind)
+    faults.before_training(fault, task.fault_delay, profile.partition_id)
     node_state.restore_once(context.state, task.state_dir, profile.partition_id, server_round)  # a resumed run
     reply = _train(msg, context, task, profile, fault, config)
     if task.state_dir:  # keep this node's state (masks, optimizer moments, local BN) resumable
