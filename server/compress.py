@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from clients.data import ArrayData, client_train_data, test_data
+from clients.data import ArrayData, test_data
 from models.blocks import DualBatchNorm, set_route
 from models.cost import count_macs, count_params
 from models.uvc import (
@@ -65,6 +65,7 @@ from models.uvc import (
     uvc_search,
 )
 from models.vit import VisionTransformer
+from server.prune import apply_threads, batched_logits, run_training_data
 
 WEIGHTS, ARCHITECTURE, CARD, HISTORY = "model.safetensors", "architecture.json", "model_card.json", "history.json"
 PROGRAM = "model.pt2"
@@ -83,36 +84,8 @@ def _fail(message: str) -> None:
 # helpers
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return int((logits.argmax(-1) == y).sum()) / max(1, len(y))
-
-
-def _training_data(run, partition: int | None) -> tuple[ArrayData, str, Any]:
-    """The run's training data (union of client partitions, or one), as ``splitmix prune`` uses."""
-    from server.config import ConfigError, SimulationConfig
-
-    try:
-        sim = SimulationConfig.from_mapping(run.config["run_config"])
-    except (ConfigError, KeyError) as exc:
-        raise CompressError(f"run '{run.folder}' has an unreadable config.json: {exc}") from None
-    data_cfg = sim.data_config()
-    n = data_cfg.num_partitions
-    if partition is not None and not 0 <= partition < n:
-        raise CompressError(f"--partition {partition} is out of range; the run has {n} client partitions: [0, {n})")
-    ids = [partition] if partition is not None else list(range(n))
-    try:
-        parts = [client_train_data(data_cfg, i) for i in ids]
-    except (FileNotFoundError, ValueError) as exc:
-        raise CompressError(f"the run's training data is not available here: {exc}") from None
-    data = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
-    source = f"client partition {partition} of {n}" if partition is not None else f"union of all {n} client partitions"
-    return data, f"{sim.dataset} ({sim.partition}): {source}", sim
 
 
 def _check_inputs(flops_ratio: float, search_epochs: int, finetune_epochs: int, batch_size: int, lr: float) -> None:
@@ -236,7 +209,7 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     dense = copy.deepcopy(served.module).cpu().eval()
     for p in dense.parameters():
         p.requires_grad_(True)
-    train, data_source, sim = _training_data(run, partition)
+    train, data_source, sim = run_training_data(run, partition, CompressError)
     test = test_data(sim.data_config())
     folder = Path(out) if out is not None else _default_out(run.folder, served.width, flops_ratio, served.robustness, select)
     cfg = replace(config or UVCConfig(), flops_ratio=float(flops_ratio), lr=lr)
@@ -248,7 +221,7 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     if dense_macs != geom.dense_macs():
         raise RuntimeError(f"UVC's MAC formula ({geom.dense_macs()}) disagrees with the flop counter ({dense_macs}) for this ViT")
     budget = flops_ratio * dense_macs
-    acc_dense = _accuracy(_logits(dense, test.x), test.y)
+    acc_dense = _accuracy(batched_logits(dense, test.x), test.y)
     teacher = teacher_logits(dense, train.x)
     per_epoch = _steps_per_epoch(len(train), batch_size)
     history: list[dict[str, Any]] = []
@@ -267,7 +240,7 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
         learned = search.selection()
         gates = search.gates.detach()
         sel = project_to_budget(geom, learned, group_scores(model), budget, gate_margin=gates[..., 1] - gates[..., 0], fill=True)
-        acc_search = _accuracy(_logits(masked_copy(model, sel), test.x), test.y)
+        acc_search = _accuracy(batched_logits(masked_copy(model, sel), test.x), test.y)
         seconds["search"] = time.perf_counter() - t
         say(f"search ({steps} steps): learned MACs ratio {learned.macs(geom) / dense_macs:.4f} → projected "
             f"{sel.macs(geom) / dense_macs:.4f}; accuracy before fine-tuning {acc_search:.4f} ({seconds['search']:.1f}s)")
@@ -288,7 +261,7 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
             t = time.perf_counter()
             mag_model = copy.deepcopy(dense)
             mag = magnitude_selection(mag_model, flops_ratio)
-            acc_mag0 = _accuracy(_logits(masked_copy(mag_model, mag), test.x), test.y)
+            acc_mag0 = _accuracy(batched_logits(masked_copy(mag_model, mag), test.x), test.y)
             bar.stage("magnitude fine-tune", finetune_epochs * per_epoch)
             log = _EpochLog("baseline-finetune", per_epoch, history, bar)
             finetune(mag_model, mag, train.x, train.y, teacher, finetune_epochs, lr=lr, batch_size=batch_size, alpha=cfg.alpha,
@@ -326,7 +299,7 @@ def _slice_and_check(model: VisionTransformer, sel: Selection, robustness: float
     for m in (masked, sliced):
         for p in m.parameters():
             p.requires_grad_(False)
-    masked_logits, sliced_logits = _logits(masked, test.x), _logits(sliced, test.x)
+    masked_logits, sliced_logits = batched_logits(masked, test.x), batched_logits(sliced, test.x)
     max_diff = float((masked_logits - sliced_logits).abs().max())
     if not torch.allclose(masked_logits, sliced_logits, atol=1e-4, rtol=1e-4):
         raise RuntimeError(f"sliced ViT differs from the masked model (max |Δlogit| {max_diff:.3g})")
@@ -422,11 +395,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     err = Console(stderr=True)
-    if args.threads is not None:
-        if args.threads < 1:
-            _fail(f"--threads {args.threads} is out of range; allowed: an integer >= 1")
-            return 2
-        torch.set_num_threads(args.threads)
+    if not apply_threads(args.threads):
+        return 2
     try:
         card = compress_run(args.run, args.width, args.flops_ratio, out=args.out, robustness=args.robustness,
                             search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,

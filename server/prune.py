@@ -173,7 +173,8 @@ def _accuracy(model: nn.Module, data: ArrayData, batch: int = 1024) -> float:
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+def batched_logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """``model``'s logits on ``x`` in eval mode, a batch at a time (post-training checks)."""
     model.eval()
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
@@ -252,24 +253,26 @@ def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) ->
     return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
-def _training_data(run, settings: PruneSettings) -> tuple[ArrayData, str, Any]:
+def run_training_data(run, partition: int | None, error: type[ValueError] = PruneError) -> tuple[ArrayData, str, Any]:
+    """A finished run's training data for post-training steps (``prune``, ``compress``): the union
+    of its client partitions, or one; problems raise ``error`` naming what is wrong."""
     from server.config import ConfigError, SimulationConfig
 
     try:
         sim = SimulationConfig.from_mapping(run.config["run_config"])
     except (ConfigError, KeyError) as exc:
-        raise PruneError(f"run '{run.folder}' has an unreadable config.json: {exc}") from None
+        raise error(f"run '{run.folder}' has an unreadable config.json: {exc}") from None
     data_cfg = sim.data_config()
     n = data_cfg.num_partitions
-    if settings.partition is not None and not 0 <= settings.partition < n:
-        raise PruneError(f"--partition {settings.partition} is out of range; the run has {n} client partitions: [0, {n})")
-    ids = [settings.partition] if settings.partition is not None else list(range(n))
+    if partition is not None and not 0 <= partition < n:
+        raise error(f"--partition {partition} is out of range; the run has {n} client partitions: [0, {n})")
+    ids = [partition] if partition is not None else list(range(n))
     try:
         parts = [client_train_data(data_cfg, i) for i in ids]
     except (FileNotFoundError, ValueError) as exc:
-        raise PruneError(f"the run's training data is not available here: {exc}") from None
+        raise error(f"the run's training data is not available here: {exc}") from None
     data = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
-    source = f"client partition {settings.partition} of {n}" if settings.partition is not None else f"union of all {n} client partitions"
+    source = f"client partition {partition} of {n}" if partition is not None else f"union of all {n} client partitions"
     return data, f"{sim.dataset} ({sim.partition}): {source}", sim
 
 
@@ -444,7 +447,7 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
         names = _producer_names(dense)
     except NotImplementedError as exc:
         raise PruneError(f"model family '{run.spec.arch}' ({type(dense).__name__}) is not supported by channel slicing: {exc}") from None
-    train, data_source, sim = _training_data(run, s)
+    train, data_source, sim = run_training_data(run, s.partition)
     test = test_data(sim.data_config())
     folder = Path(out) if out is not None else _default_out(run.folder, s)
     torch.manual_seed(s.seed)
@@ -470,7 +473,7 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     for m in (model, sliced):
         for p in m.parameters():
             p.requires_grad_(False)
-    masked_logits, sliced_logits = _logits(model, test.x), _logits(sliced, test.x)
+    masked_logits, sliced_logits = batched_logits(model, test.x), batched_logits(sliced, test.x)
     max_diff = float((masked_logits - sliced_logits).abs().max())
     acc_masked = int((masked_logits.argmax(-1) == test.y).sum()) / len(test)
     acc_sliced = int((sliced_logits.argmax(-1) == test.y).sum()) / len(test)
@@ -580,16 +583,25 @@ def card_table(card: dict[str, Any]):
     return table
 
 
+def apply_threads(threads: int | None) -> bool:
+    """``--threads`` of a post-training command: set torch's CPU threads; False (and an error on
+    stderr) for a value below 1."""
+    if threads is None:
+        return True
+    if threads < 1:
+        _fail(f"--threads {threads} is out of range; allowed: an integer >= 1")
+        return False
+    torch.set_num_threads(threads)
+    return True
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Handler of ``splitmix prune``: progress on stderr, a table, the output folder last on stdout."""
     from rich.console import Console
 
     err = Console(stderr=True)
-    if args.threads is not None:
-        if args.threads < 1:
-            _fail(f"--threads {args.threads} is out of range; allowed: an integer >= 1")
-            return 2
-        torch.set_num_threads(args.threads)
+    if not apply_threads(args.threads):
+        return 2
     try:
         settings = PruneSettings(width=args.width, channel_sparsity=args.channel_sparsity, robustness=args.robustness,
                                  select=args.select, imp_rounds=args.imp_rounds, rate=args.rate, epochs=args.epochs, lr=args.lr,
