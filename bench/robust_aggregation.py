@@ -15,7 +15,7 @@ example-weighted mean‖ / ‖honest-only mean − previous global‖ over every
 the attackers had not taken part; 1 = off by a whole honest update).
 
 The rule is chosen with the run-config keys ``aggregation`` / ``trim-fraction`` when
-``server/config.py`` has them; otherwise this script swaps the Split-Mix strategy's ``combine``
+``splitmix/config.py`` has them; otherwise this script swaps the Split-Mix strategy's ``combine``
 for ``strategies.robust_aggregation.aggregate_record`` itself.
 
     python bench/robust_aggregation.py                       # 20 clients, 15 rounds, β = 0.25
@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import InProcessGrid  # noqa: E402  (also sets Flower's task identity for messages)
 
-from clients.codec import decode, to_record, to_tensors  # noqa: E402
-from server.config import SimulationConfig, load_config  # noqa: E402
+from splitmix.protocol.codec import decode, to_record, to_tensors  # noqa: E402
+from splitmix.config import SimulationConfig, load_config  # noqa: E402
 from server.federation import run_federation  # noqa: E402
 from strategies.base import weighted_average  # noqa: E402
 from strategies.robust_aggregation import AGGREGATORS, aggregate_record  # noqa: E402

@@ -145,7 +145,7 @@ class Monitor(threading.Thread):
 
 def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from server.config import load_config
+    from splitmix.config import load_config
     from server.simulation import simulate
 
     n = args.clients_one

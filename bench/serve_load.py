@@ -52,7 +52,7 @@ def train_tiny_run(out_dir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import InProcessGrid  # noqa: E402  (sets Flower's task identity for messages)
 
-    from server.config import load_config
+    from splitmix.config import load_config
     from server.federation import run_federation
 
     cfg = load_config(
@@ -72,7 +72,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        args = [sys.executable, "-m", "server.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(self.port)]
+        args = [sys.executable, "-m", "splitmix.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(self.port)]
         if compile:
             args.append("--compile")
         with open(log, "w") as out:

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from clients.data import client_train_data
-from clients.profiles import make_profile
+from splitmix.data import client_train_data
+from splitmix.profiles import make_profile
 from clients.recipe import train_bases
 from models.splitmix import base_key, init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
-from server.config import SimulationConfig, load_config, parse_overrides
+from splitmix.config import SimulationConfig, load_config, parse_overrides
 from strategies.base import client_seed
 from strategies.splitmix import BaseScheduler, cosine_lr
 

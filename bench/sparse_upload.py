@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.config import load_config
+from splitmix.config import load_config
 
 
 def upload_per_round(overrides: dict) -> tuple[float, dict]:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from clients.pruning import apply_masks_, one_shot_refill, sparsity_report
+from techniques.pruning import apply_masks_, one_shot_refill, sparsity_report
 from models.cnn import DigitCNN
 from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference

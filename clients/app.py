@@ -17,16 +17,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import faults, node_state
-from clients.adversarial import pgd_linf
-from clients.codec import to_record, to_tensors
-from clients.sparse_codec import to_sparse_record
-from clients.sparse_training import SparseRound, steps_per_epoch
-from clients.data import client_train_data
-from clients.node_config import validate_node_config
-from clients.profiles import ClientProfile, profile_of_node
+from clients import node_state
+from techniques import faults
+from splitmix.adversarial import pgd_linf
+from splitmix.protocol.codec import to_record, to_tensors
+from splitmix.protocol.sparse_codec import to_sparse_record
+from techniques.sparse_training import SparseRound, steps_per_epoch
+from splitmix.data import client_train_data
+from splitmix.node_config import validate_node_config
+from splitmix.profiles import ClientProfile, profile_of_node
 from clients.recipe import TrainResult, per_base_loss, train_bases
-from clients.task import ClientTask
+from splitmix.protocol.task import ClientTask
 from models.blocks import StackedNet, frozen_bn_stats, norm_state_keys, per_base_inputs, routed
 from models.splitmix import SplitMixSpec, base_key, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 
@@ -115,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(task.torch_threads)
     profile = _profile(task, context)
     # Fault injection (simulation config fault-fraction/fault-kind): decided here, from the run
-    # seed, round and partition, so the server needs to know nothing (clients/faults.py).
+    # seed, round and partition, so the server needs to know nothing (techniques/faults.py).
     server_round = int(config["round"])
     fault = faults.fault_for(task.seed, server_round, profile.partition_id, task.fault_fraction, task.fault_kind)
     faults.before_training(fault, task.fault_delay, profile.partition_id)

@@ -3,7 +3,7 @@
 Each base gets its own cross-entropy (the k losses are summed, so gradients never mix across
 bases); the k bases run as one stacked model. A fresh SGD is built every round (the authors'
 code: momentum 0.9, weight decay 5e-4); ``optimizer`` picks another one from the registry
-(``clients/optim.py``: Adam or a learned optimizer, whose state the ClientApp keeps across rounds). Adversarial clients add PGD examples routed through the
+(``techniques/optimizers.py``: Adam or a learned optimizer, whose state the ClientApp keeps across rounds). Adversarial clients add PGD examples routed through the
 adversarial BN: loss = (1 − λ)·L_clean(clean BN) + λ·L_adv(adv BN).
 """
 
@@ -16,10 +16,10 @@ from typing import Protocol
 import torch
 from torch.nn import functional as F
 
-from clients.adversarial import PGDConfig, pgd_linf
-from clients.diversity import DiversityConfig, stacked_vit_diversity
-from clients.optim import export_state, make_optimizer
-from clients.data import ArrayData
+from splitmix.adversarial import PGDConfig, pgd_linf
+from techniques.diversity import DiversityConfig, stacked_vit_diversity
+from techniques.optimizers import export_state, make_optimizer
+from splitmix.data import ArrayData
 from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
 
 
@@ -32,7 +32,7 @@ class LocalTrainConfig:
     adv_lambda: float = 0.5
     pgd: PGDConfig = PGDConfig()
     diversity: DiversityConfig = DiversityConfig()  # ViT diversity regularizers (off by default)
-    optimizer: str = "sgd"  # clients/optim.py: sgd, adam or a learned optimizer
+    optimizer: str = "sgd"  # techniques/optimizers.py: sgd, adam or a learned optimizer
     l2o_artifacts: str = ""  # learned optimizers' artifact folder ("" = the per-user cache)
 
 
@@ -45,7 +45,7 @@ class TrainResult:
     steps: int
     seconds: float
     diversity_loss: float = 0.0
-    optimizer_state: dict | None = None  # per-parameter state worth keeping (clients/optim.py)
+    optimizer_state: dict | None = None  # per-parameter state worth keeping (techniques/optimizers.py)
 
 
 class TrainHooks(Protocol):
@@ -73,7 +73,7 @@ def train_bases(
 ) -> TrainResult:
     """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics.
 
-    ``hooks`` (e.g. a client's sparse training, ``clients/sparse_training.py``) sees every
+    ``hooks`` (e.g. a client's sparse training, ``techniques/sparse_training.py``) sees every
     optimizer step and the end of every epoch."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)

@@ -49,7 +49,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from clients.data import ArrayData
+    from splitmix.data import ArrayData
 
     DataPair = tuple[ArrayData, ArrayData]
 
@@ -525,10 +525,10 @@ def short_train_accuracy(
     """Test accuracy after ``steps`` AdamW steps (cosine lr) from a seeded init.
 
     ``data`` is ``(train, test)`` with ``.x`` (N, C, H, W) and ``.y``; default: the embedded
-    sklearn digits split (``clients.data.load_split``).
+    sklearn digits split (``splitmix.data.load_split``).
     """
     if data is None:
-        from clients.data import load_split
+        from splitmix.data import load_split
 
         data = (load_split("digits", "", True), load_split("digits", "", False))
     train, test = data
@@ -566,7 +566,7 @@ def kendall_study(
     test split. τ is reported for length distortion, −κ and −rank-sum against accuracy.
     """
     if data is None:
-        from clients.data import load_split
+        from splitmix.data import load_split
 
         data = (load_split("digits", "", True), load_split("digits", "", False))
     idx = torch.randperm(len(data[0].y), generator=torch.Generator().manual_seed(seed))[:16]

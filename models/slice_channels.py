@@ -7,7 +7,7 @@ the channel (a linear consumer after a flatten reads ``expand`` features per cha
 
 What "the masked model" means: a channel is removed when its producer row is zero **and** every
 consumer column reading it is zero — the masks :func:`channel_masks` builds (and refill in
-``clients/pruning.py``) zero both. Zeroing only the producer row would not remove the channel: its
+``techniques/pruning.py``) zero both. Zeroing only the producer row would not remove the channel: its
 BN still outputs ``beta - gamma·mean/sqrt(var+eps)`` (a constant), which the consumer would keep
 reading. With the consumer columns zeroed that constant is multiplied by zero, so the
 weight-masked model computes exactly what the model with the whole channel (BN output and

@@ -1,6 +1,6 @@
 """UVC — Unified Visual Transformer Compression (arXiv 2203.08243) for our stacked ViT.
 
-Pure model-side logic (no file I/O); ``server/compress.py`` drives it on a run. Facts follow
+Pure model-side logic (no file I/O); ``tools/compress.py`` drives it on a run. Facts follow
 research/vit.md §1 (from the reference code); deviations are listed at the end.
 
 **What is compressed, per base b and block l** (a width-w Split-Mix model stacks k bases; every

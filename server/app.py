@@ -8,7 +8,7 @@ import sys
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import SimulationConfig
+from splitmix.config import SimulationConfig
 from server.federation import run_federation
 
 app = ServerApp()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from clients.adversarial import PGDConfig, pgd_linf
-from clients.data import ArrayData
+from splitmix.adversarial import PGDConfig, pgd_linf
+from splitmix.data import ArrayData
 from strategies.methods import Method
 
 

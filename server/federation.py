@@ -21,12 +21,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from clients.app import resolve_device
-from clients.codec import to_record, to_tensors
-from clients.data import test_data, train_sample
-from clients.sparse_training import prune_state, sparse_initial_state, structured_state
-from clients.sparsity import prunable_parameters
+from splitmix.protocol.codec import to_record, to_tensors
+from splitmix.data import test_data, train_sample
+from techniques.sparse_training import prune_state, sparse_initial_state, structured_state
+from techniques.sparsity import prunable_parameters
 from models.cost import count_macs, count_params
-from server.config import SimulationConfig
+from splitmix.config import SimulationConfig
 from server.evaluate import Evaluator, WidthScores
 from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness

@@ -134,8 +134,8 @@ class Run:
 
     def _calibration_inputs(self) -> torch.Tensor:
         """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
-        from clients.data import test_data
-        from server.config import SimulationConfig
+        from splitmix.data import test_data
+        from splitmix.config import SimulationConfig
 
         return test_data(SimulationConfig.from_mapping(self.config["run_config"]).data_config()).x
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import SimulationConfig
+from splitmix.config import SimulationConfig
 from server.federation import Reporter, run_federation
 
 
@@ -22,7 +22,7 @@ def resume_config(run: str | Path) -> SimulationConfig:
     """The validated run config of an existing run folder (its ``config.json``)."""
     import json
 
-    from server.config import ConfigError
+    from splitmix.config import ConfigError
 
     path = Path(run) / "config.json"
     if not path.is_file():

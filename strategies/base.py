@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.codec import decode, encode
-from clients.sparse_codec import sparse_from_record
+from splitmix.protocol.codec import decode, encode
+from splitmix.protocol.sparse_codec import sparse_from_record
 
 log = logging.getLogger("splitmix")
 

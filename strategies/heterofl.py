@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from clients.codec import encode, to_tensors
+from splitmix.protocol.codec import encode, to_tensors
 from models.slicing import leading_slices, slice_state
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from strategies.base import FederatedStrategy, NodeProfile, RoundStats, TensorSpec

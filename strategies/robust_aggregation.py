@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 import torch
 from flwr.app import ArrayRecord
 
-from clients.codec import decode, encode
+from splitmix.protocol.codec import decode, encode
 from strategies.base import weighted_average
 
 AGGREGATORS = ("mean", "median", "trimmed-mean")

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from flwr.app import ArrayRecord
 
-from clients.codec import decode, encode
+from splitmix.protocol.codec import decode, encode
 
 # key -> (bool mask or None for dense, dense values with zeros off the mask), or a plain tensor
 Entry = tuple[torch.Tensor | None, torch.Tensor] | torch.Tensor

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.amalgamation import (
+from techniques.l2o.amalgamation import (
     TEACHERS,
     AmalgamationConfig,
     ChoicePolicy,
@@ -24,8 +24,8 @@ from clients.amalgamation import (
     train_student,
     tune_teachers,
 )
-from clients.l2o_lstm import RNNPropPolicy, rollout
-from clients.l2o_tasks import FlatModel, MLPTask
+from techniques.l2o.lstm import RNNPropPolicy, rollout
+from techniques.l2o.tasks import FlatModel, MLPTask
 
 torch.set_num_threads(1)
 LRS = {"sgd": 0.6, "momentum": 1.5, "rmsprop": 0.015, "adam": 0.015, "addsign": 0.3, "powersign": 0.3}
@@ -87,7 +87,7 @@ def test_zero_update_student_has_zero_meta_loss() -> None:
 
     class Still(torch.nn.Module):
         def forward(self, g, s, t):
-            from clients.l2o_lstm import PolicyStep
+            from techniques.l2o.lstm import PolicyStep
 
             return PolicyStep(torch.zeros_like(g), s, {})
 
@@ -162,7 +162,7 @@ def test_meta_step_applies_gradient_at_perturbed_weights_without_leaking(kind: s
 
 
 def test_eval_mode_ignores_perturbation() -> None:
-    from clients.amalgamation import perturbed_call
+    from techniques.l2o.amalgamation import perturbed_call
 
     torch.manual_seed(0)
     student = RNNPropPolicy(hidden=5).eval()

@@ -174,7 +174,7 @@ def test_grow_loop_is_deterministic_and_monotone():
 def test_grid_and_short_training():
     grid = topology_grid()
     assert len(grid) == 2 * 3 * 3 * 3 * 2 and all(t.dim % t.heads == 0 for t in grid)
-    from clients.data import load_split
+    from splitmix.data import load_split
 
     train, test = load_split("digits", "", True), load_split("digits", "", False)
     acc = short_train_accuracy(Topology(4, 16, 1, 2, 2.0), (train, test), steps=40, seed=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from clients.codec import to_record, to_tensors
+from splitmix.protocol.codec import to_record, to_tensors
 from models.blocks import expand_to_bases, norm_state_keys
 from models.slicing import leading_slices
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
@@ -92,7 +92,7 @@ def test_fedbn_never_sends_or_overwrites_batch_norm():
 
 
 def test_fedbn_clients_keep_their_bn_across_rounds(tmp_path, in_process_grid):
-    from server.config import load_config
+    from splitmix.config import load_config
     from server.federation import run_federation
 
     grid = in_process_grid(4)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, SimulationConfig, load_config, parse_overrides
+from splitmix.config import ConfigError, SimulationConfig, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_config_file_and_overrides_layer(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    from server.experiment import load_experiment
+    from tools.experiment import load_experiment
 
     for path in sorted((ROOT / "configs").glob("*.toml")):
         if "methods" in tomllib.loads(path.read_text()):
@@ -74,7 +74,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_cli_rejects_bad_config_with_exit_code_2(capsys):
-    from server.cli import main
+    from splitmix.cli import main
 
     assert main(["simulate", "--run-config", "num-rounds=-1"]) == 2
     assert "'num-rounds'" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.data import DOMAINS, DataConfig, client_train_data, load_split, partition_indices
-from clients.data import test_data as central_test_set
+from splitmix.data import DOMAINS, DataConfig, client_train_data, load_split, partition_indices
+from splitmix.data import test_data as central_test_set
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -132,7 +132,7 @@ def _write_digits5(root):
 
 
 def test_digits5_domains_load_from_their_real_formats(tmp_path):
-    from clients.data import digits5_domains
+    from splitmix.data import digits5_domains
 
     _write_digits5(tmp_path)
     train = digits5_domains(str(tmp_path), True)

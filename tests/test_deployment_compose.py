@@ -18,9 +18,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from clients.node_config import NodeConfigError, parse_node_config_string, validate_node_config
-from server.certificates import certificate_hosts, generate_certificates, generate_node_keys
-from server.deploy import LocalDeployment, write_connection
+from splitmix.node_config import NodeConfigError, parse_node_config_string, validate_node_config
+from deploy.certificates import certificate_hosts, generate_certificates, generate_node_keys
+from deploy.local import LocalDeployment, write_connection
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -179,7 +179,7 @@ def test_node_config_budget_forms():
 
 def test_splitmix_supernode_refuses_invalid_node_config_before_starting():
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "supernode", "--insecure", "--node-config", "partition-id=0 budget=3"],
+        [sys.executable, "-m", "splitmix.cli", "supernode", "--insecure", "--node-config", "partition-id=0 budget=3"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 2 and "budget=3" in result.stderr and "(0, 1]" in result.stderr
@@ -194,7 +194,7 @@ def test_deploy_local_refuses_invalid_node_config_before_starting(tmp_path):
 def test_client_with_invalid_node_config_is_reported_by_the_server(in_process_grid):
     """A node whose config is wrong answers the profile query with an error naming the key; the
     server records it and goes on with the valid nodes."""
-    from server.config import SimulationConfig
+    from splitmix.config import SimulationConfig
 
     cfg = SimulationConfig.from_mapping({"num-clients": 3, "min-train-clients": 1})
     method = cfg.make_method()

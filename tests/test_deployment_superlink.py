@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from server.certificates import generate_certificates, generate_node_keys
-from server.deploy import LocalDeployment, marked_processes
-from server.config import SimulationConfig
+from deploy.certificates import generate_certificates, generate_node_keys
+from deploy.local import LocalDeployment, marked_processes
+from splitmix.config import SimulationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CONFIGS = [

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clients.diversity import (
+from techniques.diversity import (
     DiversityConfig,
     attention_head_diversity,
     condition_number,

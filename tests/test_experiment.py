@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.experiment import Experiment, load_experiment, run_experiment
+from tools.experiment import Experiment, load_experiment, run_experiment
 from server.federation import run_federation
 
 TINY = {"num-clients": 4, "num-rounds": 1, "local-epochs": 1, "adv-fraction": 0.0, "eval-pgd-steps": 1, "eval-lambdas": "0", "budgets": "2-1"}

@@ -15,9 +15,9 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from clients import faults
+from techniques import faults
 from conftest import InProcessGrid
-from server.config import FAULT_KINDS, load_config
+from splitmix.config import FAULT_KINDS, load_config
 from server.federation import run_federation
 from server.store import load_weights
 from strategies.base import ReplyRejected, check_magnitudes, magnitude_bound

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from flwr.app import Array
 
-from server.config import load_config
+from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import load_weights
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clients.l2o_lstm import (
+from techniques.l2o.lstm import (
     LearnedOptimizer,
     MetaTrainConfig,
     RNNPropPolicy,
@@ -17,7 +17,7 @@ from clients.l2o_lstm import (
     rnnprop_features,
     unroll_window,
 )
-from clients.l2o_symbolic import (
+from techniques.l2o.symbolic import (
     FORMULA_NAMESPACE,
     DistillConfig,
     SymbolicOptimizer,
@@ -33,7 +33,7 @@ from clients.l2o_symbolic import (
     r2_score,
     simplify,
 )
-from clients.l2o_tasks import FlatModel, MLPTask
+from techniques.l2o.tasks import FlatModel, MLPTask
 
 R2_BOUND_TINY = 0.5  # tiny settings; the default artifacts reach ~0.82 (see the issue note)
 

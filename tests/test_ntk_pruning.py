@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from models import create_model
-from models.ntk import NTKMLP, empirical_ntk
-from models.random_pruning import apply_masks_, random_prune_, weight_jacobian
-from server import ntk_study
-from server.ntk_study import NTKStudyConfig, compute_table, make_inputs
+from tools.ntk import NTKMLP, empirical_ntk
+from techniques.random_init import apply_masks_, random_prune_, weight_jacobian
+from tools import ntk_study
+from tools.ntk_study import NTKStudyConfig, compute_table, make_inputs
 
 
 def test_random_prune_keeps_the_right_fraction_and_rescales_exactly():

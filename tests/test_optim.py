@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clients import optim
-from clients.l2o_tasks import MLPTask
-from clients.optim import (
+from techniques import optimizers as optim
+from techniques.l2o.tasks import MLPTask
+from techniques.optimizers import (
     LEARNED,
     OPTIMIZERS,
     L2OSettings,
@@ -145,7 +145,7 @@ def test_cli_evaluate_writes_curves(artifacts: Path, tmp_path: Path) -> None:
     import argparse
     import json
 
-    from server import l2o_cli
+    from tools import l2o as l2o_cli
 
     parser = argparse.ArgumentParser(prog="splitmix")
     l2o_cli.add_l2o_parser(parser.add_subparsers(dest="command"))

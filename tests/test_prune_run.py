@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clients import data as client_data
-from clients.pruning import init_masks, refill
+from splitmix import data as client_data
+from techniques.pruning import init_masks, refill
 from models.blocks import routed
 from models.cnn import DigitCNN
 from models.cost import count_params
 from models.slice_channels import kept_channels
-from server import prune
-from server.config import SimulationConfig, load_config
+from tools import prune
+from splitmix.config import SimulationConfig, load_config
 from server.federation import run_federation
-from server.prune import PruneSettings, exact_refill, load_pruned, run_pruning
+from tools.prune import PruneSettings, exact_refill, load_pruned, run_pruning
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,10 +145,10 @@ def test_exact_refill_restores_channels_by_trained_magnitude():
 
 def test_architecture_round_trip_preresnet():
     """architecture.json rebuilds any sliced family, e.g. PreActResNet-18 (block-internal channels)."""
-    from clients.pruning import apply_masks_
+    from techniques.pruning import apply_masks_
     from models.preresnet import PreActResNet18
     from models.slice_channels import slice_channels
-    from server.prune import build_from_architecture, describe_architecture
+    from tools.prune import build_from_architecture, describe_architecture
 
     torch.manual_seed(0)
     model = PreActResNet18(width=1 / 16, num_bases=2, in_channels=3, dual_bn=True)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import splitmix
 from models.blocks import routed, set_route
-from server.config import load_config
+from splitmix.config import load_config
 from server.federation import run_federation
 
 
@@ -83,7 +83,7 @@ def test_best_bases_follow_recorded_accuracy(run_dir):
 
 def test_cli_errors_name_what_is_allowed(run_dir, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        return subprocess.run([sys.executable, "-m", "splitmix.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
 
     bad_width = cli("query", str(run_dir), "--width", "0.3", "--out", str(tmp_path / "o"))
     assert bad_width.returncode == 2 and "allowed widths: 0.125" in bad_width.stderr
@@ -112,7 +112,7 @@ def _free_port() -> int:
 def service(run_dir):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "splitmix.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port)],
         cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
@@ -133,7 +133,7 @@ def service(run_dir):
 
 def test_service_predicts_like_the_in_memory_model(run_dir, service):
     run = splitmix.load_run(run_dir)
-    from clients.data import load_split
+    from splitmix.data import load_split
 
     test = load_split("digits", "", False)
     x = test.x[:16]

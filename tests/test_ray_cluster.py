@@ -160,7 +160,7 @@ def ray_cluster():
 
 @pytest.mark.timeout(300)
 def test_two_rounds_on_an_existing_two_node_ray_cluster(ray_cluster, tmp_path):
-    from server.config import load_config
+    from splitmix.config import load_config
     from server.simulation import simulate
 
     cfg = load_config(

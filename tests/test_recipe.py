@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from clients.adversarial import PGDConfig, pgd_linf
-from clients.data import DataConfig, client_train_data
-from clients.profiles import adversarial_clients, budget_of_client, make_profile, parse_budgets
+from splitmix.adversarial import PGDConfig, pgd_linf
+from splitmix.data import DataConfig, client_train_data
+from splitmix.profiles import adversarial_clients, budget_of_client, make_profile, parse_budgets
 from clients.recipe import LocalTrainConfig, per_base_loss, train_bases
 from models.splitmix import SplitMixSpec
 

@@ -19,8 +19,8 @@ from safetensors import safe_open
 import server.simulation
 import server.store as store_module
 from conftest import InProcessGrid
-from server.cli import main
-from server.config import load_config
+from splitmix.cli import main
+from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import CHECKPOINT, RunStore, load_checkpoint, load_weights
 
@@ -97,7 +97,7 @@ def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(un
 _CHILD = """
 import sys
 from conftest import InProcessGrid
-from server.config import load_config
+from splitmix.config import load_config
 from server.federation import run_federation
 run_federation(InProcessGrid(6), load_config(overrides=sys.argv[1]))
 """

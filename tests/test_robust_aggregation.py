@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from clients.codec import decode, to_record
+from splitmix.protocol.codec import decode, to_record
 from strategies.base import weighted_average
 from strategies.robust_aggregation import (
     AGGREGATORS,

@@ -11,7 +11,7 @@ from server.store import load_weights
 @pytest.mark.timeout(300)
 def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
     """`splitmix simulate` end to end; the last line of stdout is the run folder."""
-    from server.cli import main
+    from splitmix.cli import main
 
     overrides = f"num-clients=6 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=2 out-dir='{tmp_path}' run-name=e2e"
     assert main(["simulate", "--run-config", overrides]) == 0

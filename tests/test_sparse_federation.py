@@ -10,11 +10,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.codec import encode, to_tensors
-from clients.sparse_codec import DENSE_PACK, to_sparse_record
-from clients.sparse_training import SparseConfig, SparseRound, initial_unit_mask, prune_state
-from clients.sparsity import FlyingBird, RobustBirdSearch, masks_from_bytes, prunable_parameters
-from server.config import load_config
+from splitmix.protocol.codec import encode, to_tensors
+from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
+from techniques.sparse_training import SparseConfig, SparseRound, initial_unit_mask, prune_state
+from techniques.sparsity import FlyingBird, RobustBirdSearch, masks_from_bytes, prunable_parameters
+from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import load_weights
 from strategies.base import NodeProfile, TensorSpec
@@ -165,7 +165,7 @@ def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid):
 
 
 def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
-    from clients.sparse_training import sparse_initial_state
+    from techniques.sparse_training import sparse_initial_state
 
     spec = SplitMixSpec()
     state = {f"base{i}.{k}": v for i in range(2) for k, v in spec.build(1).state_dict().items() if "num_batches" not in k}
@@ -192,7 +192,7 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
     assert rows[1]["bytes-up"] < rows[0]["bytes-up"] or rows[0]["train-flops-fraction"] == 1.0
-    from clients.sparse_training import FixedMask
+    from techniques.sparse_training import FixedMask
 
     for ctx in grid.contexts.values():
         for unit, record in ctx.state.config_records.items():
@@ -214,8 +214,8 @@ def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path,
     run = run_federation(grid, cfg)
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
-    from clients.data import client_train_data
-    from clients.sparsity import FlyingBirdPlus
+    from splitmix.data import client_train_data
+    from techniques.sparsity import FlyingBirdPlus
 
     assert all(r["examples"] < sum(len(client_train_data(cfg.data_config(), i)) for i in range(4)) for r in rows)  # 10 % held out
     observed = [FlyingBirdPlus.from_config(rec) for ctx in grid.contexts.values()

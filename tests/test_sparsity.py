@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients import sparsity as sp
-from clients.codec import encode
-from clients.sparse_codec import (
+from techniques import sparsity as sp
+from splitmix.protocol.codec import encode
+from splitmix.protocol.sparse_codec import (
     DENSE_PACK, IDX_SUFFIX,
     VAL_SUFFIX,
     decode_indices,

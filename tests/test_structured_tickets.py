@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clients.pruning import (
+from techniques.pruning import (
     apply_masks_,
     global_magnitude_prune,
     init_masks,

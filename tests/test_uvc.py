@@ -1,4 +1,4 @@
-"""UVC (models/uvc.py, server/compress.py): exact T0 MAC counts (analytic == flop counter),
+"""UVC (models/uvc.py, tools/compress.py): exact T0 MAC counts (analytic == flop counter),
 exact mask counts, sliced == masked, skipped block == identity, budgets met after slicing,
 client masks, and `compress_run` end to end on a tiny ViT run."""
 
@@ -254,7 +254,7 @@ def test_client_masks_realise_a_sliceable_model_within_budget(ratio):
 
 def _tiny_run(tmp_path_factory, model: str):
     from conftest import InProcessGrid
-    from server.config import load_config
+    from splitmix.config import load_config
     from server.federation import run_federation
 
     out = tmp_path_factory.mktemp("runs")
@@ -269,9 +269,9 @@ def vit_run(tmp_path_factory):
 
 
 def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
-    from clients.data import test_data
-    from server.compress import compress_run, load_compressed
-    from server.config import SimulationConfig
+    from splitmix.data import test_data
+    from tools.compress import compress_run, load_compressed
+    from splitmix.config import SimulationConfig
 
     out = tmp_path / "uvc"
     card = compress_run(vit_run, 0.25, 0.5, out=out, search_epochs=1, finetune_epochs=1, seed=0, report=None, progress=False)
@@ -297,7 +297,7 @@ def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
 
 
 def test_compress_rejects_non_vit_runs_and_bad_inputs(vit_run, tmp_path_factory, capsys):
-    from server import compress
+    from tools import compress
 
     cnn_run = _tiny_run(tmp_path_factory, "cnn")
     with pytest.raises(ValueError, match="model 'cnn'"):

@@ -8,9 +8,9 @@ import json
 import torch
 from flwr.app import RecordDict
 
-from clients.sparse_training import SparseConfig, SparseRound
+from techniques.sparse_training import SparseConfig, SparseRound
 from models.uvc import ViTGeometry, selection_from_masks, uvc_masks
-from server.config import load_config
+from splitmix.config import load_config
 
 TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import models.vit as vit  # registers "vit", "vit_attnscale", "vit_featscale"
-from clients.adversarial import PGDConfig
-from clients.data import ArrayData
+from splitmix.adversarial import PGDConfig
+from splitmix.data import ArrayData
 from clients.recipe import LocalTrainConfig, per_base_loss, train_bases
 from models import create_model
 from models.blocks import recompute_bn_stats, routed, set_route

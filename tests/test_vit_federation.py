@@ -9,13 +9,13 @@ import tomllib
 import pytest
 import torch
 
-from clients.data import ArrayData, load_split
-from clients.diversity import DiversityConfig, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
+from splitmix.data import ArrayData, load_split
+from techniques.diversity import DiversityConfig, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
 from clients.recipe import LocalTrainConfig, train_bases
-from clients.task import ClientTask
+from splitmix.protocol.task import ClientTask
 from models.splitmix import split_stacked_state, load_stacked
-from server.cli import main as cli_main
-from server.config import ConfigError, load_config
+from splitmix.cli import main as cli_main
+from splitmix.config import ConfigError, load_config
 
 TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
 
@@ -157,7 +157,7 @@ def test_vit_experiment_comparison_reports_patch_similarity(tmp_path):
     """Over-smoothing rows and plot in an experiment's comparison (mean over seeds, per block)."""
     from safetensors.torch import save_file
 
-    from server.experiment import Experiment, write_comparison
+    from tools.experiment import Experiment, write_comparison
 
     experiment = Experiment(name="os", methods=["vit", "attnscale"], seeds=[0, 1])
     sims = {"vit": ([0.5, 0.9], [0.7, 0.95]), "attnscale": ([0.4, 0.6], [0.4, 0.8])}

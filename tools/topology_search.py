@@ -85,7 +85,7 @@ def _write_toml(path: Path, values: dict[str, Any], header: str) -> None:
 
 def search(args: argparse.Namespace, out: Path, report: Reporter) -> dict[str, Any]:
     """Score the candidates, pick and scale the seed topology, write the folder; returns the result."""
-    from clients.data import DATASETS
+    from splitmix.data import DATASETS
 
     image = DATASETS[args.dataset].image_size
     grid = topology_grid(args.patch, args.dim, args.depth, args.heads, args.mlp_ratio, image_size=image)
@@ -109,7 +109,7 @@ def search(args: argparse.Namespace, out: Path, report: Reporter) -> dict[str, A
         base = dict(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data))
     base.setdefault("dataset", args.dataset)
     run_config = run_config_for(chosen, args.atom_width, base)
-    from server.config import load_config
+    from splitmix.config import load_config
 
     load_config(overrides=run_config)  # the chosen topology must be a valid run config (raises ConfigError)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def cmd_search_topology(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.config import ConfigError
+    from splitmix.config import ConfigError
 
     err = Console(stderr=True)
     out = Path(args.out or f"runs/topology-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -33,7 +33,7 @@ PARTITIONS = ("meta", "heldout", "all")
 @lru_cache(maxsize=2)
 def _digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened digits standardised with the train split's statistics (cached per process)."""
-    from clients.data import load_split
+    from splitmix.data import load_split
 
     train_split = load_split("digits", "", True)
     x_train = train_split.x.reshape(len(train_split), -1)

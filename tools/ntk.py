@@ -70,7 +70,7 @@ def empirical_ntk(
 
     ``weight_jacobian[name]`` (same shape as the parameter) is ``∂w/∂θ`` when the stored weight
     ``w`` is an elementwise function of the trained variable θ; for a pruned net it is
-    ``s·mask`` (``models.random_pruning.weight_jacobian``), which zeroes the gradient of removed
+    ``s·mask`` (``techniques.random_init.weight_jacobian``), which zeroes the gradient of removed
     weights — they are not parameters of the pruned network — and applies the rescale ``s``.
     """
     weight_jacobian = weight_jacobian or {}

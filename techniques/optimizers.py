@@ -5,10 +5,10 @@ client recipe steps each round:
 
 - ``sgd``: ``torch.optim.SGD(lr, momentum, weight_decay)`` (the recipes' default);
 - ``adam``: ``torch.optim.Adam(lr, betas=(0.9, 0.999), weight_decay)`` (``momentum`` unused);
-- ``symbolic-l2o``: the distilled closed-form rule (``clients/l2o_symbolic.py``);
-- ``lstm-l2o``: the RNNProp LSTM it was distilled from (``clients/l2o_lstm.py``);
+- ``symbolic-l2o``: the distilled closed-form rule (``techniques/l2o/symbolic.py``);
+- ``lstm-l2o``: the RNNProp LSTM it was distilled from (``techniques/l2o/lstm.py``);
 - ``amalgamated-l2o``: the RNNProp student amalgamated from six analytic teachers
-  (``clients/amalgamation.py``).
+  (``techniques/l2o/amalgamation.py``).
 
 For the learned ones ``lr`` is the per-coordinate step bound α (θ ← θ + lr·out, |out| ≲ 1;
 meta-trained at α = ``alpha`` in the artifact JSON, 0.01 by default), ``weight_decay`` is added
@@ -55,19 +55,19 @@ Reporter = Callable[[str], None]
 
 # --------------------------------------------------------------------------- settings
 def _default_lstm():
-    from clients.l2o_lstm import MetaTrainConfig
+    from techniques.l2o.lstm import MetaTrainConfig
 
     return MetaTrainConfig()
 
 
 def _default_distill():
-    from clients.l2o_symbolic import DistillConfig
+    from techniques.l2o.symbolic import DistillConfig
 
     return DistillConfig()
 
 
 def _default_amalgamation():
-    from clients.amalgamation import AmalgamationConfig
+    from techniques.l2o.amalgamation import AmalgamationConfig
 
     return AmalgamationConfig()
 
@@ -85,9 +85,9 @@ class L2OSettings:
     @classmethod
     def tiny(cls) -> "L2OSettings":
         """Seconds instead of minutes: for tests (the learned optimizers still descend)."""
-        from clients.amalgamation import AmalgamationConfig
-        from clients.l2o_lstm import MetaTrainConfig
-        from clients.l2o_symbolic import DistillConfig
+        from techniques.l2o.amalgamation import AmalgamationConfig
+        from techniques.l2o.lstm import MetaTrainConfig
+        from techniques.l2o.symbolic import DistillConfig
 
         return cls(
             name="tiny",
@@ -163,7 +163,7 @@ def load_policy(directory: str | Path, stem: str):
     """An ``RNNPropPolicy`` from ``<stem>.safetensors`` (no unpickling on this path)."""
     from safetensors.torch import load_file
 
-    from clients.l2o_lstm import RNNPropPolicy
+    from techniques.l2o.lstm import RNNPropPolicy
 
     directory = Path(directory)
     config = json.loads((directory / f"{stem}.json").read_text())["config"]
@@ -176,7 +176,7 @@ def load_policy(directory: str | Path, stem: str):
 def _cached(directory: str, name: str, stamp: float):
     """Load once per process and file version (``stamp`` is the files' newest mtime)."""
     if name == "symbolic-l2o":
-        from clients.l2o_symbolic import SymbolicRule
+        from techniques.l2o.symbolic import SymbolicRule
 
         return SymbolicRule.load(Path(directory) / "symbolic.json")
     return load_policy(directory, "lstm" if name == "lstm-l2o" else "amalgamated")
@@ -201,10 +201,10 @@ def train_artifacts(directory: str | Path, settings: L2OSettings | None = None, 
     """Meta-train the learned optimizers ``only`` (default: all) into ``directory``.
 
     Order: LSTM → symbolic rule (needs the LSTM) → amalgamated student. Returns the manifest."""
-    from clients.amalgamation import train_student
-    from clients.l2o_lstm import RNNPropPolicy, meta_train
-    from clients.l2o_symbolic import distill
-    from clients.l2o_tasks import MLPTask
+    from techniques.l2o.amalgamation import train_student
+    from techniques.l2o.lstm import RNNPropPolicy, meta_train
+    from techniques.l2o.symbolic import distill
+    from techniques.l2o.tasks import MLPTask
 
     settings = settings or L2OSettings()
     say = report or (lambda _text: None)
@@ -284,8 +284,8 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_d
     elif name == "adam":
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
-        from clients.l2o_lstm import LearnedOptimizer
-        from clients.l2o_symbolic import SymbolicOptimizer
+        from techniques.l2o.lstm import LearnedOptimizer
+        from techniques.l2o.symbolic import SymbolicOptimizer
 
         folder = ensure_default_artifacts() if artifacts is None else Path(artifacts)
         artifact = load_artifact(name, folder)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.l2o_lstm import (
+from techniques.l2o.lstm import (
     CoordinatePolicy,
     LearnedOptimizer,
     MetaTrainConfig,
@@ -43,7 +43,7 @@ from clients.l2o_lstm import (
     rnnprop_features,
     rollout,
 )
-from clients.l2o_tasks import MLPTask
+from techniques.l2o.tasks import MLPTask
 
 Expr = list  # ["add"|"sub"|"mul", a, b] | ["neg"|"tanh", a] | ["var", name] | ["const", index]
 BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}

@@ -34,9 +34,9 @@ width-slice model), a mask over the conv/linear weights as Flower Context state 
   falling it regrows a little more.
 
 The model the client trains is the received (dense, aggregated) model with its own mask applied;
-it uploads only the kept entries (``clients/sparse_codec.py``), and the server averages each entry
+it uploads only the kept entries (``splitmix/protocol/sparse_codec.py``), and the server averages each entry
 over the clients that hold it (``strategies/sparse_aggregation.py``). The building blocks (masks,
-search, drop-and-regrow, FLOPs) are in ``clients/sparsity.py``.
+search, drop-and-regrow, FLOPs) are in ``techniques/sparsity.py``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 from torch.nn import functional as F
 
-from clients.sparsity import (
+from techniques.sparsity import (
     FlyingBird,
     masks_from_bytes,
     masks_to_bytes,
@@ -284,7 +284,7 @@ def structured_mask(single: nn.Module, weights: dict[str, torch.Tensor], channel
     A deterministic function of the weights: every client that receives the same global base in
     a round (and has pruned it as often) gets the same channels, and masks at growing sparsity
     nest, so the aggregate of differently pruned clients stays coherent."""
-    from clients.pruning import global_magnitude_prune, init_masks, refill
+    from techniques.pruning import global_magnitude_prune, init_masks, refill
 
     params = dict(single.named_parameters())
     with torch.no_grad():

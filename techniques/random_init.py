@@ -16,8 +16,8 @@ respect to each kept θ carries the same ``s``, so each layer's kernel term is a
 ``(1-p)·n`` kept connections of the dense term's summands and converges to the dense NTK as the
 width grows (the mask noise averages out at rate ~ sqrt(p/((1-p)·width))). That needs the layer's
 fan-in to grow with the width: a pruned *input* layer (fan-in = input dimension) keeps its mask
-noise and leaves a floor on the error (``server/ntk_study.py`` keeps it dense by default). ``weight_jacobian``
-gives that ``∂w/∂θ = s·M`` for ``models.ntk.empirical_ntk``. Note: the kernel with respect to the
+noise and leaves a floor on the error (``tools/ntk_study.py`` keeps it dense by default). ``weight_jacobian``
+gives that ``∂w/∂θ = s·M`` for ``tools.ntk.empirical_ntk``. Note: the kernel with respect to the
 *stored* (already rescaled) weights is ``(1-p)`` times smaller per pruned layer — training the
 rescaled network matches the dense NTK with the learning rate of pruned weights times ``1/(1-p)``.
 """

@@ -1,7 +1,7 @@
 """Compact encoding of a tensor's kept entries (sparse uploads).
 
 A masked tensor travels as two standard ``.npy`` Flower ``Array`` s (built with
-:func:`clients.codec.encode`, so any Flower peer reads them):
+:func:`splitmix.protocol.codec.encode`, so any Flower peer reads them):
 
 - ``<key>::idx``: uint8, 1-D: which entries are kept. Byte 0 says how, the rest is the payload:
   ``0`` = bitmap (``np.packbits`` of the flat mask, little bit order, ⌈N/8⌉ bytes, padding bits 0);
@@ -16,7 +16,7 @@ A masked tensor travels as two standard ``.npy`` Flower ``Array`` s (built with
 
 The server knows the dense shape and dtype it sent for ``<key>``, so it can check both arrays
 (:func:`sparse_from_record`); nothing else is trusted. A tensor sent without a mask keeps the
-plain ``<key>`` (dense, :func:`clients.codec.encode`), except that float32 tensors without a mask
+plain ``<key>`` (dense, :func:`splitmix.protocol.codec.encode`), except that float32 tensors without a mask
 (batch norm, biases: many tiny arrays) are packed into one array ``::dense`` — their values
 concatenated in sorted key order. Every Flower ``Array`` carries a ~128-byte ``.npy`` header, which
 for a Split-Mix base's ~30 tiny tensors would otherwise cost as much as its sparse weights.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from clients.codec import decode, encode
+from splitmix.protocol.codec import decode, encode
 
 IDX_SUFFIX = "::idx"
 VAL_SUFFIX = "::val"

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.config import ConfigError, SimulationConfig, load_config
+from splitmix.config import ConfigError, SimulationConfig, load_config
 from server.store import load_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -10,8 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server import compress, deploy_cli, l2o_cli, ntk_study, prune, topology_search
-from server.config import ConfigError, load_config
+from deploy import cli as deploy_cli
+from tools import compress, ntk_study, prune, topology_search
+from tools import l2o as l2o_cli
+from splitmix.config import ConfigError, load_config
 
 
 def _fail(message: str) -> None:
@@ -71,8 +73,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from server.config import parse_overrides
-    from server.experiment import load_experiment, run_experiment
+    from splitmix.config import parse_overrides
+    from tools.experiment import load_experiment, run_experiment
 
     err = Console(stderr=True)
     try:

@@ -17,7 +17,7 @@ losses left the late steps untrained: held-out loss 3.8e-2 vs 1.4e-3 with logs);
 policy's weights with adaptive gradient clipping; gradients entering the policy are detached.
 
 ``record_traces`` runs a trained policy and keeps, for a few tracked coordinates per tensor, its
-inputs (m̃, g̃) and its output, which ``clients/l2o_symbolic.py`` distils into a formula.
+inputs (m̃, g̃) and its output, which ``techniques/l2o/symbolic.py`` distils into a formula.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.l2o_tasks import FlatModel, MLPTask, loss_and_grad
+from techniques.l2o.tasks import FlatModel, MLPTask, loss_and_grad
 
 State = dict[str, torch.Tensor]
 Reporter = Callable[[str], None]

@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from clients.data import ArrayData, test_data
+from splitmix.data import ArrayData, test_data
 from models.blocks import DualBatchNorm, set_route
 from models.cost import count_macs, count_params
 from models.uvc import (
@@ -65,7 +65,7 @@ from models.uvc import (
     uvc_search,
 )
 from models.vit import VisionTransformer
-from server.prune import apply_threads, batched_logits, run_training_data
+from tools.prune import apply_threads, batched_logits, run_training_data
 
 WEIGHTS, ARCHITECTURE, CARD, HISTORY = "model.safetensors", "architecture.json", "model_card.json", "history.json"
 PROGRAM = "model.pt2"
@@ -344,7 +344,7 @@ def _card(run, served, sim, data_source: str, examples: int, select: str, flops_
                      "finetune": "AdamW (lr, weight decay 0.05), cosine, distillation from the dense model, masks fixed"},
         "seconds": dict(seconds),
         "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": HISTORY, "program": PROGRAM,
-                  "load": "server.compress.load_compressed(folder), or torch.export.load(model.pt2).module()"},
+                  "load": "tools.compress.load_compressed(folder), or torch.export.load(model.pt2).module()"},
     }
 
 
@@ -432,7 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``splitmix compress`` to the CLI's subparsers (one line in server/cli.py)."""
+    """Add ``splitmix compress`` to the CLI's subparsers (one line in splitmix/cli.py)."""
     parser = subparsers.add_parser(
         "compress",
         help="UVC: compress a served ViT to a FLOPs budget (heads, head dims, MLP neurons, blocks), fine-tune, slice",
@@ -444,7 +444,7 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m server.compress", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m tools.compress", description=__doc__.splitlines()[0]))
     return cmd_compress(parser.parse_args(argv))
 
 

@@ -4,7 +4,7 @@ The model a finished run serves at width W and robustness λ (for Split-Mix the 
 stacked into one batched network, :meth:`server.query.Run.served`) is pruned channel-wise and
 physically sliced into a smaller dense model of the same family:
 
-1. **IMP with weight rewinding and refill** (:func:`clients.pruning.iterative_magnitude_pruning`,
+1. **IMP with weight rewinding and refill** (:func:`techniques.pruning.iterative_magnitude_pruning`,
    ``structure="refill"``): ``--imp-rounds`` N × (fine-tune ``--epochs`` E → remove ``--rate`` R
    of the surviving weights by global magnitude, ranked per base → refill: every layer keeps its
    channels with the most survivors, dense → rewind the survivors to the run's trained weights).
@@ -22,7 +22,7 @@ physically sliced into a smaller dense model of the same family:
 
 Fine-tuning: SGD (momentum and weight decay of the run, ``--lr`` default 0.01, cosine decay within
 each stage, the run's batch size), masks re-applied after every optimizer step
-(:func:`clients.pruning.apply_masks_`), each base with its own cross-entropy
+(:func:`techniques.pruning.apply_masks_`), each base with its own cross-entropy
 (:func:`clients.recipe.per_base_loss` on ``forward_bases``, as in Split-Mix). At λ = 0 the batches
 go through the clean BN path only (the adversarial path is not trained; the pruned model is meant
 to be served at λ = 0). At λ > 0 the loss is that of an adversarial client, (1 − λ)·L_clean(clean
@@ -68,9 +68,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from clients.adversarial import pgd_linf
-from clients.data import ArrayData, client_train_data, test_data
-from clients.pruning import apply_masks_, iterative_magnitude_pruning, prunable_names, rewind_
+from splitmix.adversarial import pgd_linf
+from splitmix.data import ArrayData, client_train_data, test_data
+from techniques.pruning import apply_masks_, iterative_magnitude_pruning, prunable_names, rewind_
 from clients.recipe import per_base_loss
 from models.blocks import DualBatchNorm, StackedConv2d, StackedLinear, frozen_bn_stats, per_base_inputs, routed, set_route
 from models.cost import count_macs, count_params
@@ -190,7 +190,7 @@ def _rank(*keys: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def exact_refill(model: nn.Module, masks: Masks, channel_sparsity: float, reference: dict[str, torch.Tensor]) -> Masks:
     """Channel masks keeping exactly ``max(1, round((1 − S)·out))`` channels per base in every
-    producer of the channel graph, dense over the inputs still alive (as :func:`clients.pruning.refill`
+    producer of the channel graph, dense over the inputs still alive (as :func:`techniques.pruning.refill`
     with ``channel_sparsity``), ranked by surviving weights in ``masks``, then surviving |w| of
     ``model``, then |w| in ``reference`` (the rewind point), so channels IMP removed come back in
     order of their trained magnitude when a layer was pruned past S. Consumer-only layers (the
@@ -256,7 +256,7 @@ def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) ->
 def run_training_data(run, partition: int | None, error: type[ValueError] = PruneError) -> tuple[ArrayData, str, Any]:
     """A finished run's training data for post-training steps (``prune``, ``compress``): the union
     of its client partitions, or one; problems raise ``error`` naming what is wrong."""
-    from server.config import ConfigError, SimulationConfig
+    from splitmix.config import ConfigError, SimulationConfig
 
     try:
         sim = SimulationConfig.from_mapping(run.config["run_config"])
@@ -526,7 +526,7 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
                       "data": data_source, "examples": len(train), "seed": s.seed},
         "seconds": {"fine_tune": sum(r["seconds"] for r in tuner.history), "total": time.perf_counter() - t0},
         "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": "history.json, history.csv",
-                  "load": "server.prune.load_pruned(folder)"},
+                  "load": "tools.prune.load_pruned(folder)"},
     }
     # ---- write
     folder.mkdir(parents=True, exist_ok=True)
@@ -648,7 +648,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m server.prune", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m tools.prune", description=__doc__.splitlines()[0]))
     return cmd_prune(parser.parse_args(argv))
 
 

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import httpx
 import tomli_w
 
-from clients.node_config import parse_node_config_string, validate_node_config
-from server.certificates import generate_certificates, generate_node_keys
+from splitmix.node_config import parse_node_config_string, validate_node_config
+from deploy.certificates import generate_certificates, generate_node_keys
 
 BUDGET_CYCLE = ("1", "1/2", "1/4", "1/8")  # the compose file's four client profiles
 MARKER = "SPLITMIX_DEPLOYMENT"

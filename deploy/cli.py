@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from clients.node_config import NodeConfigError, parse_node_config_string, validate_node_config
+from splitmix.node_config import NodeConfigError, parse_node_config_string, validate_node_config
 
 
 def _err(message: str) -> None:
@@ -38,7 +38,7 @@ def _flwr_home() -> Path:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from server.certificates import DEFAULT_HOSTS, generate_certificates
+    from deploy.certificates import DEFAULT_HOSTS, generate_certificates
 
     hosts = list(DEFAULT_HOSTS) + list(args.host or [])
     paths = generate_certificates(args.out, hosts, days=args.days)
@@ -49,7 +49,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from server.certificates import generate_node_keys
+    from deploy.certificates import generate_node_keys
 
     names = args.names or [f"supernode-{i}" for i in range(args.nodes)]
     for name, (private, public) in generate_node_keys(args.out, names).items():
@@ -58,7 +58,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    from server.deploy import write_connection
+    from deploy.local import write_connection
 
     if not args.insecure and not args.ca:
         _err("give --ca PATH (the deployment's ca.crt) or --insecure")
@@ -75,7 +75,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def _register_keys(home: Path, args: argparse.Namespace) -> int:
-    from server.deploy import bin_path, write_connection
+    from deploy.local import bin_path, write_connection
 
     write_connection(home, "target", args.superlink, args.ca)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -110,8 +110,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from server.config import ConfigError, SimulationConfig, parse_overrides
-    from server.deploy import DeploymentError, LocalDeployment, default_node_configs, marked_processes
+    from splitmix.config import ConfigError, SimulationConfig, parse_overrides
+    from deploy.local import DeploymentError, LocalDeployment, default_node_configs, marked_processes
 
     err = Console(stderr=True)
     say = lambda text: err.print(text, highlight=False)  # noqa: E731

@@ -13,7 +13,7 @@ pruned layer, so its error tends to 1 - (1-p)^D. The input layer (fan-in = input
 not grow) stays dense unless ``prune_input``: its mask noise never averages out, which leaves a
 floor on the rescaled error (≈0.04 at p=0.5, input dim 16, one hidden layer).
 
-Run: ``python -m server.ntk_study [--widths ...]`` or, once wired into the CLI, ``splitmix ntk``.
+Run: ``python -m tools.ntk_study [--widths ...]`` or, once wired into the CLI, ``splitmix ntk``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from models.ntk import NTKMLP, empirical_ntk
-from models.random_pruning import random_prune_, weight_jacobian
+from tools.ntk import NTKMLP, empirical_ntk
+from techniques.random_init import random_prune_, weight_jacobian
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m server.ntk_study", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m tools.ntk_study", description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
 
 

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from clients.l2o_lstm import (
+from techniques.l2o.lstm import (
     CoordinatePolicy,
     PolicyStep,
     RNNPropPolicy,
@@ -50,7 +50,7 @@ from clients.l2o_lstm import (
     detach_state,
     rollout,
 )
-from clients.l2o_tasks import FlatModel, MLPTask, loss_and_grad
+from techniques.l2o.tasks import FlatModel, MLPTask, loss_and_grad
 
 TEACHERS = ("sgd", "momentum", "rmsprop", "adam", "addsign", "powersign")
 PRESET_LRS = {"sgd": 0.2, "momentum": 0.5, "rmsprop": 0.005, "adam": 0.005, "addsign": 0.1, "powersign": 0.1}

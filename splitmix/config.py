@@ -15,17 +15,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from clients.adversarial import PGDConfig
-from clients.diversity import DiversityConfig
-from clients.optim import OPTIMIZERS
+from splitmix.adversarial import PGDConfig
+from techniques.diversity import DiversityConfig
+from techniques.optimizers import OPTIMIZERS
 
 # Fault injection (issue 9): what a sampled client does wrong; "mixed" draws one kind per fault.
 FAULT_KINDS = ("mixed", "crash", "timeout", "missing-key", "extra-key", "wrong-shape", "wrong-dtype", "nan", "inf", "scaled", "sign-flip")
-from clients.data import DATASETS, PARTITIONS, DataConfig
-from clients.profiles import parse_budgets
+from splitmix.data import DATASETS, PARTITIONS, DataConfig
+from splitmix.profiles import parse_budgets
 from clients.recipe import LocalTrainConfig
-from clients.sparse_training import SPARSE_METHODS, SparseConfig
-from clients.task import ClientTask
+from techniques.sparse_training import SPARSE_METHODS, SparseConfig
+from splitmix.protocol.task import ClientTask
 from models.registry import list_models
 from models.splitmix import SplitMixSpec
 from strategies.methods import METHODS, Method, make_method

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from clients.node_config import NodeConfig, validate_node_config
+from splitmix.node_config import NodeConfig, validate_node_config
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ClientProfile:
     partition_id: int
     budget: float  # the largest width this client can train, in (0, 1]
     adversarial: bool  # trains with PGD through the adversarial BN path
-    sparse: bool = False  # uses the run's sparse training method (clients/sparse_training.py)
+    sparse: bool = False  # uses the run's sparse training method (techniques/sparse_training.py)
 
 
 def parse_budgets(spec: str) -> list[float]:
@@ -70,7 +70,7 @@ def make_profile(
     sparse_fraction: float = 0.0,
 ) -> ClientProfile:
     """The profile of one client; a node config's ``budget``/``adversarial`` override the
-    run-wide assignment (the node config is validated here: see ``clients/node_config.py``)."""
+    run-wide assignment (the node config is validated here: see ``splitmix/node_config.py``)."""
     node = validate_node_config({"partition-id": partition_id, **(node_config or {})}, num_clients)
     return profile_of_node(node, num_clients, budgets, adv_fraction, seed, sparse_fraction)
 

@@ -11,11 +11,11 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from clients.adversarial import PGDConfig
-from clients.data import DataConfig
-from clients.diversity import DiversityConfig
+from splitmix.adversarial import PGDConfig
+from splitmix.data import DataConfig
+from techniques.diversity import DiversityConfig
 from clients.recipe import LocalTrainConfig
-from clients.sparse_training import SparseConfig
+from techniques.sparse_training import SparseConfig
 from models.splitmix import SplitMixSpec
 
 
@@ -31,7 +31,7 @@ class ClientTask:
     torch_threads: int = 1
     sparse: SparseConfig = SparseConfig()
     num_rounds: int = 1
-    fault_fraction: float = 0.0  # fault injection (clients/faults.py)
+    fault_fraction: float = 0.0  # fault injection (techniques/faults.py)
     fault_kind: str = "mixed"
     fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
     state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)

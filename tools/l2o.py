@@ -1,6 +1,6 @@
 """``splitmix l2o train|distill|amalgamate|evaluate``: learned client optimizers (issue 8).
 
-- ``train``: meta-train the artifacts ``clients/optim.py`` loads (LSTM, symbolic rule, amalgamated
+- ``train``: meta-train the artifacts ``techniques/optimizers.py`` loads (LSTM, symbolic rule, amalgamated
   student) into a folder (default: the per-user cache the clients use).
 - ``distill``: re-run the symbolic distillation of the folder's LSTM (other route, lags, search).
 - ``amalgamate``: train another student (scheme mean / minmax / choice, perturbation) under a name
@@ -10,7 +10,7 @@
   a 3-point lr grid on this very evaluation), the learned optimizers, and each teacher at its
   tuned lr. Writes results.json, curves.csv and loss_curves.png.
 
-Run: ``python -m server.l2o_cli evaluate`` or, once wired into the CLI, ``splitmix l2o evaluate``.
+Run: ``python -m tools.l2o evaluate`` or, once wired into the CLI, ``splitmix l2o evaluate``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _summary(runs: list[dict[str, Any]], lr: float, extra: dict[str, Any] | None
 
 def _grid(name: str, grid: tuple[float, ...], task, cfg: EvalConfig, seeds: list[int]) -> tuple[dict, list[dict]]:
     """Best lr of the grid by mean log final loss (the baselines get the benefit of the doubt)."""
-    from clients.optim import make_optimizer
+    from techniques.optimizers import make_optimizer
 
     scored = {}
     for lr in grid:
@@ -95,11 +95,11 @@ def _grid(name: str, grid: tuple[float, ...], task, cfg: EvalConfig, seeds: list
 
 def evaluate(artifacts: str | Path, out_dir: str | Path, cfg: EvalConfig, report: Reporter | None = None) -> dict[str, Any]:
     """Evaluate every optimizer on the held-out optimizee; write results.json, curves.csv, PNG."""
-    from clients.amalgamation import Teacher
-    from clients.l2o_lstm import LearnedOptimizer
-    from clients.l2o_symbolic import SymbolicOptimizer, SymbolicRule
-    from clients.l2o_tasks import MLPTask
-    from clients.optim import load_artifact, load_policy, make_optimizer
+    from techniques.l2o.amalgamation import Teacher
+    from techniques.l2o.lstm import LearnedOptimizer
+    from techniques.l2o.symbolic import SymbolicOptimizer, SymbolicRule
+    from techniques.l2o.tasks import MLPTask
+    from techniques.optimizers import load_artifact, load_policy, make_optimizer
 
     say = report or (lambda _text: None)
     artifacts, out_dir = Path(artifacts), Path(out_dir)
@@ -237,7 +237,7 @@ def _threads(args: argparse.Namespace) -> bool:
 
 
 def _folder(args: argparse.Namespace, attribute: str) -> Path:
-    from clients.optim import default_artifacts_dir
+    from techniques.optimizers import default_artifacts_dir
 
     value = getattr(args, attribute, None)
     return Path(value) if value else default_artifacts_dir(getattr(args, "settings", "default"))
@@ -246,7 +246,7 @@ def _folder(args: argparse.Namespace, attribute: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from clients.optim import FILES, settings_named, train_artifacts
+    from techniques.optimizers import FILES, settings_named, train_artifacts
 
     if not _threads(args):
         return 2
@@ -267,9 +267,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from clients.l2o_symbolic import DistillConfig, distill
-    from clients.l2o_tasks import MLPTask
-    from clients.optim import write_text_atomic, load_policy
+    from techniques.l2o.symbolic import DistillConfig, distill
+    from techniques.l2o.tasks import MLPTask
+    from techniques.optimizers import write_text_atomic, load_policy
 
     if not _threads(args):
         return 2
@@ -296,9 +296,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_amalgamate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from clients.amalgamation import AmalgamationConfig, train_student
-    from clients.l2o_tasks import MLPTask
-    from clients.optim import save_policy
+    from techniques.l2o.amalgamation import AmalgamationConfig, train_student
+    from techniques.l2o.tasks import MLPTask
+    from techniques.optimizers import save_policy
 
     if not _threads(args):
         return 2
@@ -330,7 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         cfg = EvalConfig(hidden=args.hidden, partition=args.partition, steps=args.steps, seeds=args.seeds,
                          first_seed=args.first_seed, every=args.every, teachers=not args.no_teachers)
-        from clients.l2o_tasks import MLPTask
+        from techniques.l2o.tasks import MLPTask
 
         MLPTask(hidden=cfg.hidden, partition=cfg.partition)
     except ValueError as exc:
@@ -412,7 +412,7 @@ add_l2o_parser = register
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m server.l2o_cli", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m tools.l2o", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     return args.func(args)
 
