@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from models.blocks import DualBatchNorm, StackedConv2d, StackedLinear
-
-Masks = dict[str, torch.Tensor]  # parameter name ("conv1.weight") → bool mask of its shape
+from models.masks import Masks
 
 
 @dataclass(frozen=True)

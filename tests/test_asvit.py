@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.asvit import (
-    MiniViT,
-    Topology,
+from models.cost import count_params
+from models.vit import MiniViT, Topology
+from tools.asvit_scores import (
     TopologyScore,
     circle_inputs,
-    count_params,
     curve_length,
     grow_candidates,
     grow_topology,

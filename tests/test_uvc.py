@@ -1,4 +1,4 @@
-"""UVC (models/uvc.py, tools/compress.py): exact T0 MAC counts (analytic == flop counter),
+"""UVC (techniques/uvc_search.py, models/vit_sliced.py, tools/compress.py): exact T0 MAC counts (analytic == flop counter),
 exact mask counts, sliced == masked, skipped block == identity, budgets met after slicing,
 client masks, and `compress_run` end to end on a tiny ViT run."""
 
@@ -13,12 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import create_model
 from models.cost import count_macs
-from models.uvc import (
-    SlicedViT,
+from models.vit_sliced import SlicedViT, ViTGeometry, dense_selection, slice_vit
+from techniques.uvc_search import (
     UVCConfig,
     UVCSearch,
-    ViTGeometry,
-    dense_selection,
     gated_forward,
     group_scores,
     kd_loss,
@@ -30,7 +28,6 @@ from models.uvc import (
     select_by_counts,
     selection_from_masks,
     selection_masks,
-    slice_vit,
     uvc_masks,
 )
 
@@ -271,7 +268,7 @@ def vit_run(tmp_path_factory):
 def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     from splitmix.data import test_data
     from tools.compress import compress_run, load_compressed
-    from splitmix.config import SimulationConfig
+    from splitmix.config import RunConfig
 
     out = tmp_path / "uvc"
     card = compress_run(vit_run, 0.25, 0.5, out=out, search_epochs=1, finetune_epochs=1, seed=0, report=None, progress=False)
@@ -287,7 +284,7 @@ def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     assert [h["stage"] for h in history] == ["search", "finetune", "baseline-finetune"]
     model = load_compressed(out)
     assert count_macs(model, SHAPE) == card["macs"]["compressed"]
-    cfg = SimulationConfig.from_mapping(json.loads((vit_run / "config.json").read_text())["run_config"])
+    cfg = RunConfig.from_mapping(json.loads((vit_run / "config.json").read_text())["run_config"])
     test = test_data(cfg.data_config())
     with torch.no_grad():
         accuracy = float((model(test.x).argmax(-1) == test.y).float().mean())

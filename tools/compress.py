@@ -1,11 +1,11 @@
 """``splitmix compress RUN``: UVC (arXiv 2203.08243) compression of a served ViT to a FLOPs budget.
 
 The model a finished ViT run serves at width W and robustness λ (for Split-Mix the k = W/r bases
-stacked, :meth:`server.query.Run.served`) is compressed with UVC (``models/uvc.py``): each base
+stacked, :meth:`server.query.Run.served`) is compressed with UVC (``techniques/uvc_search.py``): each base
 learns how many heads, value dims per head and MLP neurons to remove in every block and which
 blocks to skip, jointly with its weights, under one budget on the mixture's MACs (primal–dual,
 distillation from the dense model); the result is projected onto the budget, fine-tuned with fixed
-masks (distillation again) and physically sliced into a smaller model (:class:`models.uvc.SlicedViT`).
+masks (distillation again) and physically sliced into a smaller model (:class:`models.vit_sliced.SlicedViT`).
 The sliced model is checked against the masked one on the test set, and its MACs are measured with
 ``torch.utils.flop_counter`` (at most ``--flops-ratio`` × the dense MACs, or the job fails).
 
@@ -50,21 +50,18 @@ from torch import nn
 from splitmix.data import ArrayData, test_data
 from models.blocks import DualBatchNorm, set_route
 from models.cost import count_macs, count_params
-from models.uvc import (
-    Selection,
-    SlicedViT,
+from models.vit import VisionTransformer
+from models.vit_sliced import Selection, SlicedViT, ViTGeometry, slice_vit
+from techniques.uvc_search import (
     UVCConfig,
-    ViTGeometry,
     finetune,
     group_scores,
     magnitude_selection,
     masked_copy,
     project_to_budget,
-    slice_vit,
     teacher_logits,
     uvc_search,
 )
-from models.vit import VisionTransformer
 from tools.prune import apply_threads, batched_logits, run_training_data
 
 WEIGHTS, ARCHITECTURE, CARD, HISTORY = "model.safetensors", "architecture.json", "model_card.json", "history.json"
@@ -319,7 +316,7 @@ def _card(run, served, sim, data_source: str, examples: int, select: str, flops_
     return {
         "run": str(run.folder.resolve()),
         "method": run.method_name,
-        "dataset": sim.dataset,
+        "dataset": sim.data.dataset,
         "model": run.spec.arch,
         "width": served.width,
         "robustness": served.robustness,

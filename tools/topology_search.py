@@ -1,7 +1,7 @@
 """``splitmix search-topology``: As-ViT's training-free topology search, feeding ``simulate``.
 
 Candidates are plain ViT topologies of **one Split-Mix base** (patch, base embedding dim, depth,
-base heads, MLP ratio; ``models/asvit.py``). Each is scored at initialisation only — length
+base heads, MLP ratio; ``models.vit.Topology``, scored by ``tools/asvit_scores.py``). Each is scored at initialisation only — length
 distortion of a circle of inputs (expressivity) and the NTK condition number (trainability) —
 and ranked by rank sum; the best is the seed topology, optionally scaled (closed form) or grown
 (As-ViT's greedy loop) to a parameter target. The result is written as a run-config file whose
@@ -23,8 +23,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from models.asvit import (
-    Topology,
+from models.vit import Topology
+from tools.asvit_scores import (
     TopologyScore,
     grow_topology,
     kendall_study,

@@ -1,5 +1,10 @@
 """As-ViT (arXiv 2202.11921): training-free ViT topology search and scaling, for small plain ViTs.
 
+The scoring, search and study behind ``splitmix search-topology`` (``tools/topology_search.py``).
+It evaluates networks on inputs and data and trains them briefly (the Kendall study), so it is a
+tool; the network it scores is the project's one ViT, :class:`models.vit.MiniViT` (the
+reference's plain layers and init passed in), and :class:`models.vit.Topology` describes it.
+
 Two scores, computed at initialisation and averaged over ``repeats`` seeded inits, follow the
 reference code (VITA-Group/AsViT ``lib/procedures/teg.py``, ``ntk.py``, ``search/grow.py``):
 
@@ -25,9 +30,8 @@ The reference searches a 4-stage Swin-like space with REINFORCE; our space is a 
 :func:`grow_topology` is the reference's greedy grow loop adapted to one stage;
 :func:`scale_topology` is a closed-form shortcut (documented there).
 
-:class:`MiniViT` is a self-contained timm-named ViT so the scores do not depend on
-``models/vit.py``; the scoring functions take ``build`` (topology → model) and ``features``
-(model, x → pooled features) callables to score another model family.
+The scoring functions take ``build`` (topology → model; default :class:`models.vit.MiniViT`)
+and ``features`` (model, x → pooled features) callables to score another model family.
 
 :func:`kendall_study` scores candidates, trains each briefly on digits
 (:func:`short_train_accuracy`) and reports Kendall τ (:func:`kendall_tau`, τ-b) of each score
@@ -40,55 +44,23 @@ import copy
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import functional as F
 
+from models.cost import count_params
+from models.vit import MiniViT, Topology, TopologyLike, as_topology
+
 if TYPE_CHECKING:
     from splitmix.data import ArrayData
 
     DataPair = tuple[ArrayData, ArrayData]
 
-# ----------------------------------------------------------------------------- topologies
-
-
-@dataclass(frozen=True)
-class Topology:
-    """A plain ViT topology; ``dim`` must be a multiple of ``heads``."""
-
-    patch: int
-    dim: int
-    depth: int
-    heads: int
-    mlp_ratio: float
-
-    def __post_init__(self) -> None:
-        if min(self.patch, self.dim, self.depth, self.heads) < 1 or self.mlp_ratio <= 0:
-            raise ValueError(f"invalid topology {self}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
-        object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, float]) -> "Topology":
-        return cls(int(d["patch"]), int(d["dim"]), int(d["depth"]), int(d["heads"]), float(d["mlp_ratio"]))
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return f"p{self.patch}-d{self.dim}-L{self.depth}-h{self.heads}-m{self.mlp_ratio:g}"
-
-
-TopologyLike = Topology | Mapping[str, float]
-
-
-def as_topology(t: TopologyLike) -> Topology:
-    return t if isinstance(t, Topology) else Topology.from_dict(t)
+# ----------------------------------------------------------------------------- the search space
 
 
 def topology_grid(
@@ -114,97 +86,11 @@ def sample_topologies(n: int, seed: int, grid: Sequence[Topology] | None = None)
     return [grid[i] for i in idx.tolist()]
 
 
-# ----------------------------------------------------------------------------- minimal ViT
-
-
-class Attention(nn.Module):
-    """MHSA with an explicit softmax (the attention map is a real tensor, vmap/jvp friendly)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, max(1, round(dim * mlp_ratio)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, in_channels: int, dim: int, patch: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class MiniViT(nn.Module):
-    """Plain ViT with a CLS token and learned positions (timm parameter names); CLS → head."""
-
-    def __init__(self, topology: TopologyLike, image_size: int = 8, in_channels: int = 1, num_classes: int = 10):
-        super().__init__()
-        t = as_topology(topology)
-        if image_size % t.patch:
-            raise ValueError(f"image size {image_size} is not a multiple of patch {t.patch}")
-        self.topology = t
-        self.patch_embed = PatchEmbed(in_channels, t.dim, t.patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, t.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // t.patch) ** 2 + 1, t.dim))
-        self.blocks = nn.ModuleList(Block(t.dim, t.heads, t.mlp_ratio) for _ in range(t.depth))
-        self.norm = nn.LayerNorm(t.dim)
-        self.head = nn.Linear(t.dim, num_classes)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, N, D)`` after the last block, before the final norm."""
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.forward_features(x))[:, 0])
-
-
-def _init_weights(m: nn.Module) -> None:
-    # timm / As-ViT ``_init_weights``: linear trunc-normal(0.02), zero bias, LayerNorm (1, 0);
-    # the patch-embedding conv keeps PyTorch's default init, as in timm.
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+# ----------------------------------------------------------------------------- the scored network
 
 
 def build_mini_vit(topology: TopologyLike, image_size: int = 8, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """The default builder: As-ViT's plain ViT (:class:`models.vit.MiniViT`) of ``topology``."""
     return MiniViT(topology, image_size, in_channels, num_classes)
 
 
@@ -226,10 +112,6 @@ def without_layernorm(model: nn.Module) -> nn.Module:
             if isinstance(child, nn.LayerNorm):
                 setattr(module, child_name, nn.Identity())
     return model
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- scores
