@@ -16,7 +16,7 @@ the attackers had not taken part; 1 = off by a whole honest update).
 
 The rule is chosen with the run-config keys ``aggregation`` / ``trim-fraction`` when
 ``splitmix/config.py`` has them; otherwise this script swaps the Split-Mix strategy's ``combine``
-for ``strategies.robust_aggregation.aggregate_record`` itself.
+for ``strategies.aggregation.aggregate`` itself.
 
     python bench/robust_aggregation.py                       # 20 clients, 15 rounds, β = 0.25
     python bench/robust_aggregation.py --clients 10 --rounds 10 --trim-fraction 0.2
@@ -33,7 +33,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import InProcessGrid  # noqa: E402  (also sets Flower's task identity for messages)
 
 from splitmix.protocol.codec import decode, to_record, to_tensors  # noqa: E402
-from splitmix.config import SimulationConfig, load_config  # noqa: E402
+from splitmix.config import load_config  # noqa: E402
 from server.federation import run_federation  # noqa: E402
-from strategies.base import weighted_average  # noqa: E402
-from strategies.robust_aggregation import AGGREGATORS, aggregate_record  # noqa: E402
+from strategies.aggregation import AGGREGATORS, aggregate  # noqa: E402
 from strategies.splitmix import SplitMixStrategy  # noqa: E402
 
 SCALES = {"scaled": -10.0, "sign-flip": -1.0}
-WIRED = {"aggregation", "trim-fraction"} <= {f.name.replace("_", "-") for f in fields(SimulationConfig)}
 
 
 def attacking_grid(num_clients: int, attackers: set[int], scale: float) -> InProcessGrid:
@@ -86,10 +83,7 @@ class ErrorProbe:
         probe = self
 
         def combine(strategy: SplitMixStrategy, contributions):
-            if WIRED:
-                new = probe.original(strategy, contributions)
-            else:
-                new = aggregate_record(probe.rule, contributions, strategy._current, trim_fraction=probe.beta)
+            new = probe.original(strategy, contributions)
             probe.measure(strategy, contributions, new)
             return new
 
@@ -104,7 +98,7 @@ class ErrorProbe:
             return
         # valid replies arrive sorted by partition id: contribution i is partition i
         honest = [c for i, c in enumerate(contributions) if i not in self.attackers]
-        reference = weighted_average(honest, strategy._current)
+        reference = aggregate(strategy._current, honest)  # example-weighted mean
         num = den = 0.0
         for key in {k for tensors, _ in honest for k in tensors}:
             prev = torch.from_numpy(decode(strategy._current[key]).astype(np.float64))
@@ -123,8 +117,7 @@ def one_run(rule: str, scenario: str, fraction: float, args: argparse.Namespace,
         "eval-lambdas": "0", "eval-pgd-steps": 0, "eval-every": args.rounds, "seed": args.seed,
         "out-dir": str(out), "run-name": f"{rule}-{scenario}-{count}",
     }
-    if WIRED:
-        overrides.update({"aggregation": rule, "trim-fraction": args.trim_fraction})
+    overrides.update({"aggregation": rule, "trim-fraction": args.trim_fraction})
     cfg = load_config(None, overrides)
     grid = attacking_grid(args.clients, attackers, SCALES.get(scenario, 1.0))
     start = time.perf_counter()
@@ -161,8 +154,7 @@ def main() -> int:
     for item in args.scenarios.split(","):
         kind, _, fraction = item.strip().partition("@")
         scenarios.append((kind, float(fraction or 0.0)))
-    print(f"{args.clients} clients, {args.rounds} rounds, Split-Mix (budgets 8-4-2-1), digits; trimmed mean β = {args.trim_fraction}; "
-          f"rule via {'config keys' if WIRED else 'patched SplitMixStrategy.combine (config keys not wired yet)'}", flush=True)
+    print(f"{args.clients} clients, {args.rounds} rounds, Split-Mix (budgets 8-4-2-1), digits; trimmed mean β = {args.trim_fraction}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="robust-agg-") as tmp:
         for kind, fraction in scenarios:

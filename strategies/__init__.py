@@ -1,1 +1,8 @@
-"""Strategies: shared sampling/validation/averaging (base.py) and Split-Mix (splitmix.py)."""
+"""Federated methods as plugins (``strategies/registry.py``) and the aggregation kernel
+(``strategies/aggregation.py``). Importing this package registers every method; a new method is
+a module here plus its line below."""
+
+from strategies import splitmix, heterofl, sheterofl, fedavg, fedbn  # noqa: F401
+from strategies.registry import METHODS, Method, make_method, register_method
+
+__all__ = ["METHODS", "Method", "make_method", "register_method"]

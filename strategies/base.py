@@ -1,5 +1,5 @@
 """What every heterogeneous-FL strategy shares: node profiles, seeded sampling, reply
-validation, per-tensor weighted means and byte accounting.
+validation and byte accounting (aggregation: ``strategies/aggregation.py``).
 
 Method-specific strategies (``strategies/splitmix.py``, ``heterofl.py``, ``fedavg.py``) only decide
 *which tensors* each client gets and receives back; everything here is written once.
@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from splitmix.protocol.codec import decode, encode
+from splitmix import protocol
+from splitmix.protocol import NodeProfile
+from splitmix.protocol.codec import decode
 from splitmix.protocol.sparse_codec import sparse_from_record
 
 log = logging.getLogger("splitmix")
@@ -26,15 +28,6 @@ log = logging.getLogger("splitmix")
 
 class ReplyRejected(ValueError):
     """A client reply failed validation; it is logged and left out of the aggregate."""
-
-
-@dataclass(frozen=True)
-class NodeProfile:
-    node_id: int
-    partition_id: int
-    budget: float
-    adversarial: bool
-    num_examples: int
 
 
 @dataclass(frozen=True)
@@ -159,9 +152,7 @@ def check_magnitudes(tensors: dict, bounds: dict[str, float]) -> None:
             raise ReplyRejected(f"tensor '{key}' has |value| up to {peak:.3g}, beyond the bound {bounds[key]:.3g} (1e3 · (max |sent| + 1))")
 
 
-REQUIRED_METRICS = ("num-examples", "loss", "train-time")
 RETRY_DISCOVERY = 5  # discovery calls (rounds) between profile queries to a node that failed one
-OPTIONAL_FRACTIONS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
 
 
 def reply_num_examples(msg: Message, limit: int | None = None) -> int:
@@ -170,60 +161,24 @@ def reply_num_examples(msg: Message, limit: int | None = None) -> int:
     The count must be a positive integer no larger than what the node reported at discovery
     (``limit``): a client cannot buy itself more weight than its data.
     """
-    metrics = msg.content.metric_records.get("metrics")
+    metrics = msg.content.metric_records.get(protocol.METRICS)
     if metrics is None:
-        raise ReplyRejected("reply has no 'metrics' record")
-    for key in REQUIRED_METRICS:
+        raise ReplyRejected(f"reply has no '{protocol.METRICS}' record")
+    for key in protocol.REQUIRED_METRICS:
         value = metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number")
-    for key in OPTIONAL_FRACTIONS:
+    for key in protocol.FRACTION_METRICS:
         if key in metrics:
             value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
-    value = metrics["num-examples"]
+    value = metrics[protocol.NUM_EXAMPLES]
     if value <= 0 or value != int(value):
         raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
     if limit is not None and value > limit:
         raise ReplyRejected(f"'num-examples' = {int(value)} exceeds the {limit} examples the node reported")
     return int(value)
-
-
-def weighted_average(
-    contributions: Sequence[tuple[dict[str, torch.Tensor], float]],
-    previous: ArrayRecord,
-) -> ArrayRecord:
-    """Per-tensor weighted mean over exactly the contributions that hold each tensor.
-
-    Tensors nobody sent keep their previous value (the previous Array object is reused as is).
-    Accumulates in float64 in the given order, so the result is deterministic. Contributions
-    from sparse clients (``(mask, values)`` entries) make it entry-wise: each entry averaged over
-    the clients whose mask holds it (``strategies/sparse_aggregation.py``).
-    """
-    if any(isinstance(v, tuple) for tensors, _ in contributions for v in tensors.values()):
-        from strategies.sparse_aggregation import sparse_weighted_average
-
-        return sparse_weighted_average(contributions, previous)
-    sums: dict[str, torch.Tensor] = {}
-    weights: dict[str, float] = {}
-    for tensors, weight in contributions:
-        keys = list(tensors)
-        for key in keys:
-            if key not in sums:
-                sums[key] = torch.zeros(tensors[key].shape, dtype=torch.float64)
-                weights[key] = 0.0
-            weights[key] += weight
-        # one fused call per contribution (float32 terms promoted into float64 sums)
-        torch._foreach_add_([sums[k] for k in keys], [tensors[k] for k in keys], alpha=weight)
-    out = ArrayRecord()
-    for key, array in previous.items():
-        if key in sums:
-            mean = (sums[key] / weights[key]).to(getattr(torch, str(array.dtype)))
-            out[key] = encode(mean)
-        else:
-            out[key] = array
-    return out
 
 
 def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
@@ -257,23 +212,23 @@ class FederatedStrategy(Strategy):
         self._retry_at: dict[int, int] = {}  # node whose profile failed -> discovery call to ask again
         self._current = ArrayRecord()
         self._bounds: tuple[ArrayRecord | None, dict[str, float]] = (None, {})
-        self.aggregation = "mean"  # strategies/robust_aggregation.py (Split-Mix: per base)
+        self.aggregation = "mean"  # a reducer of strategies/aggregation.py
         self.trim_fraction = 0.1
 
     def summary(self) -> None:
         pass
 
-    def train_message(self, profile: NodeProfile, payload: ArrayRecord, server_round: int, extra: dict) -> Message:
+    def train_message(self, profile: NodeProfile, payload: ArrayRecord, server_round: int, method: str, extra: dict) -> Message:
         """A train instruction: the tensors, the run's task, round, lr, seed and method fields."""
-        config = {
-            "task": self.task_json,
-            "round": server_round,
-            "lr": self.lr_at_round(server_round),
-            "seed": client_seed(self.seed, server_round, profile.partition_id),
-            **extra,
-        }
-        content = RecordDict({"arrays": payload, "config": ConfigRecord(config)})
-        message = Message(content, dst_node_id=profile.node_id, message_type="train")
+        instruction = protocol.Instruction(
+            task=self.task_json,
+            server_round=server_round,
+            lr=self.lr_at_round(server_round),
+            seed=client_seed(self.seed, server_round, profile.partition_id),
+            method=method,
+            extra=extra,
+        )
+        message = protocol.train_message(payload, instruction, profile.node_id)
         self._outbox[profile.node_id] = message
         return message
 
@@ -318,10 +273,7 @@ class FederatedStrategy(Strategy):
         ]
         if not unknown:
             return stats
-        messages = {
-            n: Message(RecordDict({"config": ConfigRecord({"task": task_json})}), dst_node_id=n, message_type="query")
-            for n in unknown
-        }
+        messages = {n: protocol.query_message(task_json, n) for n in unknown}
         replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
         # As in collect_valid: the SuperLink answers for an unreachable node under its own id.
         addressee = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
@@ -334,21 +286,7 @@ class FederatedStrategy(Strategy):
                 stats.problems.append(f"node {node}: profile query failed: {reply.error.reason}")
                 continue
             try:
-                p = reply.content.config_records["profile"]
-                for key in ("partition-id", "num-examples"):
-                    if isinstance(p[key], bool) or not isinstance(p[key], int):
-                        raise ValueError(f"'{key}' = {p[key]!r} is not an integer")
-                profile = NodeProfile(
-                    node_id=node,
-                    partition_id=int(p["partition-id"]),
-                    budget=float(p["budget"]),
-                    adversarial=bool(p["adversarial"]),
-                    num_examples=int(p["num-examples"]),
-                )
-                if not (math.isfinite(profile.budget) and 0.0 < profile.budget <= 1.0):
-                    raise ValueError(f"budget {profile.budget} is not in (0, 1]")
-                if profile.num_examples < 0 or profile.partition_id < 0:
-                    raise ValueError("negative partition-id or num-examples")
+                profile = protocol.profile_from_record(reply.content.config_records[protocol.PROFILE], node)
                 holders = [n for n, q in self.profiles.items() if q.partition_id == profile.partition_id]
                 if any(n in self.online for n in holders):
                     raise ValueError(f"partition-id {profile.partition_id} is already taken by another connected node")
@@ -406,9 +344,9 @@ class FederatedStrategy(Strategy):
             try:
                 if sent is None or profile is None:
                     raise ReplyRejected("reply from a node that was not sent work this round (or a duplicate)")
-                if "arrays" not in msg.content.array_records:
-                    raise ReplyRejected("reply has no 'arrays' record")
-                record = msg.content.array_records["arrays"]
+                if protocol.ARRAYS not in msg.content.array_records:
+                    raise ReplyRejected(f"reply has no '{protocol.ARRAYS}' record")
+                record = msg.content.array_records[protocol.ARRAYS]
                 stats.bytes_up += record_bytes(record)
                 if is_sparse_record(record):  # kept entries of masked weights (+ packed dense tensors)
                     try:
@@ -424,7 +362,7 @@ class FederatedStrategy(Strategy):
                 stats.rejected += 1
                 stats.problems.append(f"round {server_round}: rejected reply from {who}: {err}")
                 continue
-            valid.append((profile, tensors, num_examples, msg.content.metric_records["metrics"]))
+            valid.append((profile, tensors, num_examples, msg.content.metric_records[protocol.METRICS]))
         stats.failures += len(expected)  # sent work, no reply before the timeout
         for node in expected:
             profile = self.profiles.get(node)

@@ -19,8 +19,27 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from models.splitmix import SplitMixSpec, is_adversarial_tensor, parse_base_key
-from strategies.robust_aggregation import aggregate_record
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.blocks import StackedNet, recompute_bn_stats, set_route
+from models.splitmix import (
+    SplitMixSpec,
+    base_key,
+    build_mixture,
+    init_global_state,
+    is_adversarial_tensor,
+    load_stacked,
+    parse_base_key,
+    select_bases,
+    split_stacked_state,
+)
+from splitmix.protocol import BASES, Instruction, NodeProfile
+from strategies.registry import LrSchedule, Method, State, register_method
+from strategies.aggregation import aggregate
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 
 
@@ -94,7 +113,7 @@ class SplitMixStrategy(FederatedStrategy):
                         expected[key] = spec
             self.assignments[profile.node_id] = bases
             self._sent[profile.node_id] = expected
-            messages.append(self.train_message(profile, payload, server_round, {"method": "splitmix", "bases": bases}))
+            messages.append(self.train_message(profile, payload, server_round, SplitMix.name, {BASES: bases}))
         stats.sampled = len(messages)
         self.last_round = stats
         return messages
@@ -110,4 +129,100 @@ class SplitMixStrategy(FederatedStrategy):
         """Each tensor averaged over the clients that returned it (so each base over exactly the
         clients that trained it); untouched tensors keep their value. ``aggregation`` = median or
         trimmed-mean replaces the example-weighted mean per coordinate (hostile clients)."""
-        return aggregate_record(self.aggregation, contributions, self._current, trim_fraction=self.trim_fraction)
+        return aggregate(self._current, contributions, self.aggregation, trim_fraction=self.trim_fraction)
+
+
+# --------------------------------------------------------------------------- the method
+_STACKS: dict[tuple[SplitMixSpec, int], StackedNet] = {}
+
+
+def cached_stack(spec: SplitMixSpec, num_bases: int) -> StackedNet:
+    """The k-base stacked model a client trains (one per actor and k: clients reuse it)."""
+    key = (spec, num_bases)
+    if key not in _STACKS:
+        _STACKS[key] = spec.build(num_bases)
+    return _STACKS[key]
+
+
+@register_method
+class SplitMix(Method):
+    """Split-Mix: N = 1/r base sub-networks, each client trains as many as its budget affords,
+    each base averaged over exactly the clients that trained it; any width k·r is served by
+    mixing (averaging the logits of) the first k bases."""
+
+    name = "splitmix"
+
+    def initial_state(self, seed: int) -> State:
+        return init_global_state(self.spec, seed)
+
+    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> "SplitMixStrategy":
+        return SplitMixStrategy(self.spec, task_json, fraction, min_clients, seed, lr_at)
+
+    def cost_model(self, width: float) -> StackedNet:
+        # same params/MACs with or without running statistics; tracked BN runs on one input
+        return replace(self.spec, track_stats=True).build(self.spec.bases_for_width(width))
+
+    def single_unit_model(self) -> nn.Module:
+        return self.spec.build(1)
+
+    def _served(self, state: State, num_bases: int, robustness: float, calibration: torch.Tensor) -> StackedNet:
+        """The first ``num_bases`` bases mixed; with static BN, statistics re-estimated on data."""
+        indices = list(range(num_bases))
+        if self.spec.track_stats:
+            return build_mixture(self.spec, state, indices, robustness)
+        model = replace(self.spec, track_stats=True).build(num_bases)
+        load_stacked(model, select_bases(state, indices), allow_missing_stats=True)
+        recompute_bn_stats(model, calibration)
+        set_route(model, float(robustness))
+        return model.eval()
+
+    def eval_model(self, state: State, width: float, robustness: float, calibration: torch.Tensor) -> StackedNet:
+        return self._served(state, self.spec.bases_for_width(width), robustness, calibration)
+
+    selectable_bases = True
+
+    @property
+    def mixes_on_demand(self) -> bool:
+        return self.spec.track_stats
+
+    def served_model(self, state: State, width: float, robustness: float, bases: list[int], calibration: Callable[[], torch.Tensor]) -> StackedNet:
+        """Any k bases mixed on demand (tracked BN); static BN needs statistics for the mixture."""
+        if self.mixes_on_demand:
+            return build_mixture(self.spec, state, bases, robustness)
+        return self.eval_model(state, width, robustness, calibration())
+
+    @torch.no_grad()
+    def base_accuracy(self, state: State, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        """Each base's own accuracy (λ = 0): what `query --select best` ranks bases by."""
+        logits = self._served(state, self.spec.num_bases, 0.0, x).to(x.device).forward_bases(x)
+        return (logits.argmax(-1) == y.unsqueeze(1)).float().mean(0).tolist()
+
+    @torch.no_grad()
+    def clean_accuracy(self, state: State, x: torch.Tensor, y: torch.Tensor, robustness: float) -> list[float]:
+        """All widths from one pass: every base's logits once, width k = mean of the first k
+        (per-channel BN statistics are per base, so re-estimating them on all N bases at once
+        gives each base the same statistics as in any smaller mixture)."""
+        model = self._served(state, self.spec.num_bases, robustness, x).to(x.device)
+        logits = model.forward_bases(x)  # (B, N, C)
+        n = self.spec.num_bases
+        mixed = logits.cumsum(dim=1) / torch.arange(1, n + 1, device=x.device).view(1, n, 1)
+        return (mixed.argmax(-1) == y.unsqueeze(1)).float().mean(0).tolist()
+
+    # ------------------------------------------------------------------ client step
+    def client_model(self, received: State, instruction: Instruction, context: Any) -> tuple[StackedNet, list[str]]:
+        """The sent bases stacked, in the order the server listed them."""
+        indices = [int(i) for i in instruction.extra[BASES]]
+        model = load_stacked(cached_stack(self.spec, len(indices)), select_bases(received, indices))
+        return model, [f"base{i}" for i in indices]
+
+    def client_tensors(self, model: StackedNet, instruction: Instruction, profile: NodeProfile, context: Any) -> State:
+        """Each trained base under its global keys; a client that does not train adversarially
+        leaves out the adversarial-BN tensors it never touched."""
+        indices = [int(i) for i in instruction.extra[BASES]]
+        trained = split_stacked_state(model.state_dict(), len(indices))
+        return {
+            base_key(index, name): tensor.cpu()
+            for index, state in zip(indices, trained)
+            for name, tensor in state.items()
+            if profile.adversarial or not is_adversarial_tensor(name)
+        }

@@ -1,16 +1,16 @@
-"""Robust aggregation rules: hand-computed values, dtypes, sparse entries, and an attack where
-20 % of the clients send sign-flipped ×10 updates."""
+"""The aggregation kernel's reducers: hand-computed values, dtypes, sparse entries, nested
+slices, and an attack where 20 % of the clients send sign-flipped ×10 updates."""
 
 import pytest
 import torch
 
 from splitmix.protocol.codec import decode, to_record
-from strategies.base import weighted_average
-from strategies.robust_aggregation import (
+from strategies.aggregation import (
     AGGREGATORS,
     aggregate,
-    aggregate_record,
+    aggregate_tensors,
     coordinate_median,
+    leading_slice,
     trimmed_mean,
 )
 
@@ -72,7 +72,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="no tensors"):
         coordinate_median([])
     with pytest.raises(ValueError, match="unknown aggregation 'krum'; allowed: mean, median, trimmed-mean"):
-        aggregate("krum", [({"a": torch.zeros(1)}, 1.0)])
+        aggregate_tensors(None, [({"a": torch.zeros(1)}, 1.0)], "krum")
 
 
 def test_integer_and_bool_tensors():
@@ -87,12 +87,12 @@ def test_integer_and_bool_tensors():
     assert coordinate_median([half, half * 3]).dtype == torch.float16
     # through aggregate: each tensor keeps its dtype (the previous state's)
     contributions = [({"w": torch.tensor([1.0]), "n": torch.tensor([c])}, 1.0) for c in (5, 7, 100)]
-    out = aggregate("median", contributions, {"w": torch.zeros(1), "n": torch.zeros(1, dtype=torch.int64)})
+    out = aggregate_tensors({"w": torch.zeros(1), "n": torch.zeros(1, dtype=torch.int64)}, contributions, "median")
     assert out["n"].dtype == torch.int64 and out["n"].tolist() == [7]
     assert out["w"].dtype == torch.float32
 
 
-def test_mean_is_weighted_average_itself():
+def test_mean_is_the_float64_example_weighted_mean_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     previous = {"a": torch.zeros(3, 4), "b": torch.zeros(5), "untouched": torch.ones(2)}
     contributions = [
@@ -101,12 +101,18 @@ def test_mean_is_weighted_average_itself():
         ({"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)}, 5.0),
     ]
     record = to_record(previous)
-    expected = weighted_average(contributions, record)
-    via_record = aggregate_record("mean", contributions, record)
-    via_dict = aggregate("mean", contributions, previous)
+    # the per-tensor mean Split-Mix always had: float64 sums in contribution order, one division
+    sums = torch.zeros(3, 4, dtype=torch.float64)
+    torch._foreach_add_([sums], [contributions[0][0]["a"]], alpha=10.0)
+    torch._foreach_add_([sums], [contributions[1][0]["a"]], alpha=30.0)
+    torch._foreach_add_([sums], [contributions[2][0]["a"]], alpha=5.0)
+    expected_a = (sums / 45.0).to(torch.float32)
+    via_record = aggregate(record, contributions, "mean")
+    via_dict = aggregate_tensors(previous, contributions, "mean")
+    assert torch.equal(torch.from_numpy(decode(via_record["a"]).copy()), expected_a)
     for key in previous:
-        assert via_record[key].data == expected[key].data
-        torch.testing.assert_close(via_dict[key], torch.from_numpy(decode(expected[key]).copy()), rtol=0, atol=0)
+        torch.testing.assert_close(via_dict[key], torch.from_numpy(decode(via_record[key]).copy()), rtol=0, atol=0)
+    assert via_record["untouched"] is record["untouched"]
     # each tensor over the contributions that hold it: 'b' only over the first and third
     b = (10 * contributions[0][0]["b"].double() + 5 * contributions[2][0]["b"].double()) / 15
     torch.testing.assert_close(via_dict["b"], b.float())
@@ -122,15 +128,15 @@ def test_robust_rules_per_tensor_over_its_holders(name):
         ({"base0.w": torch.tensor([2.0, 20.0])}, 1.0),
         ({"base0.w": torch.tensor([3.0, -500.0]), "base1.w": torch.tensor([4.0, 8.0])}, 1.0),
     ]
-    out = aggregate_record(name, contributions, record, trim_fraction=0.34)  # k = 1 of 3, 0 of 2
+    out = aggregate(record, contributions, name, trim_fraction=0.34)  # k = 1 of 3, 0 of 2
     assert out["base2.w"] is record["base2.w"]  # nobody sent it: the previous Array object, as is
     got = {k: torch.from_numpy(decode(v).copy()) for k, v in out.items()}
     assert got["base0.w"].tolist() == [2.0, 10.0]  # median of 3 = the 1-trimmed mean of 3
     assert got["base1.w"].tolist() == [2.0, 4.0]  # two holders: their (unweighted) mean
     assert got["base2.w"].tolist() == [-1.0, -1.0, -1.0]
-    assert aggregate(name, contributions, previous, trim_fraction=0.34)["base1.w"].tolist() == [2.0, 4.0]
+    assert aggregate_tensors(previous, contributions, name, trim_fraction=0.34)["base1.w"].tolist() == [2.0, 4.0]
     with pytest.raises(KeyError, match="nope"):
-        aggregate_record(name, [({"nope": torch.zeros(1)}, 1.0)], record)
+        aggregate(record, [({"nope": torch.zeros(1)}, 1.0)], name)
 
 
 @pytest.mark.parametrize("name", ["median", "trimmed-mean"])
@@ -139,15 +145,69 @@ def test_sparse_entries_over_the_clients_whose_mask_holds_them(name):
     masks = [torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False]), None]
     values = [torch.tensor([1.0, 2.0, 99.0, 99.0]), torch.tensor([3.0, 99.0, 5.0, 99.0]), torch.tensor([100.0, 4.0, 6.0, 0.0])]
     contributions = [({"w": (m, v) if m is not None else v}, 1.0) for m, v in zip(masks, values)]
-    out = aggregate(name, contributions, previous, trim_fraction=0.34)["w"]
+    out = aggregate_tensors(previous, contributions, name, trim_fraction=0.34)["w"]
     # entry 0: {1, 3, 100}; entry 1: {2, 4}; entry 2: {5, 6}; entry 3: {0} (dense client only)
     assert out.tolist() == [3.0, 3.0, 5.5, 0.0]
-    nobody = aggregate(name, [({"w": (torch.tensor([True, False, False, False]), values[0])}, 1.0)], previous)["w"]
+    nobody = aggregate_tensors(previous, [({"w": (torch.tensor([True, False, False, False]), values[0])}, 1.0)], name)["w"]
     assert nobody.tolist() == [1.0, 7.0, 7.0, 7.0]  # entries nobody holds keep their previous value
-    record = aggregate_record(name, contributions, to_record(previous), trim_fraction=0.34)
+    record = aggregate(to_record(previous), contributions, name, trim_fraction=0.34)
     assert decode(record["w"]).tolist() == [3.0, 3.0, 5.5, 0.0]
     with pytest.raises(ValueError, match="previous"):
-        aggregate(name, contributions)  # sparse entries need the previous state
+        aggregate_tensors(None, contributions, name)  # sparse entries need the previous state
+
+
+def _nested_slices():
+    """A 3×3 tensor; slices (leading blocks) of 1×1 … 2×3, one sparse. Row 2 nobody holds."""
+    previous = {"w": torch.full((3, 3), -1.0)}
+    contributions = [
+        ({"w": torch.tensor([[1.0]])}, 10.0),
+        ({"w": torch.tensor([[2.0, 20.0]])}, 1.0),
+        # sparse: its (0, 1) entry (30) is off its mask and must not count
+        ({"w": (torch.tensor([[True, False], [True, True]]), torch.tensor([[100.0, 30.0], [5.0, 6.0]]))}, 1.0),
+        ({"w": torch.tensor([[4.0, 70.0, 9.0], [7.0, 8.0, 11.0]])}, 1000.0),
+        ({"w": torch.tensor([[-50.0]])}, 1.0),
+    ]
+    return previous, contributions
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # (0, 0): {1, 2, 100, 4, −50} → 2; (0, 1): {20, 70} → 45; (0, 2): {9}; (1, 0): {5, 7};
+        # (1, 1): {6, 8}; (1, 2): {11}; row 2: nobody → −1
+        ("median", [[2.0, 45.0, 9.0], [6.0, 7.0, 11.0], [-1.0, -1.0, -1.0]]),
+        # β = 0.2: 5 holders → 1 dropped from each end: mean(1, 2, 4) = 7/3; fewer than 5 → none
+        ("trimmed-mean", [[7 / 3, 45.0, 9.0], [6.0, 7.0, 11.0], [-1.0, -1.0, -1.0]]),
+        # example-weighted, each entry over the clients whose slice (and mask) holds it
+        ("mean", [[(10 + 2 + 100 + 4000 - 50) / 1013, (20 + 70_000) / 1001, 9.0],
+                  [(5 + 7000) / 1001, (6 + 8000) / 1001, 11.0], [-1.0, -1.0, -1.0]]),
+    ],
+)
+def test_reducers_on_nested_slices_by_hand(name, expected):
+    previous, contributions = _nested_slices()
+    out = aggregate_tensors(previous, contributions, name, trim_fraction=0.2, placement=leading_slice)["w"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor(expected))
+    record = aggregate(to_record(previous), contributions, name, trim_fraction=0.2, placement=leading_slice)
+    torch.testing.assert_close(torch.from_numpy(decode(record["w"]).copy()), torch.tensor(expected))
+    with pytest.raises(ValueError, match="does not match"):  # whole-tensor placement: no slices
+        aggregate_tensors(previous, contributions, name)
+    with pytest.raises(ValueError, match="does not fit"):
+        aggregate_tensors(previous, [({"w": torch.zeros(4, 1)}, 1.0)], name, placement=leading_slice)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_entries_off_the_mask_have_no_effect(name):
+    """Fails if any reducer reads values off a sparse mask: they are huge here."""
+    previous = {"w": torch.zeros(4)}
+    dense = [({"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, 1.0), ({"w": torch.tensor([3.0, 4.0, 5.0, 6.0])}, 1.0)]
+    junk = torch.tensor([5.0, 1e6, 7.0, 1e6])
+    masked = dense + [({"w": (torch.tensor([True, False, True, False]), junk)}, 1.0)]
+    out = aggregate_tensors(previous, masked, name, trim_fraction=0.34)["w"]
+    # entries 0, 2: three holders {1, 3, 5}, {3, 5, 7}; entries 1, 3: two holders {2, 4}, {4, 6}
+    assert out.tolist() == [3.0, 3.0, 5.0, 5.0]
+    ignored = aggregate_tensors(previous, dense + [({"w": junk}, 1.0)], name, trim_fraction=0.34)["w"]
+    assert ignored[1] != out[1] and ignored[3] != out[3]  # the mask is what makes the difference
 
 
 def _attack(num_clients: int, attackers: int, scale: float, seed: int = 0):
@@ -168,7 +228,7 @@ def test_attack_twenty_percent_sign_flipped_times_ten():
     previous = {"w": reference}
 
     def error(name: str, beta: float = 0.2) -> float:
-        got = aggregate(name, contributions, previous, trim_fraction=beta)["w"]
+        got = aggregate_tensors(previous, contributions, name, trim_fraction=beta)["w"]
         return float((got - honest_mean).norm() / update.norm())
 
     mean_err, median_err, trimmed_err = error("mean"), error("median"), error("trimmed-mean")
@@ -182,9 +242,9 @@ def test_attack_twenty_percent_sign_flipped_times_ten():
     assert error("trimmed-mean", 0.1) > 1.0
     # the update direction survives: cosine with the honest update
     for name in ("median", "trimmed-mean"):
-        step = aggregate(name, contributions, previous, trim_fraction=0.2)["w"] - reference
+        step = aggregate_tensors(previous, contributions, name, trim_fraction=0.2)["w"] - reference
         assert torch.nn.functional.cosine_similarity(step, update, dim=0) > 0.95
-    step = aggregate("mean", contributions, previous)["w"] - reference
+    step = aggregate_tensors(previous, contributions, "mean")["w"] - reference
     assert torch.nn.functional.cosine_similarity(step, update, dim=0) < -0.95
 
 
@@ -195,7 +255,7 @@ def test_attack_errors_recorded():
         for scale in (-10.0, -1.0):
             contributions, reference, update, honest_mean = _attack(10, attackers, scale, seed=1)
             for name in AGGREGATORS:
-                got = aggregate(name, contributions, {"w": reference}, trim_fraction=0.2)["w"]
+                got = aggregate_tensors({"w": reference}, contributions, name, trim_fraction=0.2)["w"]
                 rows[(attackers, scale, name)] = float((got - honest_mean).norm() / update.norm())
     # plain mean with k of 10 attackers at scale s: (1 − k/10)·u + (k/10)·s·u → |k/10·(s − 1)|
     assert rows[(1, -10.0, "mean")] == pytest.approx(1.1, abs=0.05)

@@ -25,8 +25,8 @@ from splitmix.protocol.sparse_codec import (
     to_sparse_record,
 )
 from models.cnn import DigitCNN
-from strategies.base import TensorSpec, record_bytes, weighted_average
-from strategies.sparse_aggregation import sparse_weighted_average, sparse_weighted_average_tensors
+from strategies.aggregation import aggregate, aggregate_tensors
+from strategies.base import TensorSpec, record_bytes
 
 
 def _model(num_bases: int = 1) -> DigitCNN:
@@ -347,7 +347,7 @@ def test_sparse_aggregation_matches_hand_computation():
     c1 = ({"w": (m1, torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0])), "b": torch.tensor([3.0, 4.0])}, 1.0)
     c2 = ({"w": (m2, torch.tensor([0.0, 8.0, 6.0, 99.0, 0.0])), "b": (None, torch.tensor([6.0, 8.0]))}, 3.0)
     c3 = ({"w": (m1 | m2, torch.tensor([4.0, 4.0, 4.0, 0.0, 0.0]))}, 2.0)
-    out = sparse_weighted_average_tensors([c1, c2, c3], previous)
+    out = aggregate_tensors(previous, [c1, c2, c3])
     # entry 0: clients 1, 3 → (1·1 + 2·4)/3 = 3; entry 1: all → (1·2 + 3·8 + 2·4)/6 = 34/6;
     # entry 2: clients 2, 3 → (3·6 + 2·4)/5 = 5.2; entries 3, 4: nobody (client 2's 99 is off its mask)
     assert out["w"].tolist() == pytest.approx([3.0, 34 / 6, 5.2, 40.0, 50.0])
@@ -360,8 +360,10 @@ def test_sparse_aggregation_record_matches_dense_weighted_average():
     tensors = [{"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)} for _ in range(3)]
     previous = ArrayRecord({"a": encode(torch.zeros(3, 4)), "b": encode(torch.zeros(5)), "c": encode(torch.ones(2))})
     contributions = [(t, w) for t, w in zip(tensors, [1.0, 2.0, 5.0])]
-    dense = weighted_average(contributions, previous)
-    sparse = sparse_weighted_average(contributions, previous)
+    dense = aggregate(previous, contributions)
+    # the same tensors as sparse entries whose masks hold everything: the entry-wise path
+    as_sparse = [({k: (torch.ones(v.shape, dtype=torch.bool), v) for k, v in t.items()}, w) for t, w in contributions]
+    sparse = aggregate(previous, as_sparse)
     for key in ("a", "b", "c"):
         assert dense[key].data == sparse[key].data
     assert sparse["c"] is previous["c"]
