@@ -25,14 +25,14 @@ from splitmix.data import client_train_data
 from splitmix.profiles import make_profile
 from clients.recipe import train_bases
 from models.splitmix import base_key, init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
-from splitmix.config import SimulationConfig, load_config, parse_overrides
+from splitmix.config import RunConfig, load_config, parse_overrides
 from strategies.base import client_seed
 from strategies.splitmix import BaseScheduler, cosine_lr
 
 import numpy as np
 
 
-def framework(cfg: SimulationConfig) -> tuple[float, float, list[float], float]:
+def framework(cfg: RunConfig) -> tuple[float, float, list[float], float]:
     from server.simulation import simulate
 
     start = time.perf_counter()
@@ -44,18 +44,18 @@ def framework(cfg: SimulationConfig) -> tuple[float, float, list[float], float]:
     return wall, summary["timing"]["startup_s"], [r["train-seconds"] for r in rounds], client_time
 
 
-def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
+def plain_loop(cfg: RunConfig, threads: int) -> list[float]:
     """Sequential torch: the same assignment rule, data, seeds and recipe, no framework."""
     torch.set_num_threads(threads)
     spec, task = cfg.spec(), cfg.client_task()
-    profiles = [make_profile(i, cfg.num_clients, cfg.budgets, cfg.adv_fraction, cfg.seed) for i in range(cfg.num_clients)]
+    profiles = [make_profile(i, cfg.federation.num_clients, cfg.federation.budgets, cfg.federation.adv_fraction, cfg.seed) for i in range(cfg.federation.num_clients)]
     for p in profiles:  # data loading belongs to start-up in (a) too
         client_train_data(task.data, p.partition_id)
     scheduler = BaseScheduler(spec.num_bases, np.random.default_rng(cfg.seed))
     state = init_global_state(spec, cfg.seed)
     models = {k: spec.build(k) for k in range(1, spec.num_bases + 1)}
     times = []
-    for rnd in range(1, cfg.num_rounds + 1):
+    for rnd in range(1, cfg.federation.num_rounds + 1):
         start = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
@@ -64,7 +64,7 @@ def plain_loop(cfg: SimulationConfig, threads: int) -> list[float]:
             model = load_stacked(models[len(bases)], select_bases(state, bases))
             data = client_train_data(task.data, p.partition_id)
             seed = client_seed(cfg.seed, rnd, p.partition_id)
-            train_bases(model, data, task.train, cosine_lr(cfg.lr, rnd, cfg.num_rounds), p.adversarial, seed)
+            train_bases(model, data, task.train, cosine_lr(cfg.training.lr, rnd, cfg.federation.num_rounds), p.adversarial, seed)
             for b, base_state in zip(bases, split_stacked_state(model.state_dict(), len(bases))):
                 for name, t in base_state.items():
                     if not p.adversarial and is_adversarial_tensor(name):
@@ -95,14 +95,14 @@ def main() -> None:
     # The plain loop runs first, on a quiet machine (no Ray processes yet, none shutting down).
     b1 = plain_loop(cfg, threads=1)
     b2 = plain_loop(cfg, threads=2)
-    torch.set_num_threads(cfg.torch_threads)
+    torch.set_num_threads(cfg.system.torch_threads)
     wall, startup, round_times, client_time = framework(cfg)
     a = sum(round_times)
     b_rounds = min(b1, b2, key=sum)
     b = sum(b_rounds)
     steady = sum(b_rounds[1:]) / sum(round_times[1:]) if len(round_times) > 1 else float("nan")
-    print(f"workload: digits, {cfg.num_clients} clients, {cfg.num_rounds} rounds, budgets {cfg.budgets}, "
-          f"adv-fraction {cfg.adv_fraction}, {cfg.local_epochs} local epochs")
+    print(f"workload: digits, {cfg.federation.num_clients} clients, {cfg.federation.num_rounds} rounds, budgets {cfg.federation.budgets}, "
+          f"adv-fraction {cfg.federation.adv_fraction}, {cfg.training.local_epochs} local epochs")
     print(f"startup (Ray start, actors, imports, data, profile discovery): {startup:.2f} s; whole simulate() call {wall:.2f} s")
     print(f"(a) framework training rounds: {a:.2f} s  per round: {', '.join(f'{t:.2f}' for t in round_times)}")
     print(f"    time inside ClientApp training (summed over clients): {client_time:.2f} s")

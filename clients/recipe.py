@@ -3,24 +3,29 @@
 Each base gets its own cross-entropy (the k losses are summed, so gradients never mix across
 bases); the k bases run as one stacked model. A fresh SGD is built every round (the authors'
 code: momentum 0.9, weight decay 5e-4); ``optimizer`` picks another one from the registry
-(``techniques/optimizers.py``: Adam or a learned optimizer, whose state the ClientApp keeps across rounds). Adversarial clients add PGD examples routed through the
-adversarial BN: loss = (1 − λ)·L_clean(clean BN) + λ·L_adv(adv BN).
+(``techniques/optimizers.py``: Adam or a learned optimizer, whose state that technique keeps
+across rounds). Adversarial clients add PGD examples routed through the adversarial BN:
+loss = (1 − λ)·L_clean(clean BN) + λ·L_adv(adv BN). Techniques act through hooks
+(``techniques/base.py: RoundHooks``): after each step and epoch, and a technique may own the
+clean forward pass to add a loss term (Diverse-ViT's regularisers).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch.nn import functional as F
 
 from splitmix.adversarial import PGDConfig, pgd_linf
-from techniques.diversity import DiversityConfig, stacked_vit_diversity
 from techniques.optimizers import export_state, make_optimizer
 from splitmix.data import ArrayData
 from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
+
+if TYPE_CHECKING:
+    from techniques.base import RoundHooks
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,6 @@ class LocalTrainConfig:
     weight_decay: float = 5e-4
     adv_lambda: float = 0.5
     pgd: PGDConfig = PGDConfig()
-    diversity: DiversityConfig = DiversityConfig()  # ViT diversity regularizers (off by default)
     optimizer: str = "sgd"  # techniques/optimizers.py: sgd, adam or a learned optimizer
     l2o_artifacts: str = ""  # learned optimizers' artifact folder ("" = the per-user cache)
 
@@ -48,12 +52,6 @@ class TrainResult:
     optimizer_state: dict | None = None  # per-parameter state worth keeping (techniques/optimizers.py)
 
 
-class TrainHooks(Protocol):
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
-
-    def after_epoch(self) -> None: ...
-
-
 def per_base_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum over bases of each base's mean cross-entropy; logits are ``(B, k, classes)``."""
     k = logits.shape[1]
@@ -68,13 +66,13 @@ def train_bases(
     adversarial: bool,
     seed: int,
     device: torch.device | str = "cpu",
-    hooks: "TrainHooks | None" = None,
+    hooks: "Sequence[RoundHooks]" = (),
     optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics.
 
-    ``hooks`` (e.g. a client's sparse training, ``techniques/sparse_training.py``) sees every
-    optimizer step and the end of every epoch."""
+    ``hooks`` (the round's technique hooks) see every optimizer step and the end of every epoch;
+    the first hook with a ``forward`` computes the clean pass and an extra loss term."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -85,7 +83,7 @@ def train_bases(
     x_all, y_all = data.x.to(device), data.y.to(device)
     n, k = len(data), model.num_bases
     totals = {"loss": 0.0, "clean": 0.0, "adv": 0.0, "diversity": 0.0}
-    diverse = cfg.diversity.enabled
+    forward = next((h.forward for h in hooks if h.forward is not None), None)
     steps = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -95,10 +93,10 @@ def train_bases(
                 continue
             xb, yb = x_all[idx], y_all[idx]
             with routed(model, "clean"):
-                if diverse:  # ViT: the regularizers see the clean pass's tokens and attention
-                    logits, div = stacked_vit_diversity(cfg.diversity, model, xb)
+                if forward is not None:  # e.g. ViT diversity terms on the clean pass's tokens
+                    logits, div = forward(model, xb)
                     clean = per_base_loss(logits, yb)
-                    totals["diversity"] += div.item()
+                    totals["diversity"] += float(div)
                 else:
                     clean, div = per_base_loss(model.forward_bases(xb), yb), 0.0
             loss = clean + div
@@ -113,13 +111,13 @@ def train_bases(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if hooks is not None:
-                hooks.after_step(optimizer)
+            for hook in hooks:
+                hook.after_step(optimizer)
             totals["loss"] += loss.item()
             totals["clean"] += clean.item()
             steps += 1
-        if hooks is not None:
-            hooks.after_epoch()
+        for hook in hooks:
+            hook.after_epoch()
     denom = max(steps, 1) * k  # report per-base averages
     return TrainResult(
         loss=totals["loss"] / denom,

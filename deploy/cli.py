@@ -110,7 +110,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from splitmix.config import ConfigError, SimulationConfig, parse_overrides
+    from splitmix.config import ConfigError, RunConfig, parse_overrides
     from deploy.local import DeploymentError, LocalDeployment, default_node_configs, marked_processes
 
     err = Console(stderr=True)
@@ -118,15 +118,15 @@ def cmd_local(args: argparse.Namespace) -> int:
     node_configs = args.node_config or default_node_configs(args.nodes)
     try:
         overrides = {"num-clients": len(node_configs), "num-rounds": args.rounds, "min-train-clients": 1, **parse_overrides(args.run_config)}
-        cfg = SimulationConfig.from_mapping(overrides)
+        cfg = RunConfig.from_mapping(overrides)
         for text in node_configs:
-            validate_node_config(parse_node_config_string(text), cfg.num_clients)
+            validate_node_config(parse_node_config_string(text), cfg.federation.num_clients)
     except (ConfigError, NodeConfigError) as exc:
         _err(str(exc))
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="splitmix-deploy-")).resolve()
-    out_dir = Path(cfg.out_dir).resolve()
-    run_config = {**overrides, "out-dir": str(out_dir), "run-name": cfg.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")}
+    out_dir = Path(cfg.system.out_dir).resolve()
+    run_config = {**overrides, "out-dir": str(out_dir), "run-name": cfg.system.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")}
     deployment = LocalDeployment(workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), say=say)
     seen = [0]
 
@@ -139,7 +139,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                say(f"round {row['round']}/{cfg.num_rounds}: valid {row.get('valid')}/{row.get('sampled')}, failures {row.get('failures')}, train {row.get('train-seconds', 0):.1f}s")
+                say(f"round {row['round']}/{cfg.federation.num_rounds}: valid {row.get('valid')}/{row.get('sampled')}, failures {row.get('failures')}, train {row.get('train-seconds', 0):.1f}s")
             seen[0] = len(lines)
 
     try:

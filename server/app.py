@@ -8,7 +8,7 @@ import sys
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from splitmix.config import SimulationConfig
+from splitmix.config import RunConfig
 from server.federation import run_federation
 
 app = ServerApp()
@@ -22,6 +22,6 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s splitmix: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    cfg = SimulationConfig.from_mapping(dict(context.run_config))
+    cfg = RunConfig.from_mapping(dict(context.run_config))
     run_dir = run_federation(grid, cfg)
     print(f"run folder: {run_dir}", flush=True)

@@ -3,7 +3,7 @@
 Clean accuracy of the served model at each width × λ, and (when asked) robust accuracy under PGD
 L∞ against that served model itself — for Split-Mix the attacker sees the mixture of bases.
 Methods with static or client-local batch norm re-estimate BN statistics on the (unlabelled)
-test inputs first (``strategies/methods.py``).
+test inputs first (``strategies/registry.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from splitmix.adversarial import PGDConfig, pgd_linf
 from splitmix.data import ArrayData
-from strategies.methods import Method
+from strategies.registry import Method
 
 
 @dataclass

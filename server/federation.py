@@ -7,32 +7,32 @@ replies are aggregated; this loop only sequences the rounds and records the resu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import flwr
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from clients.app import resolve_device
-from splitmix.protocol.codec import to_record, to_tensors
-from splitmix.data import test_data, train_sample
-from techniques.sparse_training import prune_state, sparse_initial_state, structured_state
-from techniques.sparsity import prunable_parameters
 from models.cost import count_macs, count_params
-from splitmix.config import SimulationConfig
 from server.evaluate import Evaluator, WidthScores
 from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
-from strategies.methods import Method
+from splitmix.config import RunConfig
+from splitmix.data import test_data, train_sample
+from splitmix.protocol.codec import to_record, to_tensors
+from strategies.registry import Method
 from strategies.splitmix import cosine_lr
+from techniques.base import ServerContext, Technique
+from techniques.sparsity import prunable_parameters
 
 log = logging.getLogger("splitmix")
 
@@ -53,14 +53,14 @@ def _score_columns(scores: WidthScores) -> dict[str, float]:
     return row
 
 
-def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, extra: dict) -> dict:
+def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: dict) -> dict:
     """``{"widths": {"0.125": {"accuracy", "robust_accuracy", "params", "macs", "by_lambda"}}, ...}``.
 
     ``accuracy`` is the standard model (λ = 0); ``robust_accuracy`` is PGD accuracy of the most
     robust λ evaluated (the largest λ when some clients train adversarially, else λ = 0).
     """
     spec = method.spec
-    robust_lambda = max(cfg.lambdas) if cfg.adv_fraction > 0 else 0.0
+    robust_lambda = max(cfg.lambdas) if cfg.federation.adv_fraction > 0 else 0.0
     train_scores: WidthScores | None = extra.pop("train_scores", None)
     widths = {}
     for i, width in enumerate(scores.widths):
@@ -90,24 +90,25 @@ def build_summary(cfg: SimulationConfig, method: Method, scores: WidthScores, ex
         "robust_lambda": robust_lambda,
         "atom_width": spec.atom_width,
         "num_bases": spec.num_bases,
-        "dataset": cfg.dataset,
-        "model": cfg.model,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.model,
         "seed": cfg.seed,
-        "rounds": cfg.num_rounds,
+        "rounds": cfg.federation.num_rounds,
         **extra,
     }
 
 
-def _wait_for_nodes(grid: Grid, cfg: SimulationConfig, say: Reporter) -> None:
+def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> None:
     """In a deployment SuperNodes connect over time: wait up to ``client-wait`` seconds for
     ``num-clients`` of them, then go on with whoever is connected (simulation: no wait)."""
     if type(grid).__name__ == "InMemoryGrid":  # simulation: every virtual node exists from the start
         return
-    deadline = time.monotonic() + cfg.client_wait
+    wait, wanted = cfg.federation.client_wait, cfg.federation.num_clients
+    deadline = time.monotonic() + wait
     count = len(list(grid.get_node_ids()))
-    if count < cfg.num_clients and cfg.client_wait > 0:
-        say(f"{count}/{cfg.num_clients} nodes connected; waiting up to {cfg.client_wait:g}s for the rest")
-    while count < cfg.num_clients and time.monotonic() < deadline:
+    if count < wanted and wait > 0:
+        say(f"{count}/{wanted} nodes connected; waiting up to {wait:g}s for the rest")
+    while count < wanted and time.monotonic() < deadline:
         time.sleep(1.0)
         count = len(list(grid.get_node_ids()))
 
@@ -116,23 +117,21 @@ CLIENT_STATE = "client-state"  # run-folder subfolder of the nodes' saved Contex
 DEPLOYMENT_GRIDS = ("HttpGrid", "GrpcGrid")  # grids of a SuperLink deployment (nodes on other machines)
 
 
-def stateful_clients(cfg: SimulationConfig) -> str | None:
+def stateful_clients(cfg: RunConfig) -> str | None:
     """Why this run's clients keep state across rounds (in their Flower Context), or None.
 
     Such state lives in the client processes, not in the server's checkpoint: in simulation the
     nodes save it per round under ``client-state/`` (``clients/node_state.py``) so a resume gets
     it back; a run without that folder (a deployment) cannot be resumed exactly.
     """
-    if cfg.sparse_method != "none" and cfg.sparse_fraction > 0:
-        return f"sparse-method = '{cfg.sparse_method}' keeps each client's sparse masks in its node state"
-    if cfg.optimizer != "sgd":
-        return f"optimizer = '{cfg.optimizer}' keeps each client's optimizer state in its node state"
-    if cfg.method == "fedbn":
-        return "method = 'fedbn' keeps each client's batch-norm entries in its node state"
-    return None
+    for technique in cfg.active_techniques():
+        reason = technique.stateful_reason(cfg)
+        if reason is not None:
+            return reason
+    return cfg.make_method().stateful_reason()
 
 
-def resume_blocker(cfg: SimulationConfig, run: str | Path) -> str | None:
+def resume_blocker(cfg: RunConfig, run: str | Path) -> str | None:
     """Why ``run`` cannot be resumed exactly (None: it can): stateful clients without saved state."""
     reason = stateful_clients(cfg)
     if reason is None or (Path(run) / CLIENT_STATE).is_dir():
@@ -156,8 +155,141 @@ def _set_rng_states(tensors: dict[str, torch.Tensor], state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = None, resume: str | Path | None = None) -> Path:
-    """Run ``cfg.num_rounds`` Split-Mix rounds on ``grid``; returns the run folder.
+@dataclass
+class Totals:
+    """Run-wide counters, checkpointed with each round."""
+
+    values: dict = field(default_factory=lambda: {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0})
+
+    def add_round(self, row: dict, train_s: float, eval_s: float) -> None:
+        for key in ("bytes_down", "bytes_up", "failures", "rejected"):
+            self.values[key] += int(row.get(key.replace("_", "-"), 0))
+        self.values["train_s"] += train_s
+        self.values["eval_s"] += eval_s
+
+
+class Federation:
+    """One run: its config, method, techniques, strategy, evaluator and run folder."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, say: Reporter, store: RunStore) -> None:
+        self.grid, self.cfg, self.say, self.store = grid, cfg, say, store
+        self.method: Method = cfg.make_method()
+        self.techniques: list[Technique] = cfg.active_techniques()
+        spec = self.method.spec
+        self.context = ServerContext(run=cfg, method=self.method)
+        task = cfg.client_task(spec)
+        if stateful_clients(cfg) and type(grid).__name__ not in DEPLOYMENT_GRIDS:  # simulation: nodes save their state
+            task = task.with_state_dir(str(store.root / CLIENT_STATE))
+        self.task_json = task.to_json()
+        self.device = resolve_device(cfg.system.device)
+        self.evaluator = Evaluator(self.method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), self.device)
+        fed = cfg.federation
+        self.lr_at = (lambda r: cosine_lr(cfg.training.lr, r, fed.num_rounds)) if cfg.training.lr_schedule == "cosine" else (lambda r: cfg.training.lr)
+        self.strategy = self.method.strategy(self.task_json, fed.fraction_train, fed.min_train_clients, fed.seed, self.lr_at)
+        self.strategy.aggregation, self.strategy.trim_fraction = fed.aggregation, fed.trim_fraction
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        state = self.method.initial_state(self.cfg.seed)
+        self.context.prunable = set(prunable_parameters(self.method.single_unit_model()))  # after: it draws from the RNG
+        for technique in self.techniques:
+            state = technique.initial_state(state, self.context)
+        return state
+
+    def served(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model evaluated and finally stored (e.g. the sparse one when every client is sparse)."""
+        for technique in self.techniques:
+            state = technique.served_state(state, self.context)
+        return state
+
+    def discover(self) -> float:
+        """Profiles of the connected nodes; returns the start-up seconds."""
+        cfg, strategy = self.cfg, self.strategy
+        start = time.perf_counter()
+        _wait_for_nodes(self.grid, cfg, self.say)
+        discovery = strategy.discover(self.grid, self.task_json, cfg.federation.round_timeout)
+        self.store.append_events(0, discovery.problems)
+        startup = time.perf_counter() - start
+        known, wanted = len(strategy.profiles), cfg.federation.num_clients
+        if known < cfg.federation.min_train_clients:
+            raise RuntimeError(
+                f"only {known} client(s) reported a profile (min-train-clients = {cfg.federation.min_train_clients}); "
+                + "; ".join(discovery.problems[:3])
+            )
+        if known != wanted:
+            log.warning(
+                "num-clients = %d but %d node(s) reported a profile: only their partitions take part "
+                "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",
+                wanted, known, wanted,
+            )
+        self.say(f"{known} clients ready in {startup:.1f}s; run folder {self.store.root}")
+        return startup
+
+    def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict, float]:
+        """Send work, wait for replies, aggregate; returns (new arrays, metrics row, seconds)."""
+        t0 = time.perf_counter()
+        joined = self.strategy.discover(self.grid, self.task_json, self.cfg.federation.round_timeout)  # new/restarted nodes
+        self.store.append_events(rnd, joined.problems)
+        messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid))
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        train_s = time.perf_counter() - t0
+        row = {"round": rnd, "lr": self.lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
+        return (arrays if new_arrays is None else new_arrays), row, train_s
+
+    def evaluate_round(self, rnd: int, state: dict[str, torch.Tensor], row: dict) -> WidthScores | None:
+        ev, final = self.cfg.evaluation, rnd == self.cfg.federation.num_rounds
+        if not (final or rnd % ev.eval_every == 0):
+            return None
+        robust = ev.eval_pgd_steps > 0 and (final or (ev.eval_robust_every > 0 and rnd % ev.eval_robust_every == 0))
+        scores = self.evaluator.evaluate(self.served(state), robust)
+        row.update(_score_columns(scores))
+        return scores
+
+    def finish(self, state: dict[str, torch.Tensor], scores: WidthScores | None, totals: dict, startup: float) -> Path:
+        """Final model, summary, CSV and plots."""
+        cfg, store, method, device = self.cfg, self.store, self.method, self.device
+        if scores is None:  # resumed after the last round's checkpoint: evaluate the final model again
+            scores = self.evaluator.evaluate(self.served(state), cfg.evaluation.eval_pgd_steps > 0)
+        state = self.served(state)
+        sparse = cfg.techniques["sparse"]
+        sparsity = sparse.sparsity if sparse.method != "none" else 0.0  # type: ignore[attr-defined]
+        store.save_weights(state, {"round": str(cfg.federation.num_rounds), "sparsity": str(sparsity)})
+        if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases
+            test = self.evaluator.test
+            totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, test.x.to(device), test.y.to(device))
+        extra_summary: dict = {}
+        if cfg.evaluation.eval_train_examples > 0:  # robust generalisation gap: the same evaluation on training data
+            sample = train_sample(cfg.data_config(), cfg.evaluation.eval_train_examples, cfg.seed)
+            evaluator = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), device)
+            extra_summary["train_scores"] = evaluator.evaluate(state, cfg.evaluation.eval_pgd_steps > 0)
+        if cfg.model.is_vit:  # patch-token similarity per block of the widest model (AttnScale/FeatScale study)
+            test = self.evaluator.test
+            extra_summary["oversmoothing"] = oversmoothing_profile(method, {k: v.to(device) for k, v in state.items()}, test.x[:256], test.x)
+        rows = store.rounds()
+        for technique in self.techniques:
+            extra_summary.update(technique.summary(rows, cfg))
+        summary = build_summary(
+            cfg,
+            method,
+            scores,
+            {
+                "communication": {"bytes_down": totals["bytes_down"], "bytes_up": totals["bytes_up"]},
+                "failures": totals["failures"],
+                "rejected": totals["rejected"],
+                "timing": {"startup_s": startup, "train_s": totals["train_s"], "eval_s": totals["eval_s"]},
+                **({"base_accuracy": totals["base_accuracy"]} if "base_accuracy" in totals else {}),
+                **extra_summary,
+            },
+        )
+        store.write_json("summary.json", summary)
+        store.write_csv()
+        plot_accuracy_per_width(store.rounds(), list(summary["widths"]), store.root / "accuracy_per_width.png")
+        plot_robustness(summary, store.root / "robustness.png")
+        return store.root
+
+
+def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, resume: str | Path | None = None) -> Path:
+    """Run ``cfg.federation.num_rounds`` rounds on ``grid``; returns the run folder.
 
     Each completed round writes ``checkpoint.safetensors`` (atomically). With ``resume`` (a run
     folder) the run continues after that folder's last checkpoint and ends with the same weights
@@ -172,154 +304,52 @@ def run_federation(grid: Grid, cfg: SimulationConfig, report: Reporter | None = 
         store = RunStore(Path(resume).resolve())
         checkpoint = store.load_checkpoint()
     else:
-        store = RunStore.create(cfg.out_dir, cfg.run_name)
-    method = cfg.make_method()
-    spec = method.spec
-    task = cfg.client_task(spec)
-    if stateful_clients(cfg) and type(grid).__name__ not in DEPLOYMENT_GRIDS:  # simulation: nodes save their state
-        task = dataclasses.replace(task, state_dir=str(store.root / CLIENT_STATE))
-    if cfg.fault_fraction > 0:  # a "timeout" fault sleeps past the round's deadline (bounded)
-        task = dataclasses.replace(task, fault_delay=cfg.round_timeout + 1.0)
+        store = RunStore.create(cfg.system.out_dir, cfg.system.run_name)
+    fed = Federation(grid, cfg, say, store)
+    method, strategy = fed.method, fed.strategy
     if checkpoint is None:
         store.write_json(
             "config.json",
-            {"run_config": cfg.to_run_config(), "method": method.name, "spec": spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
+            {"run_config": cfg.to_run_config(), "method": method.name, "spec": method.spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
         )
     if hasattr(grid, "pull_interval"):  # simulation's in-memory grid polls replies every 0.1 s
         grid.pull_interval = min(grid.pull_interval, 0.01)
-    device = resolve_device(cfg.device)
-    evaluator = Evaluator(method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device)
-    lr_at = (lambda r: cosine_lr(cfg.lr, r, cfg.num_rounds)) if cfg.lr_schedule == "cosine" else (lambda r: cfg.lr)
-    task_json = task.to_json()
-    strategy = method.strategy(task_json, cfg.fraction_train, cfg.min_train_clients, cfg.seed, lr_at)
-    strategy.aggregation, strategy.trim_fraction = cfg.aggregation, cfg.trim_fraction
+    startup = fed.discover()
 
-    start = time.perf_counter()
-    _wait_for_nodes(grid, cfg, say)
-    discovery = strategy.discover(grid, task_json, cfg.round_timeout)
-    store.append_events(0, discovery.problems)
-    startup = time.perf_counter() - start
-    if len(strategy.profiles) < cfg.min_train_clients:
-        raise RuntimeError(
-            f"only {len(strategy.profiles)} client(s) reported a profile (min-train-clients = {cfg.min_train_clients}); "
-            + "; ".join(discovery.problems[:3])
-        )
-    if len(strategy.profiles) != cfg.num_clients:
-        log.warning(
-            "num-clients = %d but %d node(s) reported a profile: only their partitions take part "
-            "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",
-            cfg.num_clients, len(strategy.profiles), cfg.num_clients,
-        )
-    say(f"{len(strategy.profiles)} clients ready in {startup:.1f}s; run folder {store.root}")
-
-    initial = method.initial_state(cfg.seed)
-    prunable = set(prunable_parameters(spec.build(1)))
-    if cfg.sparse_method in ("dynamic", "dynamic-plus", "random") and cfg.sparse_fraction == 1.0 and method.name not in ("heterofl", "sheterofl"):
-        # every client starts on the same sparse sub-network of each unit: zero the rest
-        initial = sparse_initial_state(initial, prunable, cfg.client_task(spec).sparse, cfg.seed)
-    # With every client sparse, the model evaluated (and finally stored) is the sparse one.
-    served = lambda st: st  # noqa: E731
-    if cfg.sparse_method == "structured" and cfg.sparse_fraction == 1.0:
-        single = spec.build(1) if method.name == "splitmix" else spec.build_width(1.0)
-        served = lambda st: structured_state(st, prunable, cfg.sparsity, single)  # noqa: E731
-    elif cfg.sparse_method not in ("none", "uvc") and cfg.sparse_fraction == 1.0:  # uvc masks differ per client
-        served = lambda st: prune_state(st, prunable, cfg.sparsity)  # noqa: E731
-    arrays = to_record(initial)
-    totals = {"bytes_down": 0, "bytes_up": 0, "failures": 0, "rejected": 0, "train_s": 0.0, "eval_s": 0.0}
+    state = fed.initial_state()
+    arrays = to_record(state)
+    totals = Totals()
     scores: WidthScores | None = None
     first = 1
     if checkpoint is not None:  # continue after the last completed round
         weights, extra_tensors, saved = checkpoint
-        arrays = to_record(weights)
-        state = weights
+        arrays, state = to_record(weights), weights
         strategy.load_state_dict(saved["strategy"])
-        totals.update(saved["totals"])
+        totals.values.update(saved["totals"])
         first = int(saved["round"]) + 1
         store.truncate(first - 1)
         _set_rng_states(extra_tensors, saved["rng"])
-        say(f"resuming {store.root} after round {first - 1}/{cfg.num_rounds}")
-    for rnd in range(first, cfg.num_rounds + 1):
-        t0 = time.perf_counter()
-        joined = strategy.discover(grid, task_json, cfg.round_timeout)  # new/restarted nodes; who is online
-        store.append_events(rnd, joined.problems)
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-        train_s = time.perf_counter() - t0
-        if new_arrays is not None:
-            arrays = new_arrays
+        say(f"resuming {store.root} after round {first - 1}/{cfg.federation.num_rounds}")
+    for rnd in range(first, cfg.federation.num_rounds + 1):
+        arrays, row, train_s = fed.train_round(rnd, arrays)
         state = to_tensors(arrays)
         store.save_weights(state, {"round": str(rnd)})
-
         t1 = time.perf_counter()
-        final = rnd == cfg.num_rounds
-        row = {"round": rnd, "lr": lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
-        if final or rnd % cfg.eval_every == 0:
-            robust = cfg.eval_pgd_steps > 0 and (final or (cfg.eval_robust_every > 0 and rnd % cfg.eval_robust_every == 0))
-            scores = evaluator.evaluate(served(state), robust)
-            row.update(_score_columns(scores))
+        scores = fed.evaluate_round(rnd, state, row) or scores
         eval_s = time.perf_counter() - t1
         row["eval-seconds"] = eval_s
         store.append_round(row)
         store.append_events(rnd, strategy.last_round.problems)
-        for key in ("bytes_down", "bytes_up", "failures", "rejected"):
-            totals[key] += int(row.get(key.replace("_", "-"), 0))
-        totals["train_s"] += train_s
-        totals["eval_s"] += eval_s
+        totals.add_round(row, train_s, eval_s)
         rng_tensors, rng_state = _rng_states()
-        store.save_checkpoint(
-            state, rng_tensors, {"round": rnd, "strategy": strategy.state_dict(), "totals": totals, "rng": rng_state}
-        )
+        store.save_checkpoint(state, rng_tensors, {"round": rnd, "strategy": strategy.state_dict(), "totals": totals.values, "rng": rng_state})
         accuracy = (
             f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}"
             if scores is not None and f"acc-w{width_key(scores.widths[0])}-l0.0" in row
             else "(not evaluated)"
         )
         say(
-            f"round {rnd:>3}/{cfg.num_rounds}  {method.name}  loss {row.get('train-loss', float('nan')):.3f}  {accuracy}  "
+            f"round {rnd:>3}/{cfg.federation.num_rounds}  {method.name}  loss {row.get('train-loss', float('nan')):.3f}  {accuracy}  "
             f"valid {row.get('valid', 0)}/{row.get('sampled', 0)}  {train_s:.1f}s+{eval_s:.1f}s"
         )
-
-    if scores is None:  # resumed after the last round's checkpoint: evaluate the final model again
-        scores = evaluator.evaluate(served(state), cfg.eval_pgd_steps > 0)
-    state = served(state)
-    store.save_weights(state, {"round": str(cfg.num_rounds), "sparsity": str(cfg.sparsity if cfg.sparse_method != "none" else 0.0)})
-    if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases
-        test = evaluator.test
-        totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, test.x.to(device), test.y.to(device))
-    extra_summary: dict = {}
-    if cfg.eval_train_examples > 0:  # robust generalisation gap: the same evaluation on training data
-        sample = train_sample(cfg.data_config(), cfg.eval_train_examples, cfg.seed)
-        train_scores = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.eval_pgd_steps, 1)), device).evaluate(state, cfg.eval_pgd_steps > 0)
-        extra_summary["train_scores"] = train_scores
-    if cfg.is_vit:  # patch-token similarity per block of the widest model (AttnScale/FeatScale study)
-        test = evaluator.test
-        extra_summary["oversmoothing"] = oversmoothing_profile(method, {k: v.to(device) for k, v in state.items()}, test.x[:256], test.x)
-    rows = store.rounds()
-    if cfg.sparse_method != "none":
-        flops = [float(r.get("train-flops-fraction", 1.0)) for r in rows]
-        extra_summary["sparse"] = {
-            "method": cfg.sparse_method,
-            "sparsity": cfg.sparsity,
-            "fraction": cfg.sparse_fraction,
-            "train_flops_fraction": sum(flops) / len(flops),
-            "train_flops_saved": 1.0 - sum(flops) / len(flops),
-        }
-    summary = build_summary(
-        cfg,
-        method,
-        scores,
-        {
-            "communication": {"bytes_down": totals["bytes_down"], "bytes_up": totals["bytes_up"]},
-            "failures": totals["failures"],
-            "rejected": totals["rejected"],
-            "timing": {"startup_s": startup, "train_s": totals["train_s"], "eval_s": totals["eval_s"]},
-            **({"base_accuracy": totals["base_accuracy"]} if "base_accuracy" in totals else {}),
-            **extra_summary,
-        },
-    )
-    store.write_json("summary.json", summary)
-    store.write_csv()
-    plot_accuracy_per_width(store.rounds(), list(summary["widths"]), store.root / "accuracy_per_width.png")
-    plot_robustness(summary, store.root / "robustness.png")
-    return store.root
+    return fed.finish(state, scores, totals.values, startup)

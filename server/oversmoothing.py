@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from models.vit import VisionTransformer, high_frequency_ratio, patch_similarity
-from strategies.methods import Method
+from strategies.registry import Method
 
 
 def oversmoothing_profile(method: Method, state: dict[str, torch.Tensor], x: torch.Tensor, calibration: torch.Tensor) -> dict | None:

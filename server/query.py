@@ -21,9 +21,9 @@ from torch import nn
 
 from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference
-from models.splitmix import SplitMixSpec, build_mixture
+from models.splitmix import SplitMixSpec
 from server.store import WEIGHTS, load_weights
-from strategies.methods import make_method
+from strategies.registry import make_method
 
 
 class QueryError(ValueError):
@@ -97,7 +97,7 @@ class Run:
         return next(w for w in allowed if abs(width - w) < 1e-6), robustness
 
     def bases_for(self, width: float, select: str = "first") -> list[int]:
-        if self.method_name != "splitmix":
+        if not self.method.selectable_bases:
             return []
         k = self.spec.bases_for_width(width)
         if select == "first":
@@ -113,13 +113,9 @@ class Run:
     @lru_cache(maxsize=64)  # built mixtures are cached: nothing is rebuilt per request
     def _served(self, width: float, robustness: float, select: str) -> ServedModel:
         bases = self.bases_for(width, select)
-        if self.method_name == "splitmix" and self.spec.track_stats:
-            model = build_mixture(self.spec, self.state, bases, robustness)
-        else:  # baselines, static BN: the method's own served model
-            if select != "first":
-                raise QueryError("base selection applies to Split-Mix runs only")
-            calibration = self._calibration_inputs()
-            model = self.method.eval_model(self.state, width, robustness, calibration)
+        if select != "first" and not self.method.mixes_on_demand:
+            raise QueryError("base selection applies to Split-Mix runs (with tracked BN statistics) only")
+        model = self.method.served_model(self.state, width, robustness, bases, self._calibration_inputs)
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -135,14 +131,14 @@ class Run:
     def _calibration_inputs(self) -> torch.Tensor:
         """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
         from splitmix.data import test_data
-        from splitmix.config import SimulationConfig
+        from splitmix.config import RunConfig
 
-        return test_data(SimulationConfig.from_mapping(self.config["run_config"]).data_config()).x
+        return test_data(RunConfig.from_mapping(self.config["run_config"]).data_config()).x
 
     def _bases_by_accuracy(self) -> list[int]:
         """Bases ordered by their own accuracy (λ = 0) as recorded at the end of the run."""
         scores = self.summary.get("base_accuracy")
-        if self.method_name != "splitmix" or not scores:
+        if not self.method.selectable_bases or not scores:
             return list(range(self.spec.num_bases))
         return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from splitmix.config import SimulationConfig
+from splitmix.config import RunConfig
 from server.federation import Reporter, run_federation
 
 
-def resume_config(run: str | Path) -> SimulationConfig:
+def resume_config(run: str | Path) -> RunConfig:
     """The validated run config of an existing run folder (its ``config.json``)."""
     import json
 
@@ -27,24 +27,24 @@ def resume_config(run: str | Path) -> SimulationConfig:
     path = Path(run) / "config.json"
     if not path.is_file():
         raise ConfigError(f"'{run}' is not a run folder (no config.json)")
-    return SimulationConfig.from_mapping(json.loads(path.read_text())["run_config"])
+    return RunConfig.from_mapping(json.loads(path.read_text())["run_config"])
 
 
-def backend_config(cfg: SimulationConfig) -> dict:
+def backend_config(cfg: RunConfig) -> dict:
     """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
     so a 2-core machine runs two actors without oversubscribing the cores. ``ray-address``
     connects to a running Ray cluster instead of starting one (never with ``num_cpus`` or
     ``runtime_env`` in ``init_args``: Ray refuses those when connecting, Flower sets the latter)."""
     init_args: dict = {"logging_level": "ERROR", "log_to_driver": True}
-    if cfg.ray_address:  # join an existing cluster (`ray start --head` …): Ray then owns the resources
-        init_args["address"] = cfg.ray_address
+    if cfg.system.ray_address:  # join an existing cluster (`ray start --head` …): Ray then owns the resources
+        init_args["address"] = cfg.system.ray_address
     return {
-        "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+        "client_resources": {"num_cpus": cfg.system.client_num_cpus, "num_gpus": cfg.system.client_num_gpus},
         "init_args": init_args,
     }
 
 
-def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
+def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
     """Run one simulation (or, with ``resume``, continue that run folder after its last
     checkpoint); returns the run folder. Raises what the server loop raised."""
     from flwr.simulation import run_simulation
@@ -68,7 +68,7 @@ def simulate(cfg: SimulationConfig, report: Reporter | None = None, quiet_flower
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=cfg.num_clients,
+        num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),
     )
     if "error" in outcome:

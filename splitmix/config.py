@@ -1,339 +1,320 @@
-"""Run configuration: flat ``key = value`` pairs (pyproject's ``[tool.flwr.app.config]``, a
-``--config`` TOML file, ``--run-config`` overrides) → one validated, frozen dataclass.
+"""Run configuration: flat ``key = value`` pairs → validated, sectioned, frozen dataclasses.
 
-Invalid input fails fast with a message naming the key, the value and what is allowed. The
-dataclass defaults mirror pyproject's ``[tool.flwr.app.config]`` (a test keeps them identical),
-so ``flwr run .`` and ``splitmix simulate`` start from the same defaults.
+Configuration flows one way: pyproject's ``[tool.flwr.app.config]`` (the defaults) → a
+``--config`` TOML file → ``--run-config`` overrides → :class:`RunConfig`. Keys stay flat and
+hyphenated everywhere (one list of keys for Flower and for ``splitmix simulate``); each key is
+declared, with its allowed values and documentation, by the section that owns it:
+
+- ``federation`` (:class:`FederationConfig`): method, clients, rounds, budgets, aggregation;
+- ``data`` (:class:`DataSection`), ``model`` (:class:`ModelConfig`), ``training``
+  (:class:`TrainingConfig`), ``evaluation`` (:class:`EvaluationConfig`), ``system``
+  (:class:`SystemConfig`: where results go, Ray resources, devices);
+- one section per technique, declared in the technique's module (``techniques/``) and collected
+  from the technique registry: ``cfg.techniques["flying-bird"]``.
+
+Each section validates its own fields on construction; checks between sections run in
+:meth:`RunConfig.__post_init__` and in each technique's ``check``. Invalid input fails fast with
+one line naming the key, the value and what is allowed. pyproject's defaults are checked against
+the dataclasses by a test, and ``docs/configuration.md``'s key table is generated from them
+(``python -m splitmix.config --markdown``).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import shlex
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
-from splitmix.adversarial import PGDConfig
-from techniques.diversity import DiversityConfig
-from techniques.optimizers import OPTIMIZERS
-
-# Fault injection (issue 9): what a sampled client does wrong; "mixed" draws one kind per fault.
-FAULT_KINDS = ("mixed", "crash", "timeout", "missing-key", "extra-key", "wrong-shape", "wrong-dtype", "nan", "inf", "scaled", "sign-flip")
-from splitmix.data import DATASETS, PARTITIONS, DataConfig
-from splitmix.profiles import parse_budgets
-from clients.recipe import LocalTrainConfig
-from techniques.sparse_training import SPARSE_METHODS, SparseConfig
-from splitmix.protocol.task import ClientTask
+import techniques  # noqa: F401  (registers every technique and its config section)
 from models.registry import list_models
 from models.splitmix import SplitMixSpec
-from strategies.methods import METHODS, Method, make_method
-from strategies.robust_aggregation import AGGREGATORS
+from splitmix.adversarial import PGDConfig
+from splitmix.data import DATASETS, PARTITIONS, DataConfig
+from splitmix.profiles import parse_budgets
+from splitmix.sections import ConfigError, Section, allowed_text, coerce, option, section_fields
+from strategies.aggregation import AGGREGATORS
+from strategies.registry import METHODS
+from techniques.base import SECTIONS, TECHNIQUES, Technique
 
+if TYPE_CHECKING:
+    from splitmix.protocol.task import ClientTask
+    from strategies.registry import Method
 
-class ConfigError(ValueError):
-    """A run-config key has an invalid value (the message names key, value and what is allowed)."""
-
-
-def _choice(*allowed: str) -> dict:
-    return {"choices": allowed}
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open, hi_open)}
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_overrides"]
 
 
 @dataclass(frozen=True)
-class SimulationConfig:
-    method: str = field(default="splitmix", metadata=_choice(*METHODS))
-    fedavg_clients: str = field(default="capable", metadata=_choice("capable", "all"))
-    bn_stats: str = field(default="tracked", metadata=_choice("tracked", "static"))
-    seed: int = field(default=0, metadata=_range(0))
-    dataset: str = field(default="digits", metadata=_choice(*DATASETS))
-    data_root: str = ""
-    partition: str = field(default="iid", metadata=_choice(*PARTITIONS))
-    dirichlet_alpha: float = field(default=0.5, metadata=_range(0, lo_open=True))
-    num_clients: int = field(default=50, metadata=_range(1))
-    fraction_train: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
-    min_train_clients: int = field(default=2, metadata=_range(1))
-    num_rounds: int = field(default=40, metadata=_range(1))
-    model: str = field(default="cnn", metadata=_choice(*list_models()))
-    atom_width: float = field(default=0.125, metadata=_range(0, 1, lo_open=True))
-    budgets: str = "8-4-2-1"
-    adv_fraction: float = field(default=0.5, metadata=_range(0, 1))
-    adv_lambda: float = field(default=0.5, metadata=_range(0, 1))
-    pgd_eps: float = field(default=0.1, metadata=_range(0))
-    pgd_alpha: float = field(default=0.036, metadata=_range(0, lo_open=True))
-    pgd_steps: int = field(default=7, metadata=_range(1))
-    local_epochs: int = field(default=2, metadata=_range(1))
-    batch_size: int = field(default=32, metadata=_range(2))
-    lr: float = field(default=0.05, metadata=_range(0, lo_open=True))
-    lr_schedule: str = field(default="cosine", metadata=_choice("cosine", "constant"))
-    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
-    weight_decay: float = field(default=0.0005, metadata=_range(0))
-    eval_lambdas: str = "0,0.5,1"
-    eval_every: int = field(default=1, metadata=_range(1))
-    eval_robust_every: int = field(default=0, metadata=_range(0))
-    eval_pgd_steps: int = field(default=10, metadata=_range(0))
-    out_dir: str = "runs"
-    run_name: str = ""
-    client_num_cpus: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    client_num_gpus: float = field(default=0.0, metadata=_range(0))
-    torch_threads: int = field(default=1, metadata=_range(1))
-    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
-    round_timeout: float = field(default=600.0, metadata=_range(0, lo_open=True))
-    client_wait: float = field(default=60.0, metadata=_range(0))
-    sparse_method: str = field(default="none", metadata=_choice(*SPARSE_METHODS))
-    sparse_fraction: float = field(default=1.0, metadata=_range(0, 1))
-    sparsity: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
-    sparse_update_every: int = field(default=20, metadata=_range(1))
-    sparse_drop_fraction: float = field(default=0.5, metadata=_range(0, 1))
-    sparse_search_threshold: float = field(default=0.08, metadata=_range(0, 1))
-    sparse_rescale: bool = True
-    eval_train_examples: int = field(default=0, metadata=_range(0))
-    vit_depth: int = field(default=4, metadata=_range(1))
-    vit_dim: int = field(default=256, metadata=_range(1))
-    vit_heads: int = field(default=32, metadata=_range(1))
-    vit_patch: int = field(default=0, metadata=_range(0))
-    vit_mlp_ratio: float = field(default=2.0, metadata=_range(0, lo_open=True))
-    diversity_patch_cosine: float = field(default=0.0, metadata=_range(0))
-    diversity_patch_contrastive: float = field(default=0.0, metadata=_range(0))
-    diversity_heads: float = field(default=0.0, metadata=_range(0))
-    diversity_condition: float = field(default=0.0, metadata=_range(0))
-    optimizer: str = field(default="sgd", metadata=_choice(*OPTIMIZERS))
-    l2o_artifacts: str = ""
-    aggregation: str = field(default="mean", metadata=_choice(*AGGREGATORS))
-    trim_fraction: float = field(default=0.1, metadata=_range(0, 0.5, hi_open=True))
-    ray_address: str = ""
-    fault_fraction: float = field(default=0.0, metadata=_range(0, 1))
-    fault_kind: str = field(default="mixed", metadata=_choice(*FAULT_KINDS))
-    uvc_flops_ratio: float = field(default=0.5, metadata=_range(0, 1, lo_open=True))
+class FederationConfig(Section):
+    method: str = option("splitmix", "federated method (docs/methods.md)", choices=tuple(METHODS))
+    fedavg_clients: str = option(
+        "capable", "FedAvg/FedBN: only clients whose budget affords full width (`capable`, as in the paper), or `all`",
+        choices=("capable", "all"),
+    )
+    seed: int = option(0, "seed of everything (same config and seed: same weights)", lo=0)
+    num_clients: int = option(50, "number of clients (virtual SuperNodes)", lo=1)
+    fraction_train: float = option(1.0, "share of clients sampled each round", lo=0, hi=1, lo_open=True)
+    min_train_clients: int = option(2, "fewest valid replies for a round to update the model", lo=1)
+    num_rounds: int = option(40, "federated rounds", lo=1)
+    budgets: str = option("8-4-2-1", "budget levels (N = width 1/N, `NdM` = M/N) over equal contiguous client groups")
+    adv_fraction: float = option(0.5, "share of clients that train adversarially (PGD)", lo=0, hi=1)
+    round_timeout: float = option(600.0, "seconds a round waits for replies", lo=0, lo_open=True)
+    client_wait: float = option(60.0, "deployment: seconds to wait for num-clients nodes to connect", lo=0)
+    aggregation: str = option("mean", "reducer of the aggregation kernel (strategies/aggregation.py)", choices=AGGREGATORS)
+    trim_fraction: float = option(0.1, "trimmed mean: share cut from each end", lo=0, hi=0.5, hi_open=True)
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _check_field(f, getattr(self, f.name))
+    def validate(self) -> None:
+        if self.min_train_clients > self.num_clients:
+            raise ConfigError(f"config key 'min-train-clients' = {self.min_train_clients} exceeds num-clients = {self.num_clients}")
+        try:
+            parse_budgets(self.budgets)
+        except ValueError as err:
+            raise ConfigError(f"config key 'budgets' = '{self.budgets}': {err}") from None
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    dataset: str = option("digits", "`digits` is embedded; the others are read from data-root", choices=tuple(DATASETS))
+    data_root: str = option("", "folder of a non-embedded data set (nothing is downloaded)")
+    partition: str = option("iid", "how training data is split over clients", choices=tuple(PARTITIONS))
+    dirichlet_alpha: float = option(0.5, "concentration of the Dirichlet label partition", lo=0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    model: str = option("cnn", "model family (models/registry.py)", choices=tuple(list_models()))
+    atom_width: float = option(0.125, "width of one base r (N = 1/r bases)", lo=0, hi=1, lo_open=True)
+    bn_stats: str = option(
+        "tracked", "`tracked` running BN statistics, or `static` (none in training; estimated before evaluation)",
+        choices=("tracked", "static"),
+    )
+    vit_depth: int = option(4, "ViT: transformer blocks", lo=1)
+    vit_dim: int = option(256, "ViT: embedding width at width 1", lo=1)
+    vit_heads: int = option(32, "ViT: attention heads at width 1", lo=1)
+    vit_patch: int = option(0, "ViT: patch size (0 = automatic)", lo=0)
+    vit_mlp_ratio: float = option(2.0, "ViT: MLP hidden width / embedding width", lo=0, lo_open=True)
+
+    def validate(self) -> None:
         try:
             SplitMixSpec(atom_width=self.atom_width)
         except ValueError as err:
             raise ConfigError(f"config key 'atom-width' = {self.atom_width}: {err}") from None
-        try:
-            widths = parse_budgets(self.budgets)
-        except ValueError as err:
-            raise ConfigError(f"config key 'budgets' = '{self.budgets}': {err}") from None
-        too_small = [w for w in widths if w + 1e-9 < self.atom_width]
-        if too_small:
-            raise ConfigError(
-                f"config key 'budgets' = '{self.budgets}' has widths {too_small} below the atom "
-                f"width {self.atom_width}; every budget must afford at least one base"
-            )
-        if self.min_train_clients > self.num_clients:
-            raise ConfigError(
-                f"config key 'min-train-clients' = {self.min_train_clients} exceeds num-clients = {self.num_clients}"
-            )
-        lambdas = self.lambdas  # validates the list
-        if 0.0 not in lambdas:
-            raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
-        self._check_vit()
-        if self.sparse_method == "uvc" and not self.is_vit:
-            raise ConfigError(f"config key 'sparse-method' = 'uvc' compresses ViT bases; model = '{self.model}' is not a ViT")
-        if self.aggregation != "mean" and self.method != "splitmix":
-            raise ConfigError(
-                f"config key 'aggregation' = '{self.aggregation}' is implemented for method = 'splitmix' only "
-                f"(per base); method = '{self.method}' averages nested slices: use aggregation = 'mean'"
-            )
-        if self.partition == "domains" and self.num_clients < 5:
-            raise ConfigError(f"config key 'num-clients' = {self.num_clients}: the 'domains' partition needs at least 5")
 
-    def _check_vit(self) -> None:
-        """ViT topology keys must describe a buildable model at every width; diversity terms
-        need a ViT (they regularise tokens, attention heads and q/k/v weights)."""
-        diversity = {k: v for k, v in self.diversity().__dict__.items() if k != "prefix_tokens" and v}
-        if not self.is_vit:
-            if diversity:
-                key = "diversity-" + {"patch_cosine": "patch-cosine", "patch_contrastive": "patch-contrastive",
-                                      "attention_heads": "heads", "weight_condition": "condition"}[next(iter(diversity))]
-                raise ConfigError(f"config key '{key}' needs a ViT model (model = vit, vit_attnscale or vit_featscale), not model = '{self.model}'")
-            return
-        if self.vit_dim % self.vit_heads:
-            raise ConfigError(f"config key 'vit-dim' = {self.vit_dim} must be a multiple of vit-heads = {self.vit_heads}")
-        heads_at_atom = self.vit_heads * self.atom_width
-        if heads_at_atom < 1 or abs(heads_at_atom - round(heads_at_atom)) > 1e-6:
-            raise ConfigError(
-                f"config key 'vit-heads' = {self.vit_heads}: every base (atom width {self.atom_width}) needs a whole "
-                f"number of heads (vit-heads × atom-width = {heads_at_atom:g}); use a multiple of {round(1 / self.atom_width)}"
-            )
-        image = DATASETS[self.dataset].image_size
-        if self.vit_patch and image % self.vit_patch:
-            raise ConfigError(f"config key 'vit-patch' = {self.vit_patch} must divide the image size {image} of '{self.dataset}' (0 = automatic)")
-
-    # ------------------------------------------------------------------ derived views
     @property
     def is_vit(self) -> bool:
         return self.model.startswith("vit")
 
-    def model_options(self) -> str:
-        """The model family's extra keywords as canonical JSON (ViT topology; empty otherwise)."""
-        if not self.is_vit:
-            return ""
-        options = {"depth": self.vit_depth, "embed_dim": self.vit_dim, "num_heads": self.vit_heads, "mlp_ratio": self.vit_mlp_ratio}
-        if self.vit_patch:
-            options["patch_size"] = self.vit_patch
-        return json.dumps(options, sort_keys=True)
 
-    def diversity(self) -> DiversityConfig:
-        return DiversityConfig(
-            patch_cosine=self.diversity_patch_cosine,
-            patch_contrastive=self.diversity_patch_contrastive,
-            attention_heads=self.diversity_heads,
-            weight_condition=self.diversity_condition,
-        )
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    local_epochs: int = option(2, "local epochs per round", lo=1)
+    batch_size: int = option(32, "local batch size", lo=2)
+    lr: float = option(0.05, "learning rate", lo=0, lo_open=True)
+    lr_schedule: str = option("cosine", "learning rate over rounds", choices=("cosine", "constant"))
+    momentum: float = option(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
+    weight_decay: float = option(0.0005, "weight decay", lo=0)
+    adv_lambda: float = option(0.5, "adversarial clients' loss (1−λ)·clean + λ·adversarial", lo=0, hi=1)
+    pgd_eps: float = option(0.1, "PGD L∞ radius in training", lo=0)
+    pgd_alpha: float = option(0.036, "PGD step size", lo=0, lo_open=True)
+    pgd_steps: int = option(7, "PGD steps in training", lo=1)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(Section):
+    eval_lambdas: str = option("0,0.5,1", "robustness levels λ evaluated (must include 0)")
+    eval_every: int = option(1, "clean evaluation every N rounds (and the last)", lo=1)
+    eval_robust_every: int = option(0, "PGD evaluation every N rounds (0 = final round only)", lo=0)
+    eval_pgd_steps: int = option(10, "PGD steps in evaluation (0 = no robust evaluation)", lo=0)
+    eval_train_examples: int = option(0, "training examples also evaluated (robust generalisation gap)", lo=0)
+
+    def validate(self) -> None:
+        if 0.0 not in self.lambdas:
+            raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must include 0 (the standard model)")
 
     @property
     def lambdas(self) -> list[float]:
         try:
             values = sorted({float(v) for v in self.eval_lambdas.split(",") if v.strip()})
         except ValueError:
-            raise ConfigError(
-                f"config key 'eval-lambdas' = '{self.eval_lambdas}' must be comma-separated numbers in [0, 1]"
-            ) from None
+            raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must be comma-separated numbers in [0, 1]") from None
         if not values or any(not 0.0 <= v <= 1.0 for v in values):
             raise ConfigError(f"config key 'eval-lambdas' = '{self.eval_lambdas}' must be numbers in [0, 1]")
         return values
 
+
+@dataclass(frozen=True)
+class SystemConfig(Section):
+    out_dir: str = option("runs", "folder of run folders")
+    run_name: str = option("", "run folder name (default: a timestamp)")
+    client_num_cpus: float = option(1.0, "Ray CPUs per virtual client (→ number of actors)", lo=0, lo_open=True)
+    client_num_gpus: float = option(0.0, "Ray GPUs per virtual client", lo=0)
+    torch_threads: int = option(1, "torch threads per actor", lo=1)
+    device: str = option("auto", "`auto` uses CUDA when present", choices=("auto", "cpu", "cuda"))
+    ray_address: str = option("", "join this Ray cluster instead of starting one")
+
+
+CORE_SECTIONS: dict[str, type[Section]] = {
+    "federation": FederationConfig,
+    "data": DataSection,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "system": SystemConfig,
+}
+
+
+def all_sections() -> dict[str, type[Section]]:
+    """Core sections, then technique sections in registration order."""
+    return {**CORE_SECTIONS, **SECTIONS}
+
+
+def key_index() -> dict[str, tuple[str, str, Any]]:
+    """``run-config key -> (section, field name, field)``; a key declared twice is a bug."""
+    index: dict[str, tuple[str, str, Any]] = {}
+    for section, cls in all_sections().items():
+        for key, f in section_fields(cls):
+            if key in index:
+                raise RuntimeError(f"config key '{key}' is declared by sections '{index[key][0]}' and '{section}'")
+            index[key] = (section, f.name, f)
+    return index
+
+
+def _technique_defaults() -> Mapping[str, Section]:
+    return MappingProxyType({name: cls() for name, cls in SECTIONS.items()})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    techniques: Mapping[str, Section] = field(default_factory=_technique_defaults)
+
+    def __post_init__(self) -> None:
+        widths = parse_budgets(self.federation.budgets)
+        too_small = [w for w in widths if w + 1e-9 < self.model.atom_width]
+        if too_small:
+            raise ConfigError(
+                f"config key 'budgets' = '{self.federation.budgets}' has widths {too_small} below the atom "
+                f"width {self.model.atom_width}; every budget must afford at least one base"
+            )
+        if self.data.partition == "domains" and self.federation.num_clients < 5:
+            raise ConfigError(f"config key 'num-clients' = {self.federation.num_clients}: the 'domains' partition needs at least 5")
+        self._check_vit()
+        for cls in TECHNIQUES.values():
+            cls.check(self)
+
+    def _check_vit(self) -> None:
+        """ViT topology keys must describe a buildable model at every width."""
+        m = self.model
+        if not m.is_vit:
+            return
+        if m.vit_dim % m.vit_heads:
+            raise ConfigError(f"config key 'vit-dim' = {m.vit_dim} must be a multiple of vit-heads = {m.vit_heads}")
+        heads_at_atom = m.vit_heads * m.atom_width
+        if heads_at_atom < 1 or abs(heads_at_atom - round(heads_at_atom)) > 1e-6:
+            raise ConfigError(
+                f"config key 'vit-heads' = {m.vit_heads}: every base (atom width {m.atom_width}) needs a whole "
+                f"number of heads (vit-heads × atom-width = {heads_at_atom:g}); use a multiple of {round(1 / m.atom_width)}"
+            )
+        image = DATASETS[self.data.dataset].image_size
+        if m.vit_patch and image % m.vit_patch:
+            raise ConfigError(f"config key 'vit-patch' = {m.vit_patch} must divide the image size {image} of '{self.data.dataset}' (0 = automatic)")
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def seed(self) -> int:
+        return self.federation.seed
+
+    @property
+    def lambdas(self) -> list[float]:
+        return self.evaluation.lambdas
+
+    def active_techniques(self) -> list[Technique]:
+        """The techniques this run uses, in registration order, with their sections."""
+        return [cls(self.techniques.get(name)) for name, cls in TECHNIQUES.items() if cls.enabled(self)]
+
+    def model_options(self) -> str:
+        """The model family's extra keywords as canonical JSON (ViT topology; empty otherwise)."""
+        m = self.model
+        if not m.is_vit:
+            return ""
+        options: dict[str, Any] = {"depth": m.vit_depth, "embed_dim": m.vit_dim, "num_heads": m.vit_heads, "mlp_ratio": m.vit_mlp_ratio}
+        if m.vit_patch:
+            options["patch_size"] = m.vit_patch
+        return json.dumps(options, sort_keys=True)
+
     def spec(self) -> SplitMixSpec:
-        info = DATASETS[self.dataset]
+        info = DATASETS[self.data.dataset]
         return SplitMixSpec(
-            arch=self.model,
-            atom_width=self.atom_width,
+            arch=self.model.model,
+            atom_width=self.model.atom_width,
             num_classes=info.num_classes,
             in_channels=info.in_channels,
             image_size=info.image_size,
             dual_bn=True,
-            track_stats=self.bn_stats == "tracked",
+            track_stats=self.model.bn_stats == "tracked",
             model_options=self.model_options(),
         )
 
     def data_config(self) -> DataConfig:
         return DataConfig(
-            dataset=self.dataset,
-            root=self.data_root,
-            partition=self.partition,
-            num_partitions=self.num_clients,
-            alpha=self.dirichlet_alpha,
-            seed=self.seed,
+            dataset=self.data.dataset,
+            root=self.data.data_root,
+            partition=self.data.partition,
+            num_partitions=self.federation.num_clients,
+            alpha=self.data.dirichlet_alpha,
+            seed=self.federation.seed,
         )
 
     def pgd(self, steps: int | None = None) -> PGDConfig:
-        return PGDConfig(eps=self.pgd_eps, alpha=self.pgd_alpha, steps=steps or self.pgd_steps)
+        t = self.training
+        return PGDConfig(eps=t.pgd_eps, alpha=t.pgd_alpha, steps=steps or t.pgd_steps)
 
-    def make_method(self) -> Method:
-        return make_method(self.method, self.spec(), fedavg_all_clients=self.fedavg_clients == "all")
+    def make_method(self) -> "Method":
+        from strategies.registry import make_method
 
-    def client_task(self, spec: SplitMixSpec | None = None) -> ClientTask:
+        return make_method(self.federation.method, self.spec(), fedavg_all_clients=self.federation.fedavg_clients == "all")
+
+    def client_task(self, spec: SplitMixSpec | None = None) -> "ClientTask":
         """What clients are told; ``spec`` is the method's model spec (e.g. static BN)."""
-        return ClientTask(
-            data=self.data_config(),
-            spec=spec or self.spec(),
-            train=LocalTrainConfig(
-                epochs=self.local_epochs,
-                batch_size=self.batch_size,
-                momentum=self.momentum,
-                weight_decay=self.weight_decay,
-                adv_lambda=self.adv_lambda,
-                pgd=self.pgd(),
-                diversity=self.diversity(),
-                optimizer=self.optimizer,
-                l2o_artifacts=self.l2o_artifacts,
-            ),
-            budgets=self.budgets,
-            adv_fraction=self.adv_fraction,
-            seed=self.seed,
-            device=self.device,
-            torch_threads=self.torch_threads,
-            sparse=SparseConfig(
-                method=self.sparse_method,
-                fraction=self.sparse_fraction,
-                sparsity=self.sparsity,
-                update_every=self.sparse_update_every,
-                drop_fraction=self.sparse_drop_fraction,
-                search_threshold=self.sparse_search_threshold,
-                rescale=self.sparse_rescale,
-                flops_ratio=self.uvc_flops_ratio,
-            ),
-            num_rounds=self.num_rounds,
-            fault_fraction=self.fault_fraction,
-            fault_kind=self.fault_kind,
-        )
+        from splitmix.protocol.task import ClientTask
+
+        return ClientTask.from_run(self, spec or self.spec())
 
     def to_run_config(self) -> dict[str, Any]:
         """Back to flat hyphenated keys (what is written to the run folder)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        out: dict[str, Any] = {}
+        for section in (self.federation, self.data, self.model, self.training, self.evaluation, self.system, *self.techniques.values()):
+            out.update(section.to_run_config())
+        return out
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "SimulationConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
         """Validate flat ``key: value`` pairs (hyphenated keys, as in pyproject)."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
+        index = key_index()
+        values: dict[str, dict[str, Any]] = {name: {} for name in all_sections()}
         for key, value in mapping.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                allowed = ", ".join(sorted(n.replace("_", "-") for n in known))
-                raise ConfigError(f"unknown config key '{key}'; allowed keys: {allowed}")
-            kwargs[name] = _coerce(key, value, known[name].type)
-        return cls(**kwargs)
-
-
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    expected = type_name if isinstance(type_name, str) else type_name.__name__
-    if expected == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config key '{key}' = {value!r} must be an integer")
-        return value
-    if expected == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a number")
-        return float(value)
-    if expected == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r} must be true or false")
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. eval-lambdas=0 or budgets=8 typed without quotes
-    if not isinstance(value, str):
-        raise ConfigError(f"config key '{key}' = {value!r} must be a string")
-    return value
-
-
-def _check_field(f, value: Any) -> None:
-    key = f.name.replace("_", "-")
-    coerced = _coerce(key, value, f.type)  # also guards direct construction of the dataclass
-    if isinstance(coerced, str) and not isinstance(value, str):
-        raise ConfigError(f"config key '{key}' = {value!r} must be a string")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
-    if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(f.metadata['choices'])}")
-    if "range" in f.metadata:
-        lo, hi, lo_open, hi_open = f.metadata["range"]
-        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
-            hi is not None and (value > hi or (hi_open and value == hi))
-        )
-        if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {interval}")
+            if key not in index:
+                raise ConfigError(f"unknown config key '{key}'; allowed keys: {', '.join(sorted(index))}")
+            section, name, f = index[key]
+            values[section][name] = coerce(key, value, f.type)
+        built = {name: sec(**values[name]) for name, sec in all_sections().items()}
+        core = {name: built.pop(name) for name in CORE_SECTIONS}
+        return cls(**core, techniques=MappingProxyType(built))  # type: ignore[arg-type]
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
     """``"key=value key=value"`` → dict; values are TOML (numbers, true/false, quoted strings),
     and a bare word is taken as a string, so ``dataset=mnist`` works as well as ``dataset='mnist'``."""
-    import shlex
-
     out: dict[str, Any] = {}
     for token in shlex.split(text):
         if "=" not in token:
@@ -346,7 +327,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def load_config(config_file: str | Path | None = None, overrides: str | Mapping[str, Any] | None = None) -> SimulationConfig:
+def load_config(config_file: str | Path | None = None, overrides: str | Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults ← ``config_file`` (flat TOML, or a pyproject with ``[tool.flwr.app.config]``) ← overrides."""
     values: dict[str, Any] = {}
     if config_file is not None:
@@ -360,4 +341,43 @@ def load_config(config_file: str | Path | None = None, overrides: str | Mapping[
         values.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data))
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, str) else overrides)
-    return SimulationConfig.from_mapping(values)
+    return RunConfig.from_mapping(values)
+
+
+def defaults() -> dict[str, Any]:
+    """Every key's default (what pyproject's ``[tool.flwr.app.config]`` must hold)."""
+    return RunConfig().to_run_config()
+
+
+def markdown_table() -> str:
+    """The key reference of docs/configuration.md, one table per section."""
+    lines: list[str] = []
+    for name, cls in all_sections().items():
+        lines += [f"### `{name}`", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        for key, f in section_fields(cls):
+            default = json.dumps(f.default) if isinstance(f.default, (str, bool)) else f"{f.default}"
+            lines.append(f"| `{key}` | `{default}` | {allowed_text(f)} | {f.metadata.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+BEGIN_GENERATED, END_GENERATED = "<!-- BEGIN GENERATED: config keys -->\n", "<!-- END GENERATED -->"
+
+
+def update_docs(path: str | Path) -> None:
+    """Rewrite the generated key table between the markers of ``path`` (docs/configuration.md)."""
+    path = Path(path)
+    text = path.read_text()
+    head, rest = text.split(BEGIN_GENERATED, 1)
+    _, tail = rest.split(END_GENERATED, 1)
+    path.write_text(head + BEGIN_GENERATED + markdown_table() + END_GENERATED + tail)
+
+
+if __name__ == "__main__":  # python -m splitmix.config [--defaults | --update-docs FILE]
+    if "--defaults" in sys.argv:
+        for key, value in defaults().items():
+            print(f"{key} = {json.dumps(value) if isinstance(value, (str, bool)) else value}")
+    elif "--update-docs" in sys.argv:
+        update_docs(sys.argv[sys.argv.index("--update-docs") + 1])
+    else:
+        print(markdown_table(), end="")

@@ -14,14 +14,7 @@ from fractions import Fraction
 import numpy as np
 
 from splitmix.node_config import NodeConfig, validate_node_config
-
-
-@dataclass(frozen=True)
-class ClientProfile:
-    partition_id: int
-    budget: float  # the largest width this client can train, in (0, 1]
-    adversarial: bool  # trains with PGD through the adversarial BN path
-    sparse: bool = False  # uses the run's sparse training method (techniques/sparse_training.py)
+from splitmix.protocol import NodeProfile
 
 
 def parse_budgets(spec: str) -> list[float]:
@@ -68,14 +61,14 @@ def make_profile(
     seed: int,
     node_config: dict | None = None,
     sparse_fraction: float = 0.0,
-) -> ClientProfile:
+) -> NodeProfile:
     """The profile of one client; a node config's ``budget``/``adversarial`` override the
     run-wide assignment (the node config is validated here: see ``splitmix/node_config.py``)."""
     node = validate_node_config({"partition-id": partition_id, **(node_config or {})}, num_clients)
     return profile_of_node(node, num_clients, budgets, adv_fraction, seed, sparse_fraction)
 
 
-def profile_of_node(node: NodeConfig, num_clients: int, budgets: str, adv_fraction: float, seed: int, sparse_fraction: float = 0.0) -> ClientProfile:
+def profile_of_node(node: NodeConfig, num_clients: int, budgets: str, adv_fraction: float, seed: int, sparse_fraction: float = 0.0) -> NodeProfile:
     """The profile of a node whose (already validated) config is ``node``."""
     partition_id = node.partition_id
     budget = budget_of_client(partition_id, num_clients, parse_budgets(budgets)) if node.budget is None else node.budget
@@ -87,4 +80,4 @@ def profile_of_node(node: NodeConfig, num_clients: int, budgets: str, adv_fracti
         sparse = bool(adversarial_clients(num_clients, sparse_fraction, seed + 104729)[partition_id])
     else:
         sparse = node.sparse
-    return ClientProfile(partition_id, budget, adversarial, sparse)
+    return NodeProfile(partition_id, budget, adversarial, sparse)

@@ -30,9 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from splitmix.sections import ConfigError, Section, option, section_fields
+from techniques.base import ClientRound, RoundHooks, Technique, register_technique
+
+if TYPE_CHECKING:
+    from splitmix.config import RunConfig
 
 _EPS = 1e-8
 
@@ -232,3 +240,42 @@ def stacked_vit_diversity(cfg: DiversityConfig, model: nn.Module, x: torch.Tenso
     for name, value in terms.items():
         loss = loss + getattr(cfg, name) * value * (1 if name == "weight_condition" else k)
     return logits, loss
+
+
+# --------------------------------------------------------------------------- the technique plugin
+@dataclass(frozen=True)
+class DiversitySection(Section):
+    patch_cosine: float = option(0.0, "ViT: weight of the patch-wise cosine term", key="diversity-patch-cosine", lo=0)
+    patch_contrastive: float = option(0.0, "ViT: weight of the patch-wise contrastive term", key="diversity-patch-contrastive", lo=0)
+    attention_heads: float = option(0.0, "ViT: weight of the attention-head diversity term", key="diversity-heads", lo=0)
+    weight_condition: float = option(0.0, "ViT: weight of the q/k/v weight-condition term", key="diversity-condition", lo=0)
+
+    def terms(self) -> DiversityConfig:
+        return DiversityConfig(self.patch_cosine, self.patch_contrastive, self.attention_heads, self.weight_condition)
+
+
+class _DiversityHooks(RoundHooks):
+    def __init__(self, terms: DiversityConfig) -> None:
+        self.forward = lambda model, x: stacked_vit_diversity(terms, model, x)
+
+
+@register_technique
+class Diversity(Technique):
+    """Diverse-ViT loss terms on the clean forward pass of local training (summed over bases)."""
+
+    name = "diversity"
+    Config = DiversitySection
+
+    @classmethod
+    def enabled(cls, run: "RunConfig") -> bool:
+        return run.techniques[cls.name].terms().enabled  # type: ignore[attr-defined]
+
+    @classmethod
+    def check(cls, run: "RunConfig") -> None:
+        section = run.techniques[cls.name]
+        on = [key for key, f in section_fields(type(section)) if getattr(section, f.name)]
+        if on and not run.model.is_vit:
+            raise ConfigError(f"config key '{on[0]}' needs a ViT model (model = vit, vit_attnscale or vit_featscale), not model = '{run.model.model}'")
+
+    def client_round(self, rnd: ClientRound) -> RoundHooks | None:
+        return _DiversityHooks(self.config.terms())  # type: ignore[union-attr]

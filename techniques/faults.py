@@ -22,11 +22,19 @@ server needs to know nothing; it must cope from what it receives:
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+
+from splitmix.sections import Section, option
+from techniques.base import ClientRound, RoundHooks, State, Technique, register_technique
+
+if TYPE_CHECKING:
+    from splitmix.config import RunConfig
 
 KINDS = ("crash", "timeout", "missing-key", "extra-key", "wrong-shape", "wrong-dtype", "nan", "inf", "scaled", "sign-flip")
 MALFORMED = ("missing-key", "extra-key", "wrong-shape", "wrong-dtype", "nan", "inf", "scaled")
@@ -98,3 +106,40 @@ def corrupt(fault: str | None, tensors: dict[str, torch.Tensor], received: Calla
     else:
         raise ValueError(f"unknown fault kind {fault!r}")
     return out
+
+
+# --------------------------------------------------------------------------- the technique plugin
+@dataclass(frozen=True)
+class FaultsConfig(Section):
+    fault_fraction: float = option(0.0, "share of train instructions a client answers wrongly on purpose (testing)", lo=0, hi=1)
+    fault_kind: str = option("mixed", "what a faulty client does (`mixed` draws one kind per fault)", choices=("mixed", *KINDS))
+
+
+class _FaultHooks(RoundHooks):
+    def __init__(self, fault: str, delay: float) -> None:
+        self.fault, self.delay = fault, delay
+
+    def before_training(self, rnd: ClientRound) -> None:
+        before_training(self.fault, self.delay, rnd.profile.partition_id)
+
+    def before_upload(self, tensors: State, received: Callable[[], State]) -> State:
+        return corrupt(self.fault, tensors, received)
+
+
+@register_technique
+class Faults(Technique):
+    name = "faults"
+    Config = FaultsConfig
+
+    @classmethod
+    def enabled(cls, run: "RunConfig") -> bool:
+        return run.techniques[cls.name].fault_fraction > 0  # type: ignore[attr-defined]
+
+    def prepare_task(self, task: Any, run: "RunConfig") -> Any:
+        """A ``timeout`` fault sleeps past the round's deadline (bounded)."""
+        return dataclasses.replace(task, fault_delay=run.federation.round_timeout + 1.0)
+
+    def client_round(self, rnd: ClientRound) -> RoundHooks | None:
+        cfg = self.config
+        fault = fault_for(rnd.task.seed, rnd.server_round, rnd.profile.partition_id, cfg.fault_fraction, cfg.fault_kind)  # type: ignore[union-attr]
+        return None if fault is None else _FaultHooks(fault, rnd.task.fault_delay)

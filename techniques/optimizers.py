@@ -37,9 +37,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+
+from splitmix.sections import Section, option
+from techniques.base import ClientRound, RoundHooks, Technique, register_technique
+
+if TYPE_CHECKING:
+    from clients.recipe import TrainResult
+    from splitmix.config import RunConfig
 
 OPTIMIZERS = ("sgd", "adam", "symbolic-l2o", "lstm-l2o", "amalgamated-l2o")
 LEARNED = ("symbolic-l2o", "lstm-l2o", "amalgamated-l2o")
@@ -361,3 +368,47 @@ def _fits(entries: Mapping[str, torch.Tensor], p: torch.Tensor) -> bool:
         if value.shape != p.shape and (value.dim() == 0 or value.shape[0] != p.numel()):
             return False
     return True
+
+
+# --------------------------------------------------------------------------- the technique plugin
+@dataclass(frozen=True)
+class OptimizerSection(Section):
+    optimizer: str = option("sgd", "clients' local optimizer (learned ones: docs/techniques.md)", choices=OPTIMIZERS)
+    l2o_artifacts: str = option("", "learned optimizers' artifact folder (\"\" = the per-user cache)")
+
+
+class _KeepOptimizerState(RoundHooks):
+    """A learned optimizer's moments/step survive to the next round this client trains the same
+    units (in the node's Context state)."""
+
+    def before_training(self, rnd: ClientRound) -> None:
+        from splitmix.protocol.codec import to_tensors
+
+        self.key = "optim." + "+".join(rnd.units)
+        kept = rnd.context.state.array_records.get(self.key)
+        rnd.optimizer_state = to_tensors(kept) if kept is not None else None
+
+    def after_training(self, rnd: ClientRound, result: "TrainResult") -> None:
+        from splitmix.protocol.codec import to_record
+
+        if result.optimizer_state:
+            rnd.context.state[self.key] = to_record({k: v.cpu() for k, v in result.optimizer_state.items()})
+
+
+@register_technique
+class LearnedOptimizer(Technique):
+    """Any optimizer but SGD (Adam, symbolic / LSTM / amalgamated L2O): the recipe builds it from
+    ``LocalTrainConfig.optimizer``; this plugin keeps its state across rounds."""
+
+    name = "optimizer"
+    Config = OptimizerSection
+
+    @classmethod
+    def enabled(cls, run: "RunConfig") -> bool:
+        return run.techniques[cls.name].optimizer != "sgd"  # type: ignore[attr-defined]
+
+    def stateful_reason(self, run: "RunConfig") -> str | None:
+        return f"optimizer = '{self.config.optimizer}' keeps each client's optimizer state in its node state"  # type: ignore[union-attr]
+
+    def client_round(self, rnd: ClientRound) -> RoundHooks | None:
+        return _KeepOptimizerState()

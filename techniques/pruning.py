@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from models.blocks import StackedLinear
-from models.slice_channels import Masks, channel_graph, channel_masks, num_bases, per_base_counts
+from models.masks import Masks
+from models.slice_channels import channel_graph, channel_masks, num_bases, per_base_counts
 
 TrainFn = Callable[[nn.Module, Masks], None]
 

@@ -57,8 +57,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.blocks import StackedLinear
-
-Masks = dict[str, torch.Tensor]
+from models.masks import Masks
 Params = Mapping[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------- prunable weights

@@ -77,3 +77,37 @@ class InProcessGrid(Grid):
 @pytest.fixture
 def in_process_grid():
     return InProcessGrid
+
+
+def _technique_round(overrides: str, model, units: list[str], data=None, *, adversarial: bool = False, server_round: int = 1, seed: int = 0):
+    """One client's round of the sparse technique that ``overrides`` turns on, as the ClientApp
+    builds it (task from the run config, technique from the registry, hooks from the technique),
+    with ``before_training`` already called: ``(hooks, round, Context state)``."""
+    import torch
+    from types import SimpleNamespace
+
+    from splitmix.config import load_config
+    from splitmix.data import ArrayData
+    from splitmix.protocol import NodeProfile
+    from techniques.base import ClientRound
+    from techniques.sparse_base import SparseTechnique
+
+    task = load_config(overrides=overrides).client_task()
+    technique = next(t for t in task.techniques_on() if isinstance(t, SparseTechnique))
+    if data is None:
+        data = ArrayData(torch.zeros(160, 1, 8, 8), torch.zeros(160, dtype=torch.long))
+    state = RecordDict()
+    rnd = ClientRound(
+        model=model, units=units, task=task, profile=NodeProfile(0, 1.0, adversarial, sparse=True),
+        context=SimpleNamespace(state=state), data=data, device=torch.device("cpu"), seed=seed, server_round=server_round,
+        single_unit=lambda: task.spec.build(1),
+    )
+    hooks = technique.client_round(rnd)
+    hooks.before_training(rnd)
+    return hooks, rnd, state
+
+
+@pytest.fixture
+def technique_round():
+    """``technique_round(overrides, model, units, data=None)``: see :func:`_technique_round`."""
+    return _technique_round

@@ -12,8 +12,11 @@ from splitmix.protocol.codec import to_record, to_tensors
 from models.blocks import expand_to_bases, norm_state_keys
 from models.slicing import leading_slices
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
-from strategies.base import NodeProfile
-from strategies.methods import FedBN, HeteroFL, SHeteroFL, SplitMix
+from splitmix.protocol import NodeProfile
+from strategies.fedbn import FedBN
+from strategies.heterofl import HeteroFL
+from strategies.sheterofl import SHeteroFL
+from strategies.splitmix import SplitMix
 
 SPEC = SplitMixSpec()
 
@@ -36,9 +39,9 @@ def strategy_for(method, profiles):
 def test_heterofl_slices_and_count_weighted_average_match_hand_computation():
     method = HeteroFL(SPEC)
     profiles = [
-        NodeProfile(1, 0, budget=0.25, adversarial=True, num_examples=10),
-        NodeProfile(2, 1, budget=0.5, adversarial=True, num_examples=30),
-        NodeProfile(3, 2, budget=1.0, adversarial=True, num_examples=60),
+        NodeProfile(node_id=1, partition_id=0, budget=0.25, adversarial=True, num_examples=10),
+        NodeProfile(node_id=2, partition_id=1, budget=0.5, adversarial=True, num_examples=30),
+        NodeProfile(node_id=3, partition_id=2, budget=1.0, adversarial=True, num_examples=60),
     ]
     strategy = strategy_for(method, profiles)
     state = method.initial_state(seed=0)
@@ -66,7 +69,7 @@ def test_heterofl_slices_and_count_weighted_average_match_hand_computation():
 
 def test_heterofl_entries_nobody_held_keep_their_value():
     method = HeteroFL(SPEC)
-    strategy = strategy_for(method, [NodeProfile(1, 0, budget=0.25, adversarial=False, num_examples=5)])
+    strategy = strategy_for(method, [NodeProfile(node_id=1, partition_id=0, budget=0.25, adversarial=False, num_examples=5)])
     state = method.initial_state(seed=0)
     (msg,) = strategy.configure_train(1, to_record(state), None, None)
     new, _ = strategy.aggregate_train(1, [reply(msg, 3.0, 5, drop_adv=True)])
@@ -76,10 +79,55 @@ def test_heterofl_entries_nobody_held_keep_their_value():
     torch.testing.assert_close(w["bn1.adv.weight"], state["bn1.adv.weight"])  # adv BN untouched
 
 
+@pytest.mark.parametrize(
+    "aggregation, beta, expected",
+    [
+        ("median", 0.1, (2.0, 3.0, 4.0)),  # median of {1, 2, 4}, of {2, 4}, of {4}
+        ("trimmed-mean", 0.34, (2.0, 3.0, 4.0)),  # 1 of 3 trimmed from each end; none of 2
+        ("trimmed-mean", 0.2, (7 / 3, 3.0, 4.0)),  # nothing trimmed: the unweighted mean
+    ],
+)
+def test_heterofl_robust_aggregation_per_entry_over_the_slices_holding_it(aggregation, beta, expected):
+    method = HeteroFL(SPEC)
+    profiles = [
+        NodeProfile(node_id=1, partition_id=0, budget=0.25, adversarial=True, num_examples=10),
+        NodeProfile(node_id=2, partition_id=1, budget=0.5, adversarial=True, num_examples=30),
+        NodeProfile(node_id=3, partition_id=2, budget=1.0, adversarial=True, num_examples=60),
+    ]
+    strategy = strategy_for(method, profiles)
+    strategy.aggregation, strategy.trim_fraction = aggregation, beta
+    state = method.initial_state(seed=0)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(state), None, None)}
+    fills, sizes = {1: 1.0, 2: 2.0, 3: 4.0}, {1: 10, 2: 30, 3: 60}
+    new, metrics = strategy.aggregate_train(1, [reply(m, fills[n], sizes[n], False) for n, m in messages.items()])
+    assert metrics["valid"] == 3
+    w = to_tensors(new)["conv2.weight"]
+    # unweighted, unlike the example-weighted mean (3.3 and 3.33 at the first two entries)
+    assert float(w[0, 0, 0, 0]) == pytest.approx(expected[0], rel=1e-6)  # held by all three slices
+    assert float(w[40, 20, 0, 0]) == pytest.approx(expected[1], rel=1e-6)  # the 0.5 and 1.0 slices
+    assert float(w[100, 50, 0, 0]) == expected[2]  # only the full-width client
+
+
+def test_fedbn_median_keeps_batch_norm_local():
+    method = FedBN(SPEC)
+    bn_keys = norm_state_keys(SPEC.build_width(1.0))
+    profiles = [NodeProfile(node_id=i, partition_id=i, budget=1.0, adversarial=False, num_examples=5 + 100 * i) for i in range(3)]
+    strategy = strategy_for(method, profiles)
+    strategy.aggregation = "median"
+    state = method.initial_state(seed=0)
+    messages = list(strategy.configure_train(1, to_record(state), None, None))
+    fills = (1.0, 2.0, 70.0)
+    new, _ = strategy.aggregate_train(1, [reply(m, f, 5 + 100 * i, drop_adv=True) for i, (m, f) in enumerate(zip(messages, fills))])
+    after = to_tensors(new)
+    assert (after["conv1.weight"] == 2.0).all()  # the median; the weighted mean would be ≈ 48
+    for key in bn_keys:
+        torch.testing.assert_close(after[key], state[key])
+
+
 def test_fedbn_never_sends_or_overwrites_batch_norm():
     method = FedBN(SPEC)
     bn_keys = norm_state_keys(SPEC.build_width(1.0))
-    strategy = strategy_for(method, [NodeProfile(i, i, budget=1.0, adversarial=False, num_examples=5) for i in range(3)])
+    strategy = strategy_for(method, [NodeProfile(node_id=i, partition_id=i, budget=1.0, adversarial=False, num_examples=5) for i in range(3)])
     state = method.initial_state(seed=0)
     messages = list(strategy.configure_train(1, to_record(state), None, None))
     assert all(not (set(m.content["arrays"].keys()) & bn_keys) for m in messages)
@@ -120,7 +168,7 @@ def test_static_bn_methods_recompute_bn_statistics_before_evaluation(method):
 
 def test_byte_counts_equal_the_tensors_sent_and_received():
     for method in (SplitMix(SPEC), HeteroFL(SPEC)):
-        profiles = [NodeProfile(i, i, budget=b, adversarial=i % 2 == 0, num_examples=5) for i, b in enumerate((0.125, 0.5, 1.0))]
+        profiles = [NodeProfile(node_id=i, partition_id=i, budget=b, adversarial=i % 2 == 0, num_examples=5) for i, b in enumerate((0.125, 0.5, 1.0))]
         strategy = strategy_for(method, profiles)
         messages = list(strategy.configure_train(1, to_record(method.initial_state(0)), None, None))
         sent = sum(len(a.data) for m in messages for a in m.content["arrays"].values())

@@ -194,9 +194,9 @@ def test_deploy_local_refuses_invalid_node_config_before_starting(tmp_path):
 def test_client_with_invalid_node_config_is_reported_by_the_server(in_process_grid):
     """A node whose config is wrong answers the profile query with an error naming the key; the
     server records it and goes on with the valid nodes."""
-    from splitmix.config import SimulationConfig
+    from splitmix.config import RunConfig
 
-    cfg = SimulationConfig.from_mapping({"num-clients": 3, "min-train-clients": 1})
+    cfg = RunConfig.from_mapping({"num-clients": 3, "min-train-clients": 1})
     method = cfg.make_method()
     grid = in_process_grid(3)
     grid.contexts[1002] = Context(run_id=1, node_id=1002, node_config={"partition-id": 2, "budget": 7.0}, state=RecordDict(), run_config={})

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from deploy.certificates import generate_certificates, generate_node_keys
 from deploy.local import LocalDeployment, marked_processes
-from splitmix.config import SimulationConfig
+from splitmix.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CONFIGS = [
@@ -64,7 +64,7 @@ def test_superlink_runs_splitmix_two_rounds(deployment):
     config = json.loads((outcome.run_dir / "config.json").read_text())["run_config"]
     assert config["num-rounds"] == 2 and config["num-clients"] == 3
     # The checkpoint holds every base's tensors, finite, changed by training.
-    cfg = SimulationConfig.from_mapping(config)
+    cfg = RunConfig.from_mapping(config)
     method = cfg.make_method()
     initial = method.initial_state(cfg.seed)
     weights = load_file(str(outcome.run_dir / "model.safetensors"))

@@ -12,8 +12,8 @@ TINY = {"num-clients": 4, "num-rounds": 1, "local-epochs": 1, "adv-fraction": 0.
 
 def in_process_runner(grid_factory, calls):
     def run(cfg):
-        calls.append((cfg.method, cfg.seed))
-        return run_federation(grid_factory(cfg.num_clients), cfg)
+        calls.append((cfg.federation.method, cfg.seed))
+        return run_federation(grid_factory(cfg.federation.num_clients), cfg)
 
     return run
 
@@ -49,7 +49,7 @@ def test_interrupted_experiment_resumes_without_redoing_finished_runs(tmp_path, 
 
     def crash_on_third(cfg):
         if len(calls) == 2:
-            (tmp_path / "tiny" / "runs" / f"{cfg.method}-seed{cfg.seed}").mkdir(parents=True)  # a torn run
+            (tmp_path / "tiny" / "runs" / f"{cfg.federation.method}-seed{cfg.seed}").mkdir(parents=True)  # a torn run
             raise KeyboardInterrupt
         return runner(cfg)
 

@@ -17,7 +17,7 @@ from models.cnn import DigitCNN
 from models.cost import count_params
 from models.slice_channels import kept_channels
 from tools import prune
-from splitmix.config import SimulationConfig, load_config
+from splitmix.config import RunConfig, load_config
 from server.federation import run_federation
 from tools.prune import PruneSettings, exact_refill, load_pruned, run_pruning
 
@@ -47,7 +47,7 @@ def pruned(run_dir, tmp_path_factory):
 
 
 def _test_x(run_dir, n=64):
-    cfg = SimulationConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["run_config"])
+    cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["run_config"])
     return client_data.test_data(cfg.data_config()).x[:n]
 
 
@@ -114,7 +114,7 @@ def test_robust_best_bases_one_partition(run_dir, tmp_path):
                              imp_rounds=1, epochs=1, timing_repeats=1)
     result = run_pruning(run_dir, settings, out=tmp_path / "robust")
     card = result.card
-    cfg = SimulationConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["run_config"])
+    cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["run_config"])
     assert card["fine_tune"]["examples"] == len(client_data.client_train_data(cfg.data_config(), 1))
     assert "partition 1" in card["fine_tune"]["data"] and "PGD" in card["fine_tune"]["loss"]
     assert len(card["bases"]) == 2 and card["robustness"] == 0.5

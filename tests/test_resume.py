@@ -46,7 +46,7 @@ def _resume_in_process(monkeypatch, run: Path) -> Path:
 
     def fake_simulate(cfg, report=None, quiet_flower=True, resume=None):
         calls.append(resume)
-        return run_federation(InProcessGrid(cfg.num_clients), cfg, report, resume=resume)
+        return run_federation(InProcessGrid(cfg.federation.num_clients), cfg, report, resume=resume)
 
     monkeypatch.setattr(server.simulation, "simulate", fake_simulate)
     assert main(["simulate", "--resume", str(run)]) == 0

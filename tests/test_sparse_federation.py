@@ -12,12 +12,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from splitmix.protocol.codec import encode, to_tensors
 from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
-from techniques.sparse_training import SparseConfig, SparseRound, initial_unit_mask, prune_state
+from techniques.sparse_base import initial_unit_mask, prune_state
 from techniques.sparsity import FlyingBird, RobustBirdSearch, masks_from_bytes, prunable_parameters
 from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import load_weights
-from strategies.base import NodeProfile, TensorSpec
+from splitmix.protocol import NodeProfile
+from strategies.base import TensorSpec
 from strategies.splitmix import SplitMixStrategy
 from models.splitmix import SplitMixSpec
 
@@ -77,20 +78,19 @@ def test_dynamic_masks_start_common_and_the_global_model_starts_sparse():
     assert sum(int(m.sum()) for m in a.values()) == round(0.2 * total)
 
 
-def test_static_search_freezes_when_the_mask_stops_changing():
+def test_static_search_freezes_when_the_mask_stops_changing(technique_round):
     """Weights that do not change give identical masks at consecutive checks: distance 0 ≤ the
     threshold at the second check, so the mask freezes and training goes sparse."""
     from flwr.app import RecordDict
 
     model = SplitMixSpec().build(2)
-    state = RecordDict()
-    cfg = SparseConfig(method="static", sparsity=0.8, search_threshold=0.08)
-    rnd = SparseRound(model, ["base0", "base1"], cfg, state, 1, 10, 5, seed=0, input_shape=(1, 8, 8))
-    rnd.after_epoch()
-    assert rnd.mask_of("base0") is None  # one check: nothing to compare yet
-    rnd.after_epoch()
-    assert rnd.mask_of("base0") is not None and rnd.mask_of("base1") is not None
-    masks, metrics = rnd.finish(lambda unit, name: f"{unit}.{name}")
+    hooks, rnd, state = technique_round("sparse-method=static sparsity=0.8 sparse-search-threshold=0.08", model, ["base0", "base1"])
+    hooks.after_epoch()
+    assert hooks.masks["base0"].mask is None  # one check: nothing to compare yet
+    hooks.after_epoch()
+    assert hooks.masks["base0"].mask is not None and hooks.masks["base1"].mask is not None
+    hooks.after_training(rnd, None)
+    masks, metrics = rnd.masks, rnd.metrics
     assert abs(metrics["density"] - 0.2) < 1e-3
     weight = model.conv2.weight.detach().chunk(2)[1]
     assert torch.equal(weight == 0, ~masks["base1.conv2.weight"])  # pruned entries are zero in the model
@@ -122,7 +122,7 @@ def test_sparse_aggregation_through_the_strategy_equals_a_hand_computation():
     t2 = {k: torch.full_like(state[k], 4.0) for k in keys}
     replies = []
     for node, (tensors, mask, n) in {1: (t1, m1, 10), 2: (t2, m2, 30)}.items():
-        strategy.profiles[node] = NodeProfile(node, node, 0.125, False, 100)
+        strategy.profiles[node] = NodeProfile(node_id=node, partition_id=node, budget=0.125, adversarial=False, num_examples=100)
         strategy._sent[node] = dict(sent)
         msg = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
         reply = _reply(msg, {k: v * (mask if k == key else 1) for k, v in tensors.items()}, {key: mask}, n)
@@ -165,13 +165,19 @@ def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid):
 
 
 def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
-    from techniques.sparse_training import sparse_initial_state
+    from splitmix.config import load_config
+    from techniques.base import ServerContext
 
     spec = SplitMixSpec()
     state = {f"base{i}.{k}": v for i in range(2) for k, v in spec.build(1).state_dict().items() if "num_batches" not in k}
     prunable = set(prunable_parameters(spec.build(1)))
-    cfg = SparseConfig(method="random", sparsity=0.75, rescale=True)
-    out = sparse_initial_state(state, prunable, cfg, run_seed=0)
+
+    def initial(rescale: bool) -> dict:
+        run = load_config(overrides=f"sparse-method=random sparsity=0.75 sparse-rescale={str(rescale).lower()}")
+        (technique,) = [t for t in run.active_techniques() if t.name == "random"]
+        return technique.initial_state(state, ServerContext(run, run.make_method(), prunable))
+
+    out = initial(True)
     for key, value in out.items():
         name = key.split(".", 1)[1]
         if name not in prunable:
@@ -180,7 +186,7 @@ def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
         kept = value != 0
         assert int(kept.sum()) == round(0.25 * value.numel())  # uniform: every layer keeps 1 - p
         assert torch.allclose(value[kept], state[key][kept] * 2.0)  # 1/sqrt(1 - 0.75) = 2
-    plain = sparse_initial_state(state, prunable, SparseConfig(method="random", sparsity=0.75, rescale=False), run_seed=0)
+    plain = initial(False)
     assert torch.equal(plain["base0.conv2.weight"] != 0, out["base0.conv2.weight"] != 0)  # same mask
     assert torch.equal(plain["base0.conv2.weight"] * 2.0, out["base0.conv2.weight"])
 
@@ -192,7 +198,7 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
     assert rows[1]["bytes-up"] < rows[0]["bytes-up"] or rows[0]["train-flops-fraction"] == 1.0
-    from techniques.sparse_training import FixedMask
+    from techniques.sparse_base import FixedMask
 
     for ctx in grid.contexts.values():
         for unit, record in ctx.state.config_records.items():

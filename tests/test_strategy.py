@@ -8,7 +8,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from models.splitmix import SplitMixSpec, init_global_state, is_adversarial_tensor, parse_base_key
-from strategies.base import NodeProfile, ReplyRejected, TensorSpec, validate_arrays
+from splitmix.protocol import NodeProfile
+from strategies.base import ReplyRejected, TensorSpec, validate_arrays
 from strategies.splitmix import BaseScheduler, SplitMixStrategy
 
 SPEC = SplitMixSpec(atom_width=0.25)  # 4 bases keeps the toy small
@@ -32,9 +33,9 @@ def reply_with(msg: Message, fill: float, num_examples: int, drop_adv: bool) -> 
 
 def test_per_base_aggregation_matches_hand_computation():
     profiles = [
-        NodeProfile(11, 0, budget=0.25, adversarial=False, num_examples=10),  # 1 base
-        NodeProfile(12, 1, budget=0.5, adversarial=True, num_examples=30),  # 2 bases
-        NodeProfile(13, 2, budget=0.5, adversarial=False, num_examples=60),  # 2 bases
+        NodeProfile(node_id=11, partition_id=0, budget=0.25, adversarial=False, num_examples=10),  # 1 base
+        NodeProfile(node_id=12, partition_id=1, budget=0.5, adversarial=True, num_examples=30),  # 2 bases
+        NodeProfile(node_id=13, partition_id=2, budget=0.5, adversarial=False, num_examples=60),  # 2 bases
     ]
     strategy = make_strategy(profiles)
     initial = ArrayRecord(init_global_state(SPEC, seed=0))
@@ -64,8 +65,38 @@ def test_per_base_aggregation_matches_hand_computation():
     assert len(trained) >= 2
 
 
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_robust_per_base_aggregation_over_the_clients_that_trained_each_base(aggregation):
+    profiles = [
+        NodeProfile(node_id=11, partition_id=0, budget=0.25, adversarial=False, num_examples=10),  # 1 base
+        NodeProfile(node_id=12, partition_id=1, budget=0.5, adversarial=True, num_examples=30),  # 2 bases
+        NodeProfile(node_id=13, partition_id=2, budget=0.5, adversarial=False, num_examples=60),  # 2 bases
+    ]
+    strategy = make_strategy(profiles)
+    strategy.aggregation, strategy.trim_fraction = aggregation, 0.34  # ≤ 3 holders: the median
+    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    messages = list(strategy.configure_train(1, initial, None, None))
+    fills = {11: 1.0, 12: 2.0, 13: 40.0}
+    sizes = {11: 10, 12: 30, 13: 60}
+    replies = [
+        reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12)
+        for m in messages
+    ]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["valid"] == 3
+    for key, array in new.items():
+        base, name = parse_base_key(key)
+        holders = [n for n, bases in strategy.assignments.items() if base in bases]
+        if is_adversarial_tensor(name):
+            holders = [n for n in holders if n == 12]
+        if not holders:
+            assert array is initial[key]  # untouched: the previous Array object
+            continue
+        np.testing.assert_allclose(array.numpy(), float(np.median([fills[n] for n in holders])), rtol=1e-6)
+
+
 def test_bad_replies_are_rejected_and_the_aggregate_ignores_them():
-    profiles = [NodeProfile(20 + i, i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
+    profiles = [NodeProfile(node_id=20 + i, partition_id=i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
     strategy = make_strategy(profiles)
     initial = ArrayRecord(init_global_state(SPEC, seed=0))
     messages = list(strategy.configure_train(1, initial, None, None))
@@ -103,7 +134,7 @@ def test_bad_replies_are_rejected_and_the_aggregate_ignores_them():
 
 
 def test_round_below_minimum_keeps_global_model():
-    profiles = [NodeProfile(30 + i, i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
+    profiles = [NodeProfile(node_id=30 + i, partition_id=i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
     strategy = make_strategy(profiles)
     strategy.min_train_clients = 2
     initial = ArrayRecord(init_global_state(SPEC, seed=0))
@@ -115,7 +146,7 @@ def test_round_below_minimum_keeps_global_model():
 def test_failed_client_counts_as_failure():
     from flwr.app import Error
 
-    profiles = [NodeProfile(40 + i, i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
+    profiles = [NodeProfile(node_id=40 + i, partition_id=i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
     strategy = make_strategy(profiles)
     messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
     error = Message(Error(code=0, reason="boom"), reply_to=messages[1])
@@ -163,7 +194,7 @@ def test_base_assignment_is_even_over_rounds():
 
 
 def test_assigned_bases_are_distinct_and_sent_alone():
-    profiles = [NodeProfile(50, 0, budget=0.75, adversarial=True, num_examples=5)]
+    profiles = [NodeProfile(node_id=50, partition_id=0, budget=0.75, adversarial=True, num_examples=5)]
     strategy = make_strategy(profiles)
     initial = ArrayRecord(init_global_state(SPEC, seed=0))
     (msg,) = strategy.configure_train(1, initial, None, None)
@@ -174,7 +205,7 @@ def test_assigned_bases_are_distinct_and_sent_alone():
 
 
 def test_replies_with_bad_metrics_or_forged_payloads_are_rejected():
-    profiles = [NodeProfile(60 + i, i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
+    profiles = [NodeProfile(node_id=60 + i, partition_id=i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
     strategy = make_strategy(profiles)
     messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
 

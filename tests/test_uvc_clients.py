@@ -8,14 +8,18 @@ import json
 import torch
 from flwr.app import RecordDict
 
-from techniques.sparse_training import SparseConfig, SparseRound
-from models.uvc import ViTGeometry, selection_from_masks, uvc_masks
+from splitmix.data import ArrayData
+from models.vit_sliced import ViTGeometry
+from techniques.uvc_search import selection_from_masks, uvc_masks
 from splitmix.config import load_config
 
 TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
 
 
-def test_uvc_client_masks_meet_the_flops_budget_per_round():
+def test_uvc_client_masks_meet_the_flops_budget_per_round(monkeypatch, technique_round):
+    import techniques.uvc
+
+    monkeypatch.setattr(techniques.uvc, "SEARCH_STEPS", 5)
     spec = load_config(overrides=TINY_VIT).spec()
     torch.manual_seed(0)
     model = spec.build(2)
@@ -24,15 +28,14 @@ def test_uvc_client_masks_meet_the_flops_budget_per_round():
     expected = uvc_masks(model, x, y, 0.5, steps=5, seed=0)  # what the client's search finds (model unchanged)
     geom = ViTGeometry.from_model(model)
     assert selection_from_masks(model, expected).macs(geom) <= 0.5 * geom.dense_macs()
-    cfg = SparseConfig(method="uvc", flops_ratio=0.5, uvc_steps=5)
-    state = RecordDict()
-    sparse = SparseRound(model, ["base0", "base5"], cfg, state, server_round=1, num_rounds=3, round_steps=4, seed=0,
-                         input_shape=(1, 8, 8), data=(x, y))
-    masks, metrics = sparse.finish(lambda unit, name: f"{unit}.{name}")
+    overrides = "model=vit vit-depth=2 vit-dim=128 vit-heads=16 sparse-method=uvc uvc-flops-ratio=0.5"
+    sparse, rnd, state = technique_round(overrides, model, ["base0", "base5"], ArrayData(x, y))
+    sparse.after_training(rnd, None)
+    masks, metrics = rnd.masks, rnd.metrics
     assert {k.split(".")[0] for k in masks} == {"base0", "base5"}
     assert 0.0 < metrics["density"] < 1.0
     for j, unit in enumerate(("base0", "base5")):  # each unit trains under its chunk of the search's weight masks
-        for name, m in sparse.mask_of(unit).items():
+        for name, m in sparse.masks[unit].mask.items():
             want = expected[name].chunk(2, 0)[j] if name in expected else torch.ones_like(m)
             assert torch.equal(m, want), name
     # the masks are applied to the weights the client trains

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitmix.data import ArrayData, load_split
-from techniques.diversity import DiversityConfig, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
+from techniques.diversity import Diversity, DiversityConfig, DiversitySection, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
 from clients.recipe import LocalTrainConfig, train_bases
 from splitmix.protocol.task import ClientTask
 from models.splitmix import split_stacked_state, load_stacked
@@ -49,7 +49,8 @@ def test_client_task_carries_the_diversity_config():
     cfg = load_config(overrides={**TINY_VIT, "diversity-patch-cosine": 0.5, "diversity-condition": 1e-4})
     task = cfg.client_task()
     back = ClientTask.from_json(task.to_json())
-    assert back.train.diversity == DiversityConfig(patch_cosine=0.5, weight_condition=1e-4)
+    assert "diversity" in back.active
+    assert back.section("diversity").terms() == DiversityConfig(patch_cosine=0.5, weight_condition=1e-4)
     assert back.spec == task.spec and back.spec.options()["depth"] == 2
 
 
@@ -96,8 +97,9 @@ def test_vit_diversity_regularizer_lowers_patch_similarity_in_local_training():
     sims = {}
     for weight in (0.0, 1.0):
         model = _stack(1, seed=3)
-        train = LocalTrainConfig(epochs=4, batch_size=16, diversity=DiversityConfig(patch_cosine=weight))
-        result = train_bases(model, data, train, lr=0.05, adversarial=False, seed=0)
+        train = LocalTrainConfig(epochs=4, batch_size=16)
+        hooks = [Diversity(DiversitySection(patch_cosine=weight)).client_round(None)] if weight else []
+        result = train_bases(model, data, train, lr=0.05, adversarial=False, seed=0, hooks=hooks)
         assert (result.diversity_loss > 0) == (weight > 0)
         with torch.no_grad():
             _, _, last, _ = model.eval().forward_with_tokens(data.x)

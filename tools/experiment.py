@@ -34,11 +34,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from splitmix.config import ConfigError, SimulationConfig, load_config
+from splitmix.config import ConfigError, RunConfig, load_config
 from server.store import load_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-Runner = Callable[[SimulationConfig], Path]
+Runner = Callable[[RunConfig], Path]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Experiment:
     def run_name(self, method: str, seed: int) -> str:
         return f"{method}-seed{seed}"
 
-    def config_for(self, method: str, seed: int, out_dir: Path, extra: dict[str, Any] | None = None) -> SimulationConfig:
+    def config_for(self, method: str, seed: int, out_dir: Path, extra: dict[str, Any] | None = None) -> RunConfig:
         overrides = self.method_overrides.get(method, {})
         values = {**self.run_config, **overrides, **(extra or {})}
         # An entry of `methods` is a method name, or a label whose [method.<label>] table names
@@ -114,7 +114,7 @@ def run_experiment(
     if runner is None:
         from server.simulation import simulate  # noqa: PLC0415 (Ray only when needed)
 
-        def runner(cfg: SimulationConfig) -> Path:  # per-round progress lines of every run
+        def runner(cfg: RunConfig) -> Path:  # per-round progress lines of every run
             return simulate(cfg, report=lambda text: report(f"  {text}"))
     root = Path(out_dir).resolve() / experiment.name
     runs = root / "runs"

@@ -76,7 +76,8 @@ from models.blocks import DualBatchNorm, StackedConv2d, StackedLinear, frozen_bn
 from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference
 from models.registry import create_model
-from models.slice_channels import Masks, channel_graph, channel_masks, kept_channels, num_bases, slice_channels
+from models.masks import Masks
+from models.slice_channels import channel_graph, channel_masks, kept_channels, num_bases, slice_channels
 
 FORMAT = "splitmix-pruned/1"
 WEIGHTS, ARCHITECTURE, CARD = "model.safetensors", "architecture.json", "model_card.json"
@@ -256,10 +257,10 @@ def _time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) ->
 def run_training_data(run, partition: int | None, error: type[ValueError] = PruneError) -> tuple[ArrayData, str, Any]:
     """A finished run's training data for post-training steps (``prune``, ``compress``): the union
     of its client partitions, or one; problems raise ``error`` naming what is wrong."""
-    from splitmix.config import ConfigError, SimulationConfig
+    from splitmix.config import ConfigError, RunConfig
 
     try:
-        sim = SimulationConfig.from_mapping(run.config["run_config"])
+        sim = RunConfig.from_mapping(run.config["run_config"])
     except (ConfigError, KeyError) as exc:
         raise error(f"run '{run.folder}' has an unreadable config.json: {exc}") from None
     data_cfg = sim.data_config()
@@ -273,7 +274,7 @@ def run_training_data(run, partition: int | None, error: type[ValueError] = Prun
         raise error(f"the run's training data is not available here: {exc}") from None
     data = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
     source = f"client partition {partition} of {n}" if partition is not None else f"union of all {n} client partitions"
-    return data, f"{sim.dataset} ({sim.partition}): {source}", sim
+    return data, f"{sim.data.dataset} ({sim.data.partition}): {source}", sim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ class _FineTuner:
 
     def __init__(self, data: ArrayData, test: ArrayData, settings: PruneSettings, sim, report: Reporter) -> None:
         self.data, self.test, self.settings, self.sim, self.report = data, test, settings, sim, report
-        self.batch_size = settings.batch_size or sim.batch_size
+        self.batch_size = settings.batch_size or sim.training.batch_size
         self.pgd = sim.pgd()
         self.history: list[dict[str, Any]] = []
         self.stage_name = "imp"
@@ -296,7 +297,7 @@ class _FineTuner:
         start = time.perf_counter()
         before = _accuracy(model, self.test)
         gen = torch.Generator().manual_seed(s.seed * 1000 + stage)
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=self.sim.momentum, weight_decay=self.sim.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=self.sim.training.momentum, weight_decay=self.sim.training.weight_decay)
         n, k, lam = len(self.data), num_bases(model), s.robustness
         batches = [b for b in range(0, n, self.batch_size) if min(n, b + self.batch_size) - b >= 2]
         total, step, loss_sum = s.epochs * len(batches), 0, 0.0
@@ -490,7 +491,7 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     card: dict[str, Any] = {
         "run": str(run.folder.resolve()),
         "method": run.method_name,
-        "dataset": sim.dataset,
+        "dataset": sim.data.dataset,
         "model": run.spec.arch,
         "width": served.width,
         "robustness": served.robustness,
@@ -521,8 +522,8 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
                 "pruned_layers": names, "rewind": "the run's trained weights (the served model)",
                 "final": "exact refill to the requested channel sparsity, rewind, fine-tune"},
         "fine_tune": {"epochs_per_stage": s.epochs, "stages": len(tuner.history), "lr": s.lr, "schedule": "cosine within each stage",
-                      "batch_size": tuner.batch_size, "momentum": sim.momentum, "weight_decay": sim.weight_decay,
-                      "loss": "per-base cross-entropy, clean BN" + ("" if not s.robustness else f"; (1-λ)·clean + λ·PGD-{sim.pgd_steps} on adv BN, λ={s.robustness:g}"),
+                      "batch_size": tuner.batch_size, "momentum": sim.training.momentum, "weight_decay": sim.training.weight_decay,
+                      "loss": "per-base cross-entropy, clean BN" + ("" if not s.robustness else f"; (1-λ)·clean + λ·PGD-{sim.training.pgd_steps} on adv BN, λ={s.robustness:g}"),
                       "data": data_source, "examples": len(train), "seed": s.seed},
         "seconds": {"fine_tune": sum(r["seconds"] for r in tuner.history), "total": time.perf_counter() - t0},
         "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": "history.json, history.csv",
@@ -530,7 +531,7 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     }
     # ---- write
     folder.mkdir(parents=True, exist_ok=True)
-    build = {"name": run.spec.arch, "width": run.spec.atom_width if run.method_name == "splitmix" else served.width,
+    build = {"name": run.spec.arch, "width": run.spec.atom_width if run.method.selectable_bases else served.width,
              "num_bases": num_bases(sliced), "num_classes": run.spec.num_classes, "in_channels": run.spec.in_channels,
              "image_size": run.spec.image_size, "dual_bn": run.spec.dual_bn}
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": FORMAT})

@@ -1,22 +1,27 @@
-"""The run-level instructions every client receives (inside the message's ConfigRecord).
+"""The run-level instructions every client receives (``config["task"]`` of each message).
 
 The server builds one :class:`ClientTask` from the validated run config and sends it as JSON with
 each message, so a ClientApp needs no run config of its own: the same ClientApp works in
 simulation and on a SuperNode. Clients parse it once and cache it (keyed by the JSON string).
+Technique settings travel as their config sections (``techniques``: section name → values) with
+the names of the techniques this run uses (``active``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
+from clients.recipe import LocalTrainConfig
+from models.splitmix import SplitMixSpec
 from splitmix.adversarial import PGDConfig
 from splitmix.data import DataConfig
-from techniques.diversity import DiversityConfig
-from clients.recipe import LocalTrainConfig
-from techniques.sparse_training import SparseConfig
-from models.splitmix import SplitMixSpec
+
+if TYPE_CHECKING:
+    from splitmix.config import RunConfig
+    from techniques.base import Technique
 
 
 @dataclass(frozen=True)
@@ -29,19 +34,78 @@ class ClientTask:
     seed: int
     device: str = "auto"
     torch_threads: int = 1
-    sparse: SparseConfig = SparseConfig()
     num_rounds: int = 1
-    fault_fraction: float = 0.0  # fault injection (techniques/faults.py)
-    fault_kind: str = "mixed"
+    active: tuple[str, ...] = ()  # techniques this run uses (registry names)
+    techniques: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field values
     fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
     state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)
 
+    @classmethod
+    def from_run(cls, run: "RunConfig", spec: SplitMixSpec) -> "ClientTask":
+        t = run.training
+        optimizer = run.techniques["optimizer"]
+        task = cls(
+            data=run.data_config(),
+            spec=spec,
+            train=LocalTrainConfig(
+                epochs=t.local_epochs, batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
+                adv_lambda=t.adv_lambda, pgd=run.pgd(),
+                optimizer=optimizer.optimizer, l2o_artifacts=optimizer.l2o_artifacts,  # type: ignore[attr-defined]
+            ),
+            budgets=run.federation.budgets,
+            adv_fraction=run.federation.adv_fraction,
+            seed=run.seed,
+            device=run.system.device,
+            torch_threads=run.system.torch_threads,
+            num_rounds=run.federation.num_rounds,
+            active=tuple(t.name for t in run.active_techniques()),
+            techniques={name: asdict(section) for name, section in run.techniques.items()},  # type: ignore[call-overload]
+        )
+        for technique in run.active_techniques():
+            task = technique.prepare_task(task, run)
+        return task
+
+    @property
+    def sparse_fraction(self) -> float:
+        """Share of clients that train sparse (0 when no sparse technique is on)."""
+        from techniques.sparse_base import SparseTechnique
+
+        return self.section("sparse").fraction if any(issubclass(_technique(n), SparseTechnique) for n in self.active) else 0.0
+
+    def section(self, name: str) -> Any:
+        """A technique's config section, as the dataclass."""
+        return _section(self.to_json(), name)
+
+    def techniques_on(self) -> list["Technique"]:
+        """This run's techniques, each with its section."""
+        return [_technique(name)(self.section(name) if name in self.techniques else None) for name in self.active]
+
+    def with_state_dir(self, path: str) -> "ClientTask":
+        return replace(self, state_dir=path)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return _to_json(self)
 
     @staticmethod
     def from_json(text: str) -> "ClientTask":
         return _parse(text)
+
+
+def _to_json(task: ClientTask) -> str:
+    return json.dumps(asdict(task), sort_keys=True)
+
+
+def _technique(name: str) -> "type[Technique]":
+    from techniques import TECHNIQUES
+
+    return TECHNIQUES[name]
+
+
+@lru_cache(maxsize=64)
+def _section(task_json: str, name: str) -> Any:
+    from techniques import SECTIONS
+
+    return SECTIONS[name](**json.loads(task_json)["techniques"][name])
 
 
 @lru_cache(maxsize=16)
@@ -49,7 +113,6 @@ def _parse(text: str) -> ClientTask:
     raw = json.loads(text)
     train = dict(raw["train"])
     train["pgd"] = PGDConfig(**train["pgd"])
-    train["diversity"] = DiversityConfig(**train.get("diversity", {}))
     return ClientTask(
         data=DataConfig(**raw["data"]),
         spec=SplitMixSpec(**raw["spec"]),
@@ -59,10 +122,9 @@ def _parse(text: str) -> ClientTask:
         seed=raw["seed"],
         device=raw["device"],
         torch_threads=raw["torch_threads"],
-        sparse=SparseConfig(**raw.get("sparse", {})),
-        num_rounds=raw.get("num_rounds", 1),
-        fault_fraction=raw.get("fault_fraction", 0.0),
-        fault_kind=raw.get("fault_kind", "mixed"),
-        fault_delay=raw.get("fault_delay", 0.0),
-        state_dir=raw.get("state_dir", ""),
+        num_rounds=raw["num_rounds"],
+        active=tuple(raw["active"]),
+        techniques=raw["techniques"],
+        fault_delay=raw["fault_delay"],
+        state_dir=raw["state_dir"],
     )

@@ -1,0 +1,58 @@
+"""Client-local UVC (arXiv 2203.08243), ``sparse-method = "uvc"``, for ViT clients under a FLOPs
+budget.
+
+Each round a short UVC search (``techniques/uvc_search.py``: per-block head / head-dim /
+MLP-neuron counts and skip gates under a primal-dual FLOPs constraint, distilled from the received
+model) on the client's own data picks what its bases keep, projected onto ``uvc-flops-ratio`` of
+the dense MACs; the client trains and uploads only those weights (masks: the removed heads' proj
+columns, neurons' fc1 rows / fc2 columns, and a skipped block's proj and fc2 — biases stay dense,
+so a skipped block adds a constant). Masks differ per client, so the served model is the dense
+aggregate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from splitmix.sections import ConfigError, Section, option
+from techniques.base import ClientRound, ServerContext, State, register_technique
+from techniques.sparse_base import FixedMask, SparseRound, SparseTechnique, UnitContext, UnitMask
+
+if TYPE_CHECKING:
+    from splitmix.config import RunConfig
+
+SEARCH_STEPS = 30  # UVC search steps on the client's data each round
+
+
+@dataclass(frozen=True)
+class UVCConfig(Section):
+    flops_ratio: float = option(0.5, "client-local UVC: the client's MACs budget as a share of its dense bases", key="uvc-flops-ratio", lo=0, hi=1, lo_open=True)
+
+
+@register_technique
+class UVC(SparseTechnique):
+    name = "uvc"
+    Config = UVCConfig
+
+    @classmethod
+    def check(cls, run: "RunConfig") -> None:
+        if cls.enabled(run) and not run.model.is_vit:
+            raise ConfigError(f"config key 'sparse-method' = 'uvc' compresses ViT bases; model = '{run.model.model}' is not a ViT")
+
+    def served_state(self, state: State, ctx: ServerContext) -> State:
+        return state  # masks differ per client: the aggregate stays dense
+
+    def prepare(self, rnd: ClientRound, sparse: SparseRound) -> None:
+        from techniques.uvc_search import uvc_masks
+
+        data = rnd.data
+        found = uvc_masks(rnd.model, data.x.to(rnd.device), data.y.to(rnd.device), self.config.flops_ratio, steps=SEARCH_STEPS, seed=rnd.seed)
+        self.found = {n: m for n, m in found.items() if n in sparse.params}
+
+    def unit_mask(self, ctx: UnitContext) -> UnitMask:  # searched afresh on the received weights every round
+        k = len(ctx.rnd.units)
+        return FixedMask({n: (self.found[n].chunk(k, 0)[ctx.index].clone() if n in self.found else torch.ones_like(v, dtype=torch.bool))
+                          for n, v in ctx.views.items()})
