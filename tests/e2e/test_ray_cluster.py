@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
+
 RAY = Path(sys.executable).with_name("ray")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STARTED = "Ray runtime started"
 
 

@@ -3,6 +3,8 @@ their UVC search keeps (``sparse-method = "uvc"``)."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -43,6 +45,7 @@ def test_uvc_client_masks_meet_the_flops_budget_per_round(monkeypatch, technique
         assert torch.all(p.detach()[~sparse.stacked[name]] == 0)
 
 
+@pytest.mark.slow
 def test_uvc_clients_train_vit_bases_through_the_simulation(tmp_path):
     from server.simulation import simulate
 

@@ -1,3 +1,4 @@
+import pytest
 """The round loop with real ClientApp handlers (in-process grid): repeatability, bad replies."""
 
 import json
@@ -13,6 +14,7 @@ from server.store import load_weights
 FAST = "num-clients=6 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_run(tmp_path, in_process_grid):
     cfg_a = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=a")
     cfg_b = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=b")

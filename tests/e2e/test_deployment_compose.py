@@ -22,7 +22,9 @@ from splitmix.node_config import NodeConfigError, parse_node_config_string, vali
 from deploy.certificates import certificate_hosts, generate_certificates, generate_node_keys
 from deploy.local import LocalDeployment, write_connection
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
+
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()

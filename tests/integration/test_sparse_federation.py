@@ -29,6 +29,7 @@ def _rounds(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dynamic", "static"])
 def test_sparse_clients_upload_less_and_the_served_model_is_sparse(tmp_path, in_process_grid, method):
     dense = run_federation(in_process_grid(4), load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=dense"))
@@ -155,6 +156,7 @@ def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path
     assert "partition 1" in events and "::dense" in events
 
 
+@pytest.mark.slow
 def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid):
     cfg = load_config(overrides=f"{FAST} method=heterofl sparse-method=dynamic sparsity=0.8 out-dir='{tmp_path}' run-name=h")
     run = run_federation(in_process_grid(4), cfg)
@@ -191,6 +193,7 @@ def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
     assert torch.equal(plain["base0.conv2.weight"] * 2.0, out["base0.conv2.weight"])
 
 
+@pytest.mark.slow
 def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_process_grid):
     grid = in_process_grid(4)
     cfg = load_config(overrides=f"{FAST} sparse-method=structured sparsity=0.5 out-dir='{tmp_path}' run-name=s")
@@ -214,6 +217,7 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
             assert abs(removed - min(0.5, expected)) <= 1.0 / conv2.shape[0] + 1e-6
 
 
+@pytest.mark.slow
 def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path, in_process_grid):
     grid = in_process_grid(4)
     cfg = load_config(overrides=f"{FAST} adv-fraction=1.0 sparse-method=dynamic-plus sparsity=0.8 out-dir='{tmp_path}' run-name=fbp")

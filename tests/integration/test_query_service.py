@@ -81,9 +81,10 @@ def test_best_bases_follow_recorded_accuracy(run_dir):
     assert sorted(best3) == sorted(sorted(range(8), key=lambda i: (-scores[i], i))[:3])
 
 
+@pytest.mark.slow
 def test_cli_errors_name_what_is_allowed(run_dir, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "splitmix.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        return subprocess.run([sys.executable, "-m", "splitmix.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[2])
 
     bad_width = cli("query", str(run_dir), "--width", "0.3", "--out", str(tmp_path / "o"))
     assert bad_width.returncode == 2 and "allowed widths: 0.125" in bad_width.stderr
@@ -113,7 +114,7 @@ def service(run_dir):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitmix.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+        cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -192,6 +193,7 @@ def test_service_fuzz_never_answers_5xx(service):
     assert any(400 <= s < 500 for s in statuses)
 
 
+@pytest.mark.slow
 def test_compiled_serving_matches_eager(run_dir):
     eager = splitmix.load_run(run_dir)
     compiled = splitmix.load_run(run_dir, compile=True)

@@ -20,7 +20,9 @@ from deploy.certificates import generate_certificates, generate_node_keys
 from deploy.local import LocalDeployment, marked_processes
 from splitmix.config import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
+
+ROOT = Path(__file__).resolve().parents[2]
 NODE_CONFIGS = [
     'partition-id=0 num-partitions=3 budget="1"',
     'partition-id=1 num-partitions=3 budget="1/2"',

@@ -265,6 +265,7 @@ def vit_run(tmp_path_factory):
     return _tiny_run(tmp_path_factory, "vit")
 
 
+@pytest.mark.slow
 def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     from splitmix.data import test_data
     from tools.compress import compress_run, load_compressed

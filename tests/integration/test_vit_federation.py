@@ -107,6 +107,7 @@ def test_vit_diversity_regularizer_lowers_patch_similarity_in_local_training():
     assert sims[0.0] > 0.9 and sims[1.0] < 0.2, sims  # measured: 0.98 vs 0.02
 
 
+@pytest.mark.slow
 def test_vit_bases_train_through_the_splitmix_simulation(tmp_path):
     from server.simulation import simulate
     from server.store import load_weights

@@ -23,6 +23,7 @@ def experiment():
     return Experiment(name="tiny", methods=["splitmix", "heterofl", "fedavg"], seeds=[0, 1], run_config=TINY)
 
 
+@pytest.mark.slow
 def test_comparison_has_the_documented_schema(tmp_path, experiment, in_process_grid):
     calls = []
     root = run_experiment(experiment, tmp_path, runner=in_process_runner(in_process_grid, calls), report=lambda _: None)
@@ -43,6 +44,7 @@ def test_comparison_has_the_documented_schema(tmp_path, experiment, in_process_g
     assert "| upload MB/round |" in (root / "comparison.md").read_text()
 
 
+@pytest.mark.slow
 def test_interrupted_experiment_resumes_without_redoing_finished_runs(tmp_path, experiment, in_process_grid):
     calls = []
     runner = in_process_runner(in_process_grid, calls)

@@ -26,7 +26,7 @@ from server.store import CHECKPOINT, RunStore, load_checkpoint, load_weights
 
 # fraction-train < 1 and mixed budgets: the resumed run must also sample and assign bases alike
 RUN = "num-clients=6 num-rounds=4 fraction-train=0.5 min-train-clients=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Interrupted(Exception):
@@ -85,6 +85,7 @@ def _run_until_round_two(monkeypatch, overrides: str) -> None:
     monkeypatch.setattr(RunStore, "save_checkpoint", real_save)
 
 
+@pytest.mark.slow
 def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
     _run_until_round_two(monkeypatch, f"{RUN} out-dir='{tmp_path}' run-name=cut")
     run = tmp_path / "cut"
@@ -111,6 +112,7 @@ def _checkpoint_round(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sigkilled_run_resumes_to_the_same_weights(uninterrupted, tmp_path, monkeypatch):
     """A real SIGKILL of a running process once round 2's checkpoint exists."""
@@ -165,6 +167,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
         load_checkpoint(store.root / CHECKPOINT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sparse-method=dynamic sparsity=0.8 sparse-update-every=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"])
 def test_stateful_clients_resume_from_their_saved_node_state(variant, tmp_path, monkeypatch):
     """Sparse masks, optimizer moments and FedBN's local BN live in each node's Context; in

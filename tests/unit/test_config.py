@@ -7,7 +7,7 @@ import pytest
 
 from splitmix.config import ConfigError, EvaluationConfig, FederationConfig, RunConfig, load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_defaults_match_the_dataclass():
