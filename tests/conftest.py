@@ -79,6 +79,25 @@ def in_process_grid():
     return InProcessGrid
 
 
+# Shared tiny configurations: a run that trains in seconds, and a ViT small enough for unit speed.
+TINY_RUN = "num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
+TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config("key=value ...")``: the tiny run's config with these overrides on top."""
+    from splitmix.config import load_config
+
+    return lambda overrides="": load_config(overrides=f"{TINY_RUN} {overrides}")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> dict:
+    """Run-config keys of a 2-block ViT (dim 128, 16 heads): every base has 2 heads."""
+    return dict(TINY_VIT)
+
+
 def _technique_round(overrides: str, model, units: list[str], data=None, *, adversarial: bool = False, server_round: int = 1, seed: int = 0):
     """One client's round of the sparse technique that ``overrides`` turns on, as the ClientApp
     builds it (task from the run config, technique from the registry, hooks from the technique),

@@ -23,7 +23,7 @@ from server.federation import run_federation
 from server.store import load_weights
 from strategies.base import ReplyRejected, check_magnitudes, magnitude_bound
 
-FAST = "num-clients=6 num-rounds=1 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
+FAST = "num-clients=6 num-rounds=1"  # on top of the shared tiny run (conftest.py)
 TIMEOUT = 5.0  # round-timeout of the runs here: a "timeout" fault sleeps TIMEOUT + 1 s
 
 
@@ -84,10 +84,10 @@ def test_magnitude_bound_rejects_absurd_values_only():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_config):
     """One round in which partition 2's reply is simply absent (an error reply)."""
     out = tmp_path_factory.mktemp("ref")
-    cfg = load_config(overrides=f"{FAST} out-dir='{out}' run-name=ref round-timeout={TIMEOUT}")
+    cfg = tiny_config(f"{FAST} out-dir='{out}' run-name=ref round-timeout={TIMEOUT}")
     run = run_federation(FaultyGrid(6, drop_partition=2), cfg)
     return load_weights(run / "model.safetensors"), _rows(run)[0]
 
@@ -101,9 +101,9 @@ KINDS = [(k, "rejected") for k in faults.MALFORMED] + [("crash", "failures"), py
 
 
 @pytest.mark.parametrize("kind,counted", KINDS, ids=[*faults.MALFORMED, "crash", "timeout"])
-def test_each_fault_kind_is_rejected_and_the_aggregate_is_that_of_the_valid_replies(kind, counted, reference, tmp_path, monkeypatch):
+def test_each_fault_kind_is_rejected_and_the_aggregate_is_that_of_the_valid_replies(kind, counted, reference, tmp_path, monkeypatch, tiny_config):
     monkeypatch.setattr(faults, "fault_for", lambda seed, rnd, pid, fraction, k: kind if pid == 2 else None)
-    cfg = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name={kind} fault-fraction=0.5 round-timeout={TIMEOUT}")
+    cfg = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name={kind} fault-fraction=0.5 round-timeout={TIMEOUT}")
     run = run_federation(FaultyGrid(6), cfg)
     row = _rows(run)[0]
     assert row["valid"] == 5 and row[counted] == 1 and row["failures"] + row["rejected"] == 1
@@ -117,10 +117,10 @@ def test_each_fault_kind_is_rejected_and_the_aggregate_is_that_of_the_valid_repl
     assert row["train-loss"] == reference[1]["train-loss"]
 
 
-def test_sign_flip_is_well_formed_so_it_is_accepted(reference, tmp_path, monkeypatch):
+def test_sign_flip_is_well_formed_so_it_is_accepted(reference, tmp_path, monkeypatch, tiny_config):
     """Not detectable by validation (it is the attack robust aggregation is for)."""
     monkeypatch.setattr(faults, "fault_for", lambda seed, rnd, pid, fraction, k: "sign-flip" if pid == 2 else None)
-    cfg = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=flip fault-fraction=0.5")
+    cfg = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name=flip fault-fraction=0.5")
     run = run_federation(FaultyGrid(6), cfg)
     row = _rows(run)[0]
     assert row["valid"] == 6 and row["rejected"] == 0 and row["failures"] == 0
@@ -128,9 +128,9 @@ def test_sign_flip_is_well_formed_so_it_is_accepted(reference, tmp_path, monkeyp
     assert any(not torch.equal(weights[k], reference[0][k]) for k in weights)
 
 
-def test_thirty_percent_of_clients_crashing_each_round(tmp_path):
-    cfg = load_config(
-        overrides=f"{FAST} num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash "
+def test_thirty_percent_of_clients_crashing_each_round(tmp_path, tiny_config):
+    cfg = tiny_config(
+        f"{FAST} num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash "
         f"out-dir='{tmp_path}' run-name=drop"
     )
     run = run_federation(FaultyGrid(10), cfg)
@@ -152,8 +152,8 @@ def test_thirty_percent_of_clients_crashing_each_round(tmp_path):
     assert len(events) == sum(expected) and all("crashed" in e["problem"] and "partition" in e["problem"] for e in events)
 
 
-def test_round_below_min_train_clients_leaves_the_model_unchanged(tmp_path):
-    cfg = load_config(overrides=f"{FAST} num-rounds=2 min-train-clients=2 fault-fraction=1.0 fault-kind=crash out-dir='{tmp_path}' run-name=all")
+def test_round_below_min_train_clients_leaves_the_model_unchanged(tmp_path, tiny_config):
+    cfg = tiny_config(f"{FAST} num-rounds=2 min-train-clients=2 fault-fraction=1.0 fault-kind=crash out-dir='{tmp_path}' run-name=all")
     grid = FaultyGrid(6)
     run = run_federation(grid, cfg)
     rows = _rows(run)

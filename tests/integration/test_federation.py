@@ -11,13 +11,13 @@ from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import load_weights
 
-FAST = "num-clients=6 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
+FAST = "num-clients=6"  # on top of the shared tiny run (conftest.py)
 
 
 @pytest.mark.slow
-def test_same_config_and_seed_give_the_same_run(tmp_path, in_process_grid):
-    cfg_a = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=a")
-    cfg_b = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=b")
+def test_same_config_and_seed_give_the_same_run(tmp_path, in_process_grid, tiny_config):
+    cfg_a = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name=a")
+    cfg_b = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name=b")
     run_a = run_federation(in_process_grid(6), cfg_a)
     run_b = run_federation(in_process_grid(6), cfg_b)
     summary_a = json.loads((run_a / "summary.json").read_text())
@@ -27,7 +27,7 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, in_process_grid):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, in_process_grid):
+def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, in_process_grid, tiny_config):
     def poison(node, reply):
         if node == 1002 and "arrays" in reply.content.array_records:  # partition 2 sends NaNs
             arrays = reply.content["arrays"]
@@ -37,7 +37,7 @@ def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, in_process_
             arrays[key] = Array(bad)
         return reply
 
-    cfg = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=p")
+    cfg = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name=p")
     run = run_federation(in_process_grid(6, tamper=poison), cfg)
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["rejected"] for r in rounds] == [1, 1]

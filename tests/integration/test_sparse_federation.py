@@ -22,7 +22,7 @@ from strategies.base import TensorSpec
 from strategies.splitmix import SplitMixStrategy
 from models.splitmix import SplitMixSpec
 
-FAST = "num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1' sparse-update-every=5"
+FAST = "sparse-update-every=5"  # on top of the shared tiny run (conftest.py)
 
 
 def _rounds(run):
@@ -31,10 +31,10 @@ def _rounds(run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dynamic", "static"])
-def test_sparse_clients_upload_less_and_the_served_model_is_sparse(tmp_path, in_process_grid, method):
-    dense = run_federation(in_process_grid(4), load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name=dense"))
+def test_sparse_clients_upload_less_and_the_served_model_is_sparse(tmp_path, in_process_grid, method, tiny_config):
+    dense = run_federation(in_process_grid(4), tiny_config(f"{FAST} out-dir='{tmp_path}' run-name=dense"))
     grid = in_process_grid(4)
-    cfg = load_config(overrides=f"{FAST} out-dir='{tmp_path}' run-name={method} sparse-method={method} sparsity=0.9")
+    cfg = tiny_config(f"{FAST} out-dir='{tmp_path}' run-name={method} sparse-method={method} sparsity=0.9")
     sparse = run_federation(grid, cfg)
     rows, dense_rows = _rounds(sparse), _rounds(dense)
     assert all(r["valid"] == r["sampled"] and r["rejected"] == 0 for r in rows)
@@ -141,7 +141,7 @@ def test_sparse_aggregation_through_the_strategy_equals_a_hand_computation():
     assert torch.allclose(to_tensors(new)[dense_key], torch.full_like(state[dense_key], (10 + 120) / 40))
 
 
-def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path, in_process_grid):
+def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path, in_process_grid, tiny_config):
     def truncate_pack(node, reply):
         if node == 1001 and "arrays" in reply.content.array_records:
             arrays = reply.content["arrays"]
@@ -149,7 +149,7 @@ def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path
         return reply
 
     base = f"{FAST} num-rounds=1 sparse-method=dynamic sparsity=0.9 out-dir='{tmp_path}'"
-    run = run_federation(in_process_grid(4, tamper=truncate_pack), load_config(overrides=f"{base} run-name=bad"))
+    run = run_federation(in_process_grid(4, tamper=truncate_pack), tiny_config(f"{base} run-name=bad"))
     rows = _rounds(run)
     assert rows[0]["rejected"] == 1 and rows[0]["valid"] == 3
     events = (run / "events.jsonl").read_text()
@@ -157,8 +157,8 @@ def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path
 
 
 @pytest.mark.slow
-def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid):
-    cfg = load_config(overrides=f"{FAST} method=heterofl sparse-method=dynamic sparsity=0.8 out-dir='{tmp_path}' run-name=h")
+def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid, tiny_config):
+    cfg = tiny_config(f"{FAST} method=heterofl sparse-method=dynamic sparsity=0.8 out-dir='{tmp_path}' run-name=h")
     run = run_federation(in_process_grid(4), cfg)
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] > 0 for r in rows)
@@ -194,9 +194,9 @@ def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
 
 
 @pytest.mark.slow
-def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_process_grid):
+def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_process_grid, tiny_config):
     grid = in_process_grid(4)
-    cfg = load_config(overrides=f"{FAST} sparse-method=structured sparsity=0.5 out-dir='{tmp_path}' run-name=s")
+    cfg = tiny_config(f"{FAST} sparse-method=structured sparsity=0.5 out-dir='{tmp_path}' run-name=s")
     run = run_federation(grid, cfg)
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)
@@ -218,9 +218,9 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
 
 
 @pytest.mark.slow
-def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path, in_process_grid):
+def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path, in_process_grid, tiny_config):
     grid = in_process_grid(4)
-    cfg = load_config(overrides=f"{FAST} adv-fraction=1.0 sparse-method=dynamic-plus sparsity=0.8 out-dir='{tmp_path}' run-name=fbp")
+    cfg = tiny_config(f"{FAST} adv-fraction=1.0 sparse-method=dynamic-plus sparsity=0.8 out-dir='{tmp_path}' run-name=fbp")
     run = run_federation(grid, cfg)
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] == r["sampled"] for r in rows)

@@ -15,7 +15,7 @@ from models.vit_sliced import ViTGeometry
 from techniques.uvc_search import selection_from_masks, uvc_masks
 from splitmix.config import load_config
 
-TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
+from conftest import TINY_VIT  # the shared tiny ViT (the `tiny_vit` fixture)
 
 
 def test_uvc_client_masks_meet_the_flops_budget_per_round(monkeypatch, technique_round):

@@ -17,7 +17,7 @@ from models.splitmix import split_stacked_state, load_stacked
 from splitmix.cli import main as cli_main
 from splitmix.config import ConfigError, load_config
 
-TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
+from conftest import TINY_VIT  # the shared tiny ViT (the `tiny_vit` fixture)
 
 
 def test_vit_topology_keys_build_every_base():
