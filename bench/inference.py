@@ -51,8 +51,9 @@ def dense_like(spec: SplitMixSpec, params: int) -> torch.nn.Module:
     best = None
     for step in range(1, 201):
         width = step / 200
-        model = create_model(spec.arch, width=width, num_classes=spec.num_classes, in_channels=spec.in_channels,
-                             image_size=spec.image_size, dual_bn=spec.dual_bn)
+        model = create_model(
+            spec.arch, width=width, num_classes=spec.num_classes, in_channels=spec.in_channels, image_size=spec.image_size, dual_bn=spec.dual_bn
+        )
         gap = abs(count_params(model) - params)
         if best is None or gap < best[0]:
             best = (gap, width, model)
@@ -84,17 +85,29 @@ def main() -> None:
     naive = NaiveLoop([fuse_for_inference(build_mixture(spec, state, [b], 0.0)) for b in range(k)]).eval()
     dense = fuse_for_inference(dense_raw)
     print(f"threads: {torch.get_num_threads()}; {spec.arch} on {shape}, width {args.width:g} = {k} bases")
-    print(f"mixed: {count_params(mixed_raw):,} params, {count_macs(mixed_raw, shape):,} MACs; "
-          f"dense (width {dense_width:g}): {count_params(dense_raw):,} params, {count_macs(dense_raw, shape):,} MACs")
+    print(
+        f"mixed: {count_params(mixed_raw):,} params, {count_macs(mixed_raw, shape):,} MACs; "
+        f"dense (width {dense_width:g}): {count_params(dense_raw):,} params, {count_macs(dense_raw, shape):,} MACs"
+    )
     results = {}
     for batch in (1, 256):
-        for name, model in (("mixed", mixed), ("naive loop", naive), ("dense", dense), ("mixed, unfolded", mixed_raw), ("dense, unfolded", dense_raw)):
+        for name, model in (
+            ("mixed", mixed),
+            ("naive loop", naive),
+            ("dense", dense),
+            ("mixed, unfolded", mixed_raw),
+            ("dense, unfolded", dense_raw),
+        ):
             results[(name, batch)] = throughput(model, batch, shape, args.seconds)
             print(f"batch {batch:>3}  {name:<16} {results[(name, batch)]:>12,.0f} images/s")
-    print(f"mixed / naive loop at batch 1: {results[('mixed', 1)] / results[('naive loop', 1)]:.2f}, "
-          f"at batch 256: {results[('mixed', 256)] / results[('naive loop', 256)]:.2f}")
-    print(f"mixed / dense at batch 1: {results[('mixed', 1)] / results[('dense', 1)]:.2f}; "
-          f"unfolded mixed / unfolded dense at batch 256: {results[('mixed, unfolded', 256)] / results[('dense, unfolded', 256)]:.2f}")
+    print(
+        f"mixed / naive loop at batch 1: {results[('mixed', 1)] / results[('naive loop', 1)]:.2f}, "
+        f"at batch 256: {results[('mixed', 256)] / results[('naive loop', 256)]:.2f}"
+    )
+    print(
+        f"mixed / dense at batch 1: {results[('mixed', 1)] / results[('dense', 1)]:.2f}; "
+        f"unfolded mixed / unfolded dense at batch 256: {results[('mixed, unfolded', 256)] / results[('dense, unfolded', 256)]:.2f}"
+    )
     eager = results[("mixed", 256)] / results[("dense", 256)]
     print(f"eager (what `splitmix serve` serves): mixed / dense at batch 256: {eager:.3f}")
     # What `splitmix serve --compile` serves: torch.compile fuses the element-wise ops (BN is

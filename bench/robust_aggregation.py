@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import InProcessGrid  # noqa: E402  (also sets Flower's task identity for messages)
 
-from splitmix.protocol.codec import decode, to_record, to_tensors  # noqa: E402
-from splitmix.config import load_config  # noqa: E402
 from server.federation import run_federation  # noqa: E402
+from splitmix.config import load_config  # noqa: E402
+from splitmix.protocol.codec import decode, to_record, to_tensors  # noqa: E402
 from strategies.aggregation import AGGREGATORS, aggregate  # noqa: E402
 from strategies.splitmix import SplitMixStrategy  # noqa: E402
 
@@ -79,7 +79,7 @@ class ErrorProbe:
         self.errors: list[float] = []
         self.original = SplitMixStrategy.combine
 
-    def __enter__(self) -> "ErrorProbe":
+    def __enter__(self) -> ErrorProbe:
         probe = self
 
         def combine(strategy: SplitMixStrategy, contributions):
@@ -113,9 +113,16 @@ def one_run(rule: str, scenario: str, fraction: float, args: argparse.Namespace,
     count = int(round(fraction * args.clients))
     attackers = set(int(i) for i in np.random.default_rng(args.seed + 7).permutation(args.clients)[:count])
     overrides = {
-        "num-clients": args.clients, "num-rounds": args.rounds, "local-epochs": args.local_epochs, "adv-fraction": 0.0,
-        "eval-lambdas": "0", "eval-pgd-steps": 0, "eval-every": args.rounds, "seed": args.seed,
-        "out-dir": str(out), "run-name": f"{rule}-{scenario}-{count}",
+        "num-clients": args.clients,
+        "num-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "adv-fraction": 0.0,
+        "eval-lambdas": "0",
+        "eval-pgd-steps": 0,
+        "eval-every": args.rounds,
+        "seed": args.seed,
+        "out-dir": str(out),
+        "run-name": f"{rule}-{scenario}-{count}",
     }
     overrides.update({"aggregation": rule, "trim-fraction": args.trim_fraction})
     cfg = load_config(None, overrides)
@@ -143,8 +150,9 @@ def main() -> int:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--trim-fraction", type=float, default=0.25)
     parser.add_argument("--rules", default=",".join(AGGREGATORS))
-    parser.add_argument("--scenarios", default="none,scaled@0.1,scaled@0.2,sign-flip@0.2",
-                        help="kind@fraction, kind in: none, scaled (×−10), sign-flip (×−1)")
+    parser.add_argument(
+        "--scenarios", default="none,scaled@0.1,scaled@0.2,sign-flip@0.2", help="kind@fraction, kind in: none, scaled (×−10), sign-flip (×−1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -162,8 +170,11 @@ def main() -> int:
                 row = one_run(rule.strip(), kind, fraction if kind != "none" else 0.0, args, Path(tmp))
                 rows.append(row)
                 label = "no attack" if kind == "none" else f"{row['attackers']}/{args.clients} {kind}"
-                print(f"{label:>18}  {row['rule']:<13} acc@1.0 {row['acc_1.0']:.3f}  acc@0.125 {row['acc_0.125']:.3f}  "
-                      f"aggregation error {row['error']:.3f}  ({row['seconds']:.0f}s)", flush=True)
+                print(
+                    f"{label:>18}  {row['rule']:<13} acc@1.0 {row['acc_1.0']:.3f}  acc@0.125 {row['acc_0.125']:.3f}  "
+                    f"aggregation error {row['error']:.3f}  ({row['seconds']:.0f}s)",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

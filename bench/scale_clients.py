@@ -139,23 +139,42 @@ class Monitor(threading.Thread):
             now = time.perf_counter() - self.started
             if now - last_print >= 30:
                 last_print = now
-                print(json.dumps({"progress": round(now), "phase": self.phase, "rss_mib": _rss_kib() / 1024,
-                                  "peak_rss_mib": self.peak_self / 1024, "actors_mib": sum(actors) / 1024}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "progress": round(now),
+                            "phase": self.phase,
+                            "rss_mib": _rss_kib() / 1024,
+                            "peak_rss_mib": self.peak_self / 1024,
+                            "actors_mib": sum(actors) / 1024,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from splitmix.config import load_config
     from server.simulation import simulate
+    from splitmix.config import load_config
 
     n = args.clients_one
     cfg = load_config(
         None,
         {
-            "dataset": "mnist", "data-root": str(args.data), "num-clients": n, "num-rounds": args.rounds,
-            "fraction-train": min(1.0, args.train_per_round / n), "min-train-clients": 2,
-            "local-epochs": 1, "adv-fraction": 0.0, "eval-lambdas": "0", "eval-pgd-steps": 0,
-            "out-dir": str(args.out), "run-name": f"clients-{n}", "round-timeout": 3600,
+            "dataset": "mnist",
+            "data-root": str(args.data),
+            "num-clients": n,
+            "num-rounds": args.rounds,
+            "fraction-train": min(1.0, args.train_per_round / n),
+            "min-train-clients": 2,
+            "local-epochs": 1,
+            "adv-fraction": 0.0,
+            "eval-lambdas": "0",
+            "eval-pgd-steps": 0,
+            "out-dir": str(args.out),
+            "run-name": f"clients-{n}",
+            "round-timeout": 3600,
         },
     )
     monitor = Monitor()
@@ -222,8 +241,21 @@ def child(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parent
 def run_size(n: int, args: argparse.Namespace, data: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--clients-one", str(n), "--rounds", str(args.rounds),
-           "--train-per-round", str(args.train_per_round), "--data", str(data), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--clients-one",
+        str(n),
+        "--rounds",
+        str(args.rounds),
+        "--train-per-round",
+        str(args.train_per_round),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     if args.trace:
         cmd.append("--trace")
     print(f"--- {n} clients", flush=True)
@@ -244,8 +276,7 @@ def run_size(n: int, args: argparse.Namespace, data: Path, out: Path) -> dict:
     finally:
         timer.cancel()
     if time.monotonic() > deadline and result.get("error") == "no result":
-        result = {"clients": n, "error": f"killed after {args.timeout:.0f}s", "last": last,
-                  "peak_rss_mib": last.get("peak_rss_mib")}
+        result = {"clients": n, "error": f"killed after {args.timeout:.0f}s", "last": last, "peak_rss_mib": last.get("peak_rss_mib")}
     return result
 
 
@@ -259,8 +290,10 @@ def print_growth(results: list[dict], snapshots_key: str = "last") -> None:
     extra = large["clients"] - small["clients"]
     diff = tracemalloc.Snapshot.load(b).compare_to(tracemalloc.Snapshot.load(a), "lineno")
     total = sum(d.size_diff for d in diff)
-    print(f"tracemalloc ({snapshots_key}): {total / 2**20:+.1f} MiB traced for +{extra} clients "
-          f"({total / extra:,.0f} B per client); largest growing sites:")
+    print(
+        f"tracemalloc ({snapshots_key}): {total / 2**20:+.1f} MiB traced for +{extra} clients "
+        f"({total / extra:,.0f} B per client); largest growing sites:"
+    )
     for d in diff[:15]:
         frame = d.traceback[0]
         name = frame.filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
@@ -321,8 +354,11 @@ def main() -> int:
         # the RSS after the last round shows what the clients themselves cost the server.
         extra = b["clients"] - a["clients"]
         delta = b["rss_last_round_mib"] - a["rss_last_round_mib"]
-        print(f"server RSS after the last round (outside evaluation): {a['rss_last_round_mib']:.0f} → {b['rss_last_round_mib']:.0f} MiB "
-              f"({delta:+.0f} MiB, {delta * 2**20 / extra / 1024:.1f} KiB per added client, growth {b['rss_last_round_mib'] / a['rss_last_round_mib'] - 1:.3f})")
+        print(
+            f"server RSS after the last round (outside evaluation): {a['rss_last_round_mib']:.0f} → {b['rss_last_round_mib']:.0f} MiB "
+            f"({delta:+.0f} MiB, {delta * 2**20 / extra / 1024:.1f} KiB per added client, "
+            f"growth {b['rss_last_round_mib'] / a['rss_last_round_mib'] - 1:.3f})"
+        )
     first, last = results[0].get("peak_rss_mib"), results[-1].get("peak_rss_mib")
     if not first or not last or results[-1].get("error"):
         print("rss_growth: nan")

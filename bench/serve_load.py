@@ -52,14 +52,20 @@ def train_tiny_run(out_dir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import InProcessGrid  # noqa: E402  (sets Flower's task identity for messages)
 
-    from splitmix.config import load_config
     from server.federation import run_federation
+    from splitmix.config import load_config
 
     cfg = load_config(
         None,
         {
-            "num-clients": 4, "num-rounds": 1, "local-epochs": 1, "pgd-steps": 1, "eval-pgd-steps": 1,
-            "eval-lambdas": "0,1", "out-dir": str(out_dir), "run-name": "serve-load",
+            "num-clients": 4,
+            "num-rounds": 1,
+            "local-epochs": 1,
+            "pgd-steps": 1,
+            "eval-pgd-steps": 1,
+            "eval-lambdas": "0,1",
+            "out-dir": str(out_dir),
+            "run-name": "serve-load",
         },
     )
     return run_federation(InProcessGrid(4), cfg, report=lambda text: print(f"  train: {text}", file=sys.stderr))
@@ -226,8 +232,10 @@ def main() -> int:
         models = httpx.get(f"{server.url}/models", timeout=10).json()
         widths = [row["width"] for row in models["widths"]]
         lambdas = None if args.continuous_lambda else [float(v) for v in args.lambdas.split(",") if v.strip()]
-        print(f"run {run.name}: {models['method']}, widths {', '.join(f'{w:g}' for w in widths)}, "
-              f"λ range {models['robustness_range']}, input {'×'.join(map(str, models['input_shape']))}")
+        print(
+            f"run {run.name}: {models['method']}, widths {', '.join(f'{w:g}' for w in widths)}, "
+            f"λ range {models['robustness_range']}, input {'×'.join(map(str, models['input_shape']))}"
+        )
 
         # Warm-up: every (width, λ level, select) once, so the timed phase measures serving, not building.
         warm = warm_up_requests(models, args.batch, lambdas)
@@ -247,9 +255,11 @@ def main() -> int:
 
     ms = np.asarray(latencies) * 1000.0
     count = len(latencies)
-    print(f"load: {args.workers} workers, {count} requests × {args.batch} images in {elapsed:.2f}s "
-          f"({'λ continuous' if lambdas is None else 'λ ∈ {' + ', '.join(f'{v:g}' for v in lambdas) + '}'}, "
-          f"{len(widths)} widths, select first/best)")
+    print(
+        f"load: {args.workers} workers, {count} requests × {args.batch} images in {elapsed:.2f}s "
+        f"({'λ continuous' if lambdas is None else 'λ ∈ {' + ', '.join(f'{v:g}' for v in lambdas) + '}'}, "
+        f"{len(widths)} widths, select first/best)"
+    )
     print(f"throughput: {count / elapsed:.1f} req/s, {count * args.batch / elapsed:.0f} images/s")
     if count:
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])

@@ -19,17 +19,16 @@ import json
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from splitmix.data import client_train_data
-from splitmix.profiles import make_profile
 from clients.recipe import train_bases
 from models.splitmix import base_key, init_global_state, is_adversarial_tensor, load_stacked, select_bases, split_stacked_state
 from splitmix.config import RunConfig, load_config, parse_overrides
+from splitmix.data import client_train_data
+from splitmix.profiles import make_profile
 from strategies.base import client_seed
 from strategies.splitmix import BaseScheduler, cosine_lr
-
-import numpy as np
 
 
 def framework(cfg: RunConfig) -> tuple[float, float, list[float], float]:
@@ -48,7 +47,10 @@ def plain_loop(cfg: RunConfig, threads: int) -> list[float]:
     """Sequential torch: the same assignment rule, data, seeds and recipe, no framework."""
     torch.set_num_threads(threads)
     spec, task = cfg.spec(), cfg.client_task()
-    profiles = [make_profile(i, cfg.federation.num_clients, cfg.federation.budgets, cfg.federation.adv_fraction, cfg.seed) for i in range(cfg.federation.num_clients)]
+    profiles = [
+        make_profile(i, cfg.federation.num_clients, cfg.federation.budgets, cfg.federation.adv_fraction, cfg.seed)
+        for i in range(cfg.federation.num_clients)
+    ]
     for p in profiles:  # data loading belongs to start-up in (a) too
         client_train_data(task.data, p.partition_id)
     scheduler = BaseScheduler(spec.num_bases, np.random.default_rng(cfg.seed))
@@ -81,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--run-config", default="", help="extra overrides, e.g. \"client-num-cpus=2\"")
+    parser.add_argument("--run-config", default="", help='extra overrides, e.g. "client-num-cpus=2"')
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="splitmix-bench-")
     overrides = {
@@ -101,13 +103,17 @@ def main() -> None:
     b_rounds = min(b1, b2, key=sum)
     b = sum(b_rounds)
     steady = sum(b_rounds[1:]) / sum(round_times[1:]) if len(round_times) > 1 else float("nan")
-    print(f"workload: digits, {cfg.federation.num_clients} clients, {cfg.federation.num_rounds} rounds, budgets {cfg.federation.budgets}, "
-          f"adv-fraction {cfg.federation.adv_fraction}, {cfg.training.local_epochs} local epochs")
+    print(
+        f"workload: digits, {cfg.federation.num_clients} clients, {cfg.federation.num_rounds} rounds, budgets {cfg.federation.budgets}, "
+        f"adv-fraction {cfg.federation.adv_fraction}, {cfg.training.local_epochs} local epochs"
+    )
     print(f"startup (Ray start, actors, imports, data, profile discovery): {startup:.2f} s; whole simulate() call {wall:.2f} s")
     print(f"(a) framework training rounds: {a:.2f} s  per round: {', '.join(f'{t:.2f}' for t in round_times)}")
     print(f"    time inside ClientApp training (summed over clients): {client_time:.2f} s")
-    print(f"(b) plain sequential torch loop: {b:.2f} s  per round: {', '.join(f'{t:.2f}' for t in b_rounds)}"
-          f"  (1 thread {sum(b1):.2f} s, 2 threads {sum(b2):.2f} s)")
+    print(
+        f"(b) plain sequential torch loop: {b:.2f} s  per round: {', '.join(f'{t:.2f}' for t in b_rounds)}"
+        f"  (1 thread {sum(b1):.2f} s, 2 threads {sum(b2):.2f} s)"
+    )
     print(f"steady-state efficiency (rounds 2..{len(round_times)}): {steady:.3f}")
     print(f"efficiency: {b / a:.3f}")
 

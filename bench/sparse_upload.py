@@ -46,8 +46,10 @@ def main() -> None:
         sparse_share = sum(r["sparse-replies"] for r in rows) / max(1, sum(r["valid"] for r in rows))
         flops = np.mean([r["train-flops-fraction"] for r in rows])
         acc = info["summary"]["widths"]["1.0"]["accuracy"]
-        print(f"{name:>14}: upload {value / 1e6:.3f} MB/round (rounds: {per_round}); sparse replies {sparse_share:.0%}; "
-              f"training FLOPs {flops:.2f} of dense; accuracy@1.0 after {args.rounds} rounds {acc:.3f}")
+        print(
+            f"{name:>14}: upload {value / 1e6:.3f} MB/round (rounds: {per_round}); sparse replies {sparse_share:.0%}; "
+            f"training FLOPs {flops:.2f} of dense; accuracy@1.0 after {args.rounds} rounds {acc:.3f}"
+        )
     print(f"sparse_upload_reduction: {dense / sparse:.2f}")
 
 

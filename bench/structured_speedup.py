@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from techniques.pruning import apply_masks_, one_shot_refill, sparsity_report
 from models.cnn import DigitCNN
 from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference
 from models.slice_channels import kept_channels, slice_channels
+from techniques.pruning import apply_masks_, one_shot_refill, sparsity_report
 
 
 def _time_once(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -66,8 +66,7 @@ def main() -> None:
             rows[key] = {
                 "sparsity": s,
                 "weight_sparsity": sparsity_report(dense, masks)["weight_sparsity"],
-                "channels": (sliced.conv1.out_channels, sliced.conv2.out_channels, sliced.conv3.out_channels,
-                             sliced.fc1.out_per_base),
+                "channels": (sliced.conv1.out_channels, sliced.conv2.out_channels, sliced.conv3.out_channels, sliced.fc1.out_per_base),
             }
         if args.fused:
             for key in list(models):
@@ -81,8 +80,10 @@ def main() -> None:
                 times[key].append(_time_once(model, x))
     median = {key: statistics.median(t) for key, t in times.items()}
 
-    print(f"DigitCNN full width, input {shape}, batch {args.batch}, {args.threads} thread(s), "
-          f"median of {args.repeats} interleaved forwards (eval, inference_mode)")
+    print(
+        f"DigitCNN full width, input {shape}, batch {args.batch}, {args.threads} thread(s), "
+        f"median of {args.repeats} interleaved forwards (eval, inference_mode)"
+    )
     header = f"{'channel sp.':>11} {'channels':>17} {'weight sp.':>10} {'params':>10} {'MACs':>12} {'ms/batch':>9} {'speedup':>8} {'MAC ratio':>9}"
     if args.fused:
         header += f" {'fused ms':>9} {'fused x':>8}"
@@ -91,9 +92,11 @@ def main() -> None:
     for key, row in rows.items():
         model = models[key]
         macs = count_macs(model, shape)
-        line = (f"{row['sparsity']:>11.2f} {'-'.join(map(str, row['channels'])):>17} {row['weight_sparsity']:>10.3f} "
-                f"{count_params(model):>10,} {macs:>12,} {median[key] * 1e3:>9.1f} "
-                f"{median['dense'] / median[key]:>8.2f} {dense_macs / macs:>9.2f}")
+        line = (
+            f"{row['sparsity']:>11.2f} {'-'.join(map(str, row['channels'])):>17} {row['weight_sparsity']:>10.3f} "
+            f"{count_params(model):>10,} {macs:>12,} {median[key] * 1e3:>9.1f} "
+            f"{median['dense'] / median[key]:>8.2f} {dense_macs / macs:>9.2f}"
+        )
         if args.fused:
             line += f" {median[key + '/fused'] * 1e3:>9.1f} {median['dense/fused'] / median[key + '/fused']:>8.2f}"
         print(line)

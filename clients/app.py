@@ -90,7 +90,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    instruction = Instruction.from_record(msg.content[CONFIG])
+    instruction = Instruction.from_record(msg.content.config_records[CONFIG])
     task = ClientTask.from_json(instruction.task)
     torch.set_num_threads(task.torch_threads)
     profile = node_profile(task, context)
@@ -104,26 +104,40 @@ def train(msg: Message, context: Context) -> Message:
 def train_round(msg: Message, context: Context, task: ClientTask, profile: NodeProfile, instruction: Instruction) -> Message:
     """One round of local training: method's client step + technique hooks + the recipe."""
     method: Method = method_class(instruction.method)(task.spec)
-    received = to_tensors(msg.content[ARRAYS])
+    received = to_tensors(msg.content.array_records[ARRAYS])
     model, units = method.client_model(received, instruction, context)
     device = resolve_device(task.device)
     rnd = ClientRound(
-        model=model, units=units, task=task, profile=profile, context=context,
-        data=client_train_data(task.data, profile.partition_id), device=device, seed=instruction.seed,
-        server_round=instruction.server_round, single_unit=method.client_unit_builder(instruction),
+        model=model,
+        units=units,
+        task=task,
+        profile=profile,
+        context=context,
+        data=client_train_data(task.data, profile.partition_id),
+        device=device,
+        seed=instruction.seed,
+        server_round=instruction.server_round,
+        single_unit=method.client_unit_builder(instruction),
     )
     hooks = [h for h in (t.client_round(rnd) for t in task.techniques_on()) if h is not None]
     for hook in hooks:
         hook.before_training(rnd)
     result = train_bases(
-        model, rnd.data, task.train, lr=instruction.lr, adversarial=profile.adversarial, seed=instruction.seed, device=device,
-        hooks=hooks, optimizer_state=rnd.optimizer_state,
+        model,
+        rnd.data,
+        task.train,
+        lr=instruction.lr,
+        adversarial=profile.adversarial,
+        seed=instruction.seed,
+        device=device,
+        hooks=hooks,
+        optimizer_state=rnd.optimizer_state,
     )
     for hook in hooks:
         hook.after_training(rnd, result)
     tensors = method.client_tensors(model, instruction, profile, context)
     for hook in hooks:
-        tensors = hook.before_upload(tensors, lambda: to_tensors(msg.content[ARRAYS]))
+        tensors = hook.before_upload(tensors, lambda: to_tensors(msg.content.array_records[ARRAYS]))
     arrays = to_sparse_record(tensors, rnd.masks) if rnd.masks else to_record(tensors)
     metrics = {
         protocol.NUM_EXAMPLES: result.num_examples,

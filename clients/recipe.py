@@ -13,16 +13,17 @@ clean forward pass to add a loss term (Diverse-ViT's regularisers).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from splitmix.adversarial import PGDConfig, pgd_linf
-from techniques.optimizers import export_state, make_optimizer
-from splitmix.data import ArrayData
 from models.blocks import StackedNet, frozen_bn_stats, per_base_inputs, routed
+from splitmix.adversarial import PGDConfig, pgd_linf
+from splitmix.data import ArrayData
+from techniques.optimizers import export_state, make_optimizer
 
 if TYPE_CHECKING:
     from techniques.base import RoundHooks
@@ -66,7 +67,7 @@ def train_bases(
     adversarial: bool,
     seed: int,
     device: torch.device | str = "cpu",
-    hooks: "Sequence[RoundHooks]" = (),
+    hooks: Sequence[RoundHooks] = (),
     optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (a stack of k bases) in place on ``data``; returns loss statistics.
@@ -77,8 +78,13 @@ def train_bases(
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimizer = make_optimizer(
-        cfg.optimizer, list(model.named_parameters()), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        artifacts=cfg.l2o_artifacts or None, state=optimizer_state,
+        cfg.optimizer,
+        list(model.named_parameters()),
+        lr=lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        artifacts=cfg.l2o_artifacts or None,
+        state=optimizer_state,
     )
     x_all, y_all = data.x.to(device), data.y.to(device)
     n, k = len(data), model.num_bases
@@ -104,7 +110,8 @@ def train_bases(
                 with routed(model, "adv"):
                     per_base_x = per_base_inputs(xb, k)
                     with frozen_bn_stats(model):
-                        x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_x, cfg.pgd, gen)
+                        # B023: pgd_linf calls the loss right away, within this iteration
+                        x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_x, cfg.pgd, gen)  # noqa: B023
                     adv = per_base_loss(model.forward_bases(x_adv), yb)
                 loss = (1.0 - cfg.adv_lambda) * clean + cfg.adv_lambda * adv + div
                 totals["adv"] += adv.item()

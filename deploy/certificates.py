@@ -65,7 +65,7 @@ def generate_certificates(out_dir: str | Path, hosts: list[str] | None = None, d
     """
     out = Path(out_dir)
     hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
     ca_cert = (
         x509.CertificateBuilder()

@@ -83,10 +83,12 @@ def _register_keys(home: Path, args: argparse.Namespace) -> int:
     failed = 0
     for key in args.keys:
         while True:
-            proc = subprocess.run([bin_path("flwr"), "supernode", "register", str(key), "target", "--format", "json"], env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                [bin_path("flwr"), "supernode", "register", str(key), "target", "--format", "json"], env=env, capture_output=True, text=True
+            )
             text = proc.stdout + proc.stderr
             if proc.returncode == 0 and '"success": true' in proc.stdout:
-                print(f"{key}: registered as node {json.loads(proc.stdout[proc.stdout.find('{'):]).get('node-id')}")
+                print(f"{key}: registered as node {json.loads(proc.stdout[proc.stdout.find('{') :]).get('node-id')}")
                 break
             if "already in use" in text:
                 print(f"{key}: already registered")
@@ -110,8 +112,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from splitmix.config import ConfigError, RunConfig, parse_overrides
     from deploy.local import DeploymentError, LocalDeployment, default_node_configs, marked_processes
+    from splitmix.config import ConfigError, RunConfig, parse_overrides
 
     err = Console(stderr=True)
     say = lambda text: err.print(text, highlight=False)  # noqa: E731
@@ -127,19 +129,24 @@ def cmd_local(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="splitmix-deploy-")).resolve()
     out_dir = Path(cfg.system.out_dir).resolve()
     run_config = {**overrides, "out-dir": str(out_dir), "run-name": cfg.system.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")}
-    deployment = LocalDeployment(workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), say=say)
+    deployment = LocalDeployment(
+        workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), say=say
+    )
     seen = [0]
 
     def progress() -> None:  # echo the rounds as the ServerApp writes them (whole lines only)
         metrics = out_dir / run_config["run-name"] / "metrics.jsonl"
         if metrics.exists():
             lines = metrics.read_text().split("\n")[:-1]  # the part after the last newline may be half-written
-            for line in lines[seen[0]:]:
+            for line in lines[seen[0] :]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                say(f"round {row['round']}/{cfg.federation.num_rounds}: valid {row.get('valid')}/{row.get('sampled')}, failures {row.get('failures')}, train {row.get('train-seconds', 0):.1f}s")
+                say(
+                    f"round {row['round']}/{cfg.federation.num_rounds}: valid {row.get('valid')}/{row.get('sampled')}, "
+                    f"failures {row.get('failures')}, train {row.get('train-seconds', 0):.1f}s"
+                )
             seen[0] = len(lines)
 
     try:
@@ -149,7 +156,10 @@ def cmd_local(args: argparse.Namespace) -> int:
     except DeploymentError as exc:
         _err(f"{exc}")
         return 1
-    say(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f}s; processes left: {len(marked_processes(deployment.marker))}; logs in {deployment.logs}")
+    say(
+        f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.0f}s; "
+        f"processes left: {len(marked_processes(deployment.marker))}; logs in {deployment.logs}"
+    )
     if outcome.status != "finished:completed" or not (outcome.run_dir / "summary.json").exists():
         _err(f"run ended {outcome.status}; see {deployment.logs}")
         return 1
@@ -163,7 +173,7 @@ def cmd_supernode(argv: list[str]) -> int:
     parser.add_argument("--node-config", default=None)
     known, _ = parser.parse_known_args(argv)
     if known.node_config is None:
-        _err("--node-config is required (e.g. --node-config \"partition-id=0 num-partitions=4 budget=0.5\")")
+        _err('--node-config is required (e.g. --node-config "partition-id=0 num-partitions=4 budget=0.5")')
         return 2
     try:
         validate_node_config(parse_node_config_string(known.node_config))

@@ -22,15 +22,16 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import tomli_w
 
-from splitmix.node_config import parse_node_config_string, validate_node_config
 from deploy.certificates import generate_certificates, generate_node_keys
+from splitmix.node_config import parse_node_config_string, validate_node_config
 
 BUDGET_CYCLE = ("1", "1/2", "1/4", "1/8")  # the compose file's four client profiles
 MARKER = "SPLITMIX_DEPLOYMENT"
@@ -117,7 +118,7 @@ class LocalDeployment:
         self.logs = self.workdir / "logs"
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         try:
             self.start()
         except BaseException:
@@ -218,7 +219,14 @@ class LocalDeployment:
             args += ["--database", str(self.workdir / "superlink-state.db")]
         args += ["--disable-runtime-dependency-installation"]
         if self.tls:
-            args += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key")]
+            args += [
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+            ]
         else:
             args += ["--insecure"]
         if self.auth:
@@ -271,7 +279,10 @@ class LocalDeployment:
         except json.JSONDecodeError:
             result = {}
         if proc.returncode != 0 or not result.get("success", False):
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {proc.returncode}): {(result.get('error-message') or proc.stderr or proc.stdout).strip()[-800:]}")
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` failed (exit {proc.returncode}): "
+                f"{(result.get('error-message') or proc.stderr or proc.stdout).strip()[-800:]}"
+            )
         return result
 
     def register(self, public_key: Path) -> int:

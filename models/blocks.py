@@ -12,8 +12,9 @@ stack of k bases is interchangeable with k separately built width-r networks
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -216,7 +217,10 @@ def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def make_static_bn_(model: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def make_static_bn_(model: ModuleT) -> ModuleT:
     """Static batch norm (SHeteroFL): no running statistics at all, batch statistics always.
 
     Applied after construction so every model family gets it without a constructor flag.

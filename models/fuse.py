@@ -12,6 +12,7 @@ training.
 from __future__ import annotations
 
 import copy
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -26,10 +27,12 @@ def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         a_c, b_c = _affine(norm.clean)
         a_a, b_a = _affine(norm.adv)
         return (1 - lam) * a_c + lam * a_a, (1 - lam) * b_c + lam * b_a
-    if norm.running_mean is None:
+    bn = cast(nn.modules.batchnorm._BatchNorm, norm)  # any other norm here is a batch norm
+    if bn.running_mean is None:
         raise ValueError("cannot fold a batch norm without running statistics (re-estimate them first)")
-    a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    return a, norm.bias - a * norm.running_mean
+    running_var = cast(torch.Tensor, bn.running_var)  # kept together with running_mean
+    a = bn.weight / torch.sqrt(running_var + bn.eps)
+    return a, bn.bias - a * bn.running_mean
 
 
 class ChannelsLast(nn.Module):
@@ -43,16 +46,21 @@ class ChannelsLast(nn.Module):
         return self.inner(x.contiguous(memory_format=torch.channels_last))
 
 
+class _Fusable(Protocol):
+    def fusable_pairs(self) -> list[tuple[str, str]]: ...
+
+
 @torch.no_grad()
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A folded, channels-last copy of an eval-mode model (the original is left untouched)."""
     fused = copy.deepcopy(model).eval()
-    pairs = fused.fusable_pairs() if hasattr(fused, "fusable_pairs") else []
+    pairs = cast(_Fusable, fused).fusable_pairs() if hasattr(fused, "fusable_pairs") else []
     for layer_name, norm_name in pairs:
         layer, norm = fused.get_submodule(layer_name), fused.get_submodule(norm_name)
         a, b = _affine(norm)
-        layer.weight.mul_(a.view((-1,) + (1,) * (layer.weight.dim() - 1)))
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(a)
+        weight, layer_bias = cast(torch.Tensor, layer.weight), cast(torch.Tensor | None, layer.bias)  # a conv or linear
+        weight.mul_(a.view((-1,) + (1,) * (weight.dim() - 1)))
+        bias = layer_bias if layer_bias is not None else torch.zeros_like(a)
         layer.bias = nn.Parameter(a * bias + b, requires_grad=False)
         parent_name, _, attr = norm_name.rpartition(".")
         setattr(fused.get_submodule(parent_name) if parent_name else fused, attr, nn.Identity())

@@ -21,9 +21,7 @@ class PreActBlock(nn.Module):
         self.conv1 = StackedConv2d(c_in, c_out, 3, k, stride=stride, padding=1)
         self.bn2 = make_norm(k * c_out, dual_bn)
         self.conv2 = StackedConv2d(c_out, c_out, 3, k, padding=1)
-        self.shortcut = (
-            StackedConv2d(c_in, c_out, 1, k, stride=stride) if stride != 1 or c_in != c_out else None
-        )
+        self.shortcut = StackedConv2d(c_in, c_out, 1, k, stride=stride) if stride != 1 or c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))

@@ -6,15 +6,19 @@ model class directly, so configs and messages can refer to architectures by name
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TypeVar
 
-from torch import nn
+from models.blocks import StackedNet
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_REGISTRY: dict[str, Callable[..., StackedNet]] = {}  # every registered family builds a StackedNet
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+BuilderT = TypeVar("BuilderT", bound=Callable[..., StackedNet])
+
+
+def register_model(name: str) -> Callable[[BuilderT], BuilderT]:
+    def decorator(fn: BuilderT) -> BuilderT:
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         _REGISTRY[name] = fn
@@ -28,7 +32,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, width: float = 1.0, **kwargs) -> nn.Module:
+def create_model(name: str, width: float = 1.0, **kwargs) -> StackedNet:
     """Build model ``name`` at width multiplier ``width``.
 
     Common keyword arguments: ``num_bases`` (stacked independent bases, default 1),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -57,10 +58,7 @@ def channel_graph(model: nn.Module) -> list[ChannelNode]:
             ChannelNode("fc1", ("bn4",), (("fc2", 1),)),
         ]
     if isinstance(model, PreActResNet18):
-        return [
-            ChannelNode(f"layers.{i}.conv1", (f"layers.{i}.bn2",), ((f"layers.{i}.conv2", 1),))
-            for i in range(len(model.layers))
-        ]
+        return [ChannelNode(f"layers.{i}.conv1", (f"layers.{i}.bn2",), ((f"layers.{i}.conv2", 1),)) for i in range(len(model.layers))]
     raise NotImplementedError(
         f"no channel dependency graph for {type(model).__name__}; channel refill and slicing "
         "support DigitCNN and PreActResNet18 (block-internal channels only)"
@@ -72,7 +70,7 @@ def num_bases(model: nn.Module) -> int:
 
 
 def _weight(model: nn.Module, module_path: str) -> torch.Tensor:
-    return model.get_submodule(module_path).weight
+    return cast(torch.Tensor, model.get_submodule(module_path).weight)
 
 
 def per_base_counts(keep: torch.Tensor, k: int) -> list[int]:
@@ -89,9 +87,7 @@ def kept_channels(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
     for node in channel_graph(model):
         w = _weight(model, node.producer)
         mask = masks.get(f"{node.producer}.weight")
-        keep[node.producer] = (
-            torch.ones(w.shape[0], dtype=torch.bool) if mask is None else mask.reshape(w.shape[0], -1).any(dim=1)
-        )
+        keep[node.producer] = torch.ones(w.shape[0], dtype=torch.bool) if mask is None else mask.reshape(w.shape[0], -1).any(dim=1)
     return keep
 
 
@@ -163,14 +159,16 @@ def _gather(weight: torch.Tensor, k: int, rows: torch.Tensor | None, cols: torch
 
 
 def _slice_layer(layer: nn.Module, k: int, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
-    weight = _gather(layer.weight, k, rows, cols)
-    bias = None if layer.bias is None else layer.bias.detach().clone()
+    layer_bias = cast(torch.Tensor | None, layer.bias)
+    weight = _gather(cast(torch.Tensor, layer.weight), k, rows, cols)
+    bias = None if layer_bias is None else layer_bias.detach().clone()
     if bias is not None and rows is not None:
         bias = bias[rows.to(bias.device)]
     out_pb, in_pb = weight.shape[0] // k, weight.shape[1]
     if isinstance(layer, StackedConv2d):
-        new: nn.Module = StackedConv2d(in_pb, out_pb, layer.kernel_size[0], k, stride=layer.stride[0],
-                                       padding=layer.padding[0], bias=bias is not None)
+        new: StackedConv2d | StackedLinear = StackedConv2d(
+            in_pb, out_pb, layer.kernel_size[0], k, stride=layer.stride[0], padding=cast(int, layer.padding[0]), bias=bias is not None
+        )
     elif isinstance(layer, StackedLinear):
         new = StackedLinear(in_pb, out_pb, k, bias=bias is not None)
     else:
@@ -178,28 +176,34 @@ def _slice_layer(layer: nn.Module, k: int, rows: torch.Tensor | None, cols: torc
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
-            new.bias.copy_(bias)
+            cast(torch.Tensor, new.bias).copy_(bias)  # built with a bias
     return new.to(weight.device).train(layer.training)
 
 
 def _slice_bn(bn: nn.Module, rows: torch.Tensor) -> nn.Module:
     if isinstance(bn, DualBatchNorm):
         new = DualBatchNorm(int(rows.sum()), dims=2 if isinstance(bn.clean, nn.BatchNorm2d) else 1)
-        new.clean, new.adv = _slice_bn(bn.clean, rows), _slice_bn(bn.adv, rows)
+        new.clean, new.adv = _slice_batch_norm(bn.clean, rows), _slice_batch_norm(bn.adv, rows)
         new.route = bn.route
         return new.train(bn.training)
-    new = type(bn)(int(rows.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats)
+    return _slice_batch_norm(cast(nn.modules.batchnorm._BatchNorm, bn), rows)
+
+
+_BN = TypeVar("_BN", bound=nn.modules.batchnorm._BatchNorm)
+
+
+def _slice_batch_norm(bn: _BN, rows: torch.Tensor) -> _BN:
+    new = type(bn)(int(rows.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
     rows = rows.to(bn.weight.device if bn.affine else rows.device)
     new = new.to(rows.device)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight[rows])
             new.bias.copy_(bn.bias[rows])
-        if bn.running_mean is not None:
-            new.running_mean.copy_(bn.running_mean[rows])
-            new.running_var.copy_(bn.running_var[rows])
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        if bn.running_mean is not None:  # then both have every buffer (casts: torch types them Optional)
+            cast(torch.Tensor, new.running_mean).copy_(bn.running_mean[rows])
+            cast(torch.Tensor, new.running_var).copy_(cast(torch.Tensor, bn.running_var)[rows])
+            cast(torch.Tensor, new.num_batches_tracked).copy_(cast(torch.Tensor, bn.num_batches_tracked))
     if bn.running_mean is None:  # static BN (make_static_bn_): no buffers at all
         new.running_mean = new.running_var = new.num_batches_tracked = None
     return new.train(bn.training)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -139,11 +139,7 @@ def init_global_state(spec: SplitMixSpec, seed: int) -> dict[str, torch.Tensor]:
     """All N bases, independently initialised, as ``base{i}.<path>`` tensors."""
     torch.manual_seed(seed)
     stack = spec.build(spec.num_bases)
-    return {
-        base_key(i, name): t
-        for i, base in enumerate(split_stacked_state(stack.state_dict(), spec.num_bases))
-        for name, t in base.items()
-    }
+    return {base_key(i, name): t for i, base in enumerate(split_stacked_state(stack.state_dict(), spec.num_bases)) for name, t in base.items()}
 
 
 def select_bases(global_state: dict[str, torch.Tensor], indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:

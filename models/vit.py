@@ -27,9 +27,10 @@ scoring network (:class:`MiniViT`, torch's own layers and timm's init) are all
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 NormLayer = Callable[[int, int], nn.Module]  # (dim, k): a norm over the last dim
 AttnLayer = Callable[[int, int, int, bool], nn.Module]  # (dim, heads, k, attn_scale)
 MlpLayer = Callable[[int, int, int], nn.Module]  # (dim, hidden, k)
-LinearLayer = Callable[[int, int, int], nn.Module]  # (in, out, k): a token linear
+LinearLayer = Callable[[int, int, int], nn.Linear | StackedLinear]  # (in, out, k): a token linear
 WEIGHT_INITS = ("fan_in", "timm")
 
 
@@ -61,9 +62,7 @@ def _register_cpu_sdpa_flops() -> None:
     forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if forward is not None and forward not in registry:
-        registry[forward] = flop_counter.shape_wrapper(
-            lambda q, k, v, *args, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)
-        )
+        registry[forward] = flop_counter.shape_wrapper(lambda q, k, v, *args, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v))
     if backward is not None and backward not in registry:
         registry[backward] = flop_counter.shape_wrapper(
             lambda grad, q, k, v, *args, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(grad, q, k, v)
@@ -143,6 +142,10 @@ class DualLayerNorm(DualBatchNorm):
     ``….adv.weight``/``….adv.bias``, which ``models.splitmix.is_adversarial_tensor`` recognises.
     """
 
+    # Its paths are LayerNorms, not DualBatchNorm's batch norms: it borrows the routing only (see above).
+    clean: StackedLayerNorm  # type: ignore[assignment]
+    adv: StackedLayerNorm  # type: ignore[assignment]
+
     def __init__(self, dim: int, num_bases: int = 1) -> None:
         nn.Module.__init__(self)  # not DualBatchNorm.__init__: no batch norms here
         self.clean = StackedLayerNorm(dim, num_bases)
@@ -195,9 +198,7 @@ def attnscale_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: to
     return (1.0 + omega) * out - omega * v.mean(dim=-2, keepdim=True)
 
 
-def attnscale_explicit(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attnscale_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, omega: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """AttnScale with the attention matrix: ``Â = A_DC + (1 + ω)(A − A_DC)``, ``A_DC = 1/N``.
 
     Returns ``(Â·v, Â)``; with ``omega=None`` plain softmax attention and its matrix."""
@@ -448,12 +449,14 @@ class VisionTransformer(StackedNet):
             outs.append(tokens)
         return outs
 
-    def forward_with_tokens(self, x: torch.Tensor, record_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward_with_tokens(
+        self, x: torch.Tensor, record_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One forward pass that also returns what the diversity regularizers look at:
         logits ``(B, k, classes)``, tokens after the embedding and after the last block
         ``(k, B, N, D)``, and (``record_attention``) block 1's attention ``(k, B, H, N, N)``."""
         first = tokens = self.embed(x)
-        attn0 = self.blocks[0].attn
+        attn0 = cast(Attention, self.blocks[0].attn)  # the stacked blocks' attention (it records its matrix)
         attn0.record = record_attention
         try:
             for block in self.blocks:
@@ -468,9 +471,9 @@ class VisionTransformer(StackedNet):
         """Every block's fused q/k/v weight per base as ``(3D, D)`` with W_q, W_k, W_v stacked in
         that order (the stored rows interleave heads: (head, q/k/v, head dim))."""
         k, h, d, dim = self.num_bases, self.num_heads, self.embed_dim // self.num_heads, self.embed_dim
-        out = []
+        out: list[torch.Tensor] = []
         for block in self.blocks:
-            w = block.attn.qkv.weight.view(k, h, 3, d, dim).permute(0, 2, 1, 3, 4).reshape(k, 3 * h * d, dim)
+            w = cast(Attention, block.attn).qkv.weight.view(k, h, 3, d, dim).permute(0, 2, 1, 3, 4).reshape(k, 3 * h * d, dim)
             out.extend(w.unbind(0))
         return out
 
@@ -504,7 +507,7 @@ class Topology:
         object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, float]) -> "Topology":
+    def from_dict(cls, d: Mapping[str, float]) -> Topology:
         return cls(int(d["patch"]), int(d["dim"]), int(d["depth"]), int(d["heads"]), float(d["mlp_ratio"]))
 
     def to_dict(self) -> dict[str, float]:
@@ -533,10 +536,21 @@ class MiniViT(VisionTransformer):
     def __init__(self, topology: TopologyLike, image_size: int = 8, in_channels: int = 1, num_classes: int = 10) -> None:
         t = as_topology(topology)
         super().__init__(
-            width=1.0, num_bases=1, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-            patch_size=t.patch, depth=t.depth, embed_dim=t.dim, num_heads=t.heads, mlp_ratio=t.mlp_ratio,
-            norm_layer=single_layer_norm, attn_layer=SoftmaxAttention, mlp_layer=partial(Mlp, linear_layer=single_linear),
-            head_layer=single_linear, weight_init="timm",
+            width=1.0,
+            num_bases=1,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            patch_size=t.patch,
+            depth=t.depth,
+            embed_dim=t.dim,
+            num_heads=t.heads,
+            mlp_ratio=t.mlp_ratio,
+            norm_layer=single_layer_norm,
+            attn_layer=SoftmaxAttention,
+            mlp_layer=partial(Mlp, linear_layer=single_linear),
+            head_layer=single_linear,
+            weight_init="timm",
         )
         self.topology = t
 
@@ -590,7 +604,7 @@ def attention_maps(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tens
         m.record = True
     try:
         model.forward_bases(x)
-        maps = [m.last_attention.transpose(0, 1) for m in attns]
+        maps = [cast(torch.Tensor, m.last_attention).transpose(0, 1) for m in attns]  # recorded by the forward pass
     finally:
         for m in attns:
             m.record, m.last_attention = False, None

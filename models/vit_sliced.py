@@ -25,14 +25,14 @@ import copy
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from models.blocks import StackedNet
 from models.splitmix import split_stacked_state
-from models.vit import Block, DualLayerNorm, StackedLayerNorm, TokenLinear, VisionTransformer, attnscale_fused
+from models.vit import Attention, Block, DualLayerNorm, Mlp, StackedLayerNorm, TokenLinear, VisionTransformer, attnscale_fused
 
 ARCH_FORMAT = "splitmix-uvc-vit/1"
 
@@ -56,13 +56,23 @@ class ViTGeometry:
     head_macs: int  # classifier on the CLS token
 
     @classmethod
-    def from_model(cls, model: VisionTransformer) -> "ViTGeometry":
+    def from_model(cls, model: VisionTransformer) -> ViTGeometry:
         conv = model.patch_embed
         patch_in = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
         d = model.embed_dim
-        hidden = model.blocks[0].mlp.fc1.out_per_base if len(model.blocks) else 0
-        return cls(model.num_bases, len(model.blocks), model.num_tokens, d, model.num_heads, d // model.num_heads,
-                   hidden, (model.num_tokens - 1) * d * patch_in, d * model.num_classes)
+        mlp = cast(Mlp, model.blocks[0].mlp) if len(model.blocks) else None  # the stacked blocks' MLP of token linears
+        hidden = cast(TokenLinear, mlp.fc1).out_per_base if mlp is not None else 0
+        return cls(
+            model.num_bases,
+            len(model.blocks),
+            model.num_tokens,
+            d,
+            model.num_heads,
+            d // model.num_heads,
+            hidden,
+            (model.num_tokens - 1) * d * patch_in,
+            d * model.num_classes,
+        )
 
     def block_macs(self, heads: Any, vdims: Any, neurons: Any) -> Any:
         """MACs of one block keeping ``heads`` heads, ``vdims`` value dims in all, ``neurons``
@@ -93,7 +103,7 @@ class Selection:
     dims: torch.Tensor  # (k, L, H, d_h) bool
     neurons: torch.Tensor  # (k, L, M) bool
 
-    def clone(self) -> "Selection":
+    def clone(self) -> Selection:
         return Selection(self.blocks.clone(), self.heads.clone(), self.dims.clone(), self.neurons.clone())
 
     def macs(self, geom: ViTGeometry) -> int:
@@ -115,8 +125,12 @@ class Selection:
 
 def dense_selection(geom: ViTGeometry) -> Selection:
     k, depth, h, dh, m = geom.num_bases, geom.depth, geom.heads, geom.head_dim, geom.hidden
-    return Selection(torch.ones(k, depth, dtype=torch.bool), torch.ones(k, depth, h, dtype=torch.bool),
-                     torch.ones(k, depth, h, dh, dtype=torch.bool), torch.ones(k, depth, m, dtype=torch.bool))
+    return Selection(
+        torch.ones(k, depth, dtype=torch.bool),
+        torch.ones(k, depth, h, dtype=torch.bool),
+        torch.ones(k, depth, h, dh, dtype=torch.bool),
+        torch.ones(k, depth, m, dtype=torch.bool),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +148,9 @@ class SlicedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_bases: int, attn_scale: bool, *, head_dim: int, v_dims: list[int]) -> None:
         super().__init__()
         if num_bases != 1 or num_heads != len(v_dims):
-            raise ValueError(f"a sliced attention is one base with one v dim per head; got {num_bases} bases, "
-                             f"{num_heads} heads, {len(v_dims)} v dims")
+            raise ValueError(
+                f"a sliced attention is one base with one v dim per head; got {num_bases} bases, {num_heads} heads, {len(v_dims)} v dims"
+            )
         self.head_dim, self.v_dims = head_dim, list(v_dims)
         h = len(v_dims)
         self.qkv = TokenLinear(dim, 2 * h * head_dim + sum(v_dims), 1)
@@ -183,21 +198,41 @@ class SlicedViT(StackedNet):
         head_dim = a["embed_dim"] // a["num_heads"]
         bases = []
         for spec in a["bases"]:
-            base = VisionTransformer(width=1.0, num_bases=1, num_classes=a["num_classes"], in_channels=a["in_channels"],
-                                     image_size=a["image_size"], dual_bn=a["dual_ln"], patch_size=a["patch_size"], depth=0,
-                                     embed_dim=a["embed_dim"], num_heads=a["num_heads"], attn_scale=a["attn_scale"],
-                                     feat_scale=a["feat_scale"])
+            base = VisionTransformer(
+                width=1.0,
+                num_bases=1,
+                num_classes=a["num_classes"],
+                in_channels=a["in_channels"],
+                image_size=a["image_size"],
+                dual_bn=a["dual_ln"],
+                patch_size=a["patch_size"],
+                depth=0,
+                embed_dim=a["embed_dim"],
+                num_heads=a["num_heads"],
+                attn_scale=a["attn_scale"],
+                feat_scale=a["feat_scale"],
+            )
             for blk in spec["blocks"]:
                 attn_layer = partial(SlicedAttention, head_dim=head_dim, v_dims=blk["v_dims"])
-                base.blocks.append(Block(a["embed_dim"], len(blk["v_dims"]), blk["hidden"], 1, a["attn_scale"], a["feat_scale"],
-                                         norm_layer=norm_layer, attn_layer=attn_layer))
+                base.blocks.append(
+                    Block(
+                        a["embed_dim"],
+                        len(blk["v_dims"]),
+                        blk["hidden"],
+                        1,
+                        a["attn_scale"],
+                        a["feat_scale"],
+                        norm_layer=norm_layer,
+                        attn_layer=attn_layer,
+                    )
+                )
             bases.append(base)
         self.bases = nn.ModuleList(bases)
 
     def forward_bases(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:  # per-base inputs (B, k, C, H, W)
-            return torch.cat([base.forward_bases(x[:, i : i + 1]) for i, base in enumerate(self.bases)], dim=1)
-        return torch.cat([base.forward_bases(x) for base in self.bases], dim=1)
+            return torch.cat([cast(VisionTransformer, base).forward_bases(x[:, i : i + 1]) for i, base in enumerate(self.bases)], dim=1)
+        return torch.cat([cast(VisionTransformer, base).forward_bases(x) for base in self.bases], dim=1)
 
 
 def _head_order(sel: Selection, b: int, l: int) -> list[int]:
@@ -216,8 +251,9 @@ def sliced_architecture(model: VisionTransformer, sel: Selection) -> dict[str, A
             if not sel.blocks[b, l]:
                 continue
             heads = _head_order(sel, b, l)
-            blocks.append({"index": l, "heads": heads, "v_dims": [int(sel.dims[b, l, h].sum()) for h in heads],
-                           "hidden": int(sel.neurons[b, l].sum())})
+            blocks.append(
+                {"index": l, "heads": heads, "v_dims": [int(sel.dims[b, l, h].sum()) for h in heads], "hidden": int(sel.neurons[b, l].sum())}
+            )
         bases.append({"blocks": blocks})
     first = model.blocks[0] if len(model.blocks) else None
     return {
@@ -229,7 +265,7 @@ def sliced_architecture(model: VisionTransformer, sel: Selection) -> dict[str, A
         "embed_dim": model.embed_dim,
         "num_heads": model.num_heads,
         "dual_ln": isinstance(model.norm, DualLayerNorm),
-        "attn_scale": first is not None and first.attn.omega is not None,
+        "attn_scale": first is not None and cast(Attention, first.attn).omega is not None,
         "feat_scale": first is not None and first.featscale is not None,
         "bases": bases,
     }
@@ -252,15 +288,21 @@ def slice_vit(model: VisionTransformer, sel: Selection) -> SlicedViT:
             l, heads = blk["index"], blk["heads"]
             src, dst = f"blocks.{l}.", f"bases.{b}.blocks.{i}."
             for name, t in base_state.items():
-                if name.startswith(tuple(src + part for part in ("norm1", "norm2", "featscale"))) or name == src + "attn.proj.bias" or name == src + "mlp.fc2.bias":
-                    state[dst + name[len(src):]] = t
+                if (
+                    name.startswith(tuple(src + part for part in ("norm1", "norm2", "featscale")))
+                    or name == src + "attn.proj.bias"
+                    or name == src + "mlp.fc2.bias"
+                ):
+                    state[dst + name[len(src) :]] = t
             dims = [sel.dims[b, l, hh].nonzero().flatten() for hh in heads]
             w = base_state[src + "attn.qkv.weight"].view(h, 3, dh, -1)
             bias = base_state[src + "attn.qkv.bias"].view(h, 3, dh)
-            state[dst + "attn.qkv.weight"] = torch.cat([w[heads, 0].flatten(0, 1), w[heads, 1].flatten(0, 1)]
-                                                       + [w[hh, 2, j] for hh, j in zip(heads, dims)])
-            state[dst + "attn.qkv.bias"] = torch.cat([bias[heads, 0].flatten(), bias[heads, 1].flatten()]
-                                                     + [bias[hh, 2, j] for hh, j in zip(heads, dims)])
+            state[dst + "attn.qkv.weight"] = torch.cat(
+                [w[heads, 0].flatten(0, 1), w[heads, 1].flatten(0, 1)] + [w[hh, 2, j] for hh, j in zip(heads, dims)]
+            )
+            state[dst + "attn.qkv.bias"] = torch.cat(
+                [bias[heads, 0].flatten(), bias[heads, 1].flatten()] + [bias[hh, 2, j] for hh, j in zip(heads, dims)]
+            )
             proj = base_state[src + "attn.proj.weight"].view(geom.dim, h, dh)
             state[dst + "attn.proj.weight"] = torch.cat([proj[:, hh, j] for hh, j in zip(heads, dims)], dim=1)
             if src + "attn.omega" in base_state:
@@ -275,6 +317,12 @@ def slice_vit(model: VisionTransformer, sel: Selection) -> SlicedViT:
 
 
 __all__ = [
-    "ARCH_FORMAT", "Selection", "SlicedAttention", "SlicedViT", "ViTGeometry", "dense_selection", "slice_vit",
+    "ARCH_FORMAT",
+    "Selection",
+    "SlicedAttention",
+    "SlicedViT",
+    "ViTGeometry",
+    "dense_selection",
+    "slice_vit",
     "sliced_architecture",
 ]

@@ -8,8 +8,8 @@ import sys
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from splitmix.config import RunConfig
 from server.federation import run_federation
+from splitmix.config import RunConfig
 
 app = ServerApp()
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any
 
 import flwr
 import numpy as np
@@ -62,12 +63,12 @@ def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: di
     spec = method.spec
     robust_lambda = max(cfg.lambdas) if cfg.federation.adv_fraction > 0 else 0.0
     train_scores: WidthScores | None = extra.pop("train_scores", None)
-    widths = {}
+    widths: dict[str, dict[str, Any]] = {}
     for i, width in enumerate(scores.widths):
         model = method.cost_model(width)
         by_lambda = {}
         for lam in cfg.lambdas:
-            entry = {"accuracy": scores.accuracy[lam][i]}
+            entry: dict[str, float | None] = {"accuracy": scores.accuracy[lam][i]}
             entry["robust_accuracy"] = scores.robust[lam][i] if scores.robust else None
             by_lambda[str(lam)] = entry
         widths[width_key(width)] = {
@@ -182,9 +183,13 @@ class Federation:
             task = task.with_state_dir(str(store.root / CLIENT_STATE))
         self.task_json = task.to_json()
         self.device = resolve_device(cfg.system.device)
-        self.evaluator = Evaluator(self.method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), self.device)
+        self.evaluator = Evaluator(
+            self.method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), self.device
+        )
         fed = cfg.federation
-        self.lr_at = (lambda r: cosine_lr(cfg.training.lr, r, fed.num_rounds)) if cfg.training.lr_schedule == "cosine" else (lambda r: cfg.training.lr)
+        self.lr_at = (
+            (lambda r: cosine_lr(cfg.training.lr, r, fed.num_rounds)) if cfg.training.lr_schedule == "cosine" else (lambda r: cfg.training.lr)
+        )
         self.strategy = self.method.strategy(self.task_json, fed.fraction_train, fed.min_train_clients, fed.seed, self.lr_at)
         self.strategy.aggregation, self.strategy.trim_fraction = fed.aggregation, fed.trim_fraction
 
@@ -218,8 +223,10 @@ class Federation:
         if known != wanted:
             log.warning(
                 "num-clients = %d but %d node(s) reported a profile: only their partitions take part "
-                "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",
-                wanted, known, wanted,
+                '(with `flwr run`, pass --federation-config "num-supernodes=%d")',
+                wanted,
+                known,
+                wanted,
             )
         self.say(f"{known} clients ready in {startup:.1f}s; run folder {self.store.root}")
         return startup
@@ -310,7 +317,12 @@ def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, r
     if checkpoint is None:
         store.write_json(
             "config.json",
-            {"run_config": cfg.to_run_config(), "method": method.name, "spec": method.spec.to_dict(), "versions": {"flwr": flwr.__version__, "torch": torch.__version__}},
+            {
+                "run_config": cfg.to_run_config(),
+                "method": method.name,
+                "spec": method.spec.to_dict(),
+                "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+            },
         )
     if hasattr(grid, "pull_interval"):  # simulation's in-memory grid polls replies every 0.1 s
         grid.pull_interval = min(grid.pull_interval, 0.01)

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ class Run:
         width, robustness = self.check(width, robustness)
         return self._served(width, robustness, select)
 
-    @lru_cache(maxsize=64)  # built mixtures are cached: nothing is rebuilt per request
+    # B019: the cache is intended (built mixtures are kept, nothing is rebuilt per request)
+    @lru_cache(maxsize=64)  # noqa: B019
     def _served(self, width: float, robustness: float, select: str) -> ServedModel:
         bases = self.bases_for(width, select)
         if select != "first" and not self.method.mixes_on_demand:
@@ -121,7 +122,7 @@ class Run:
         model.eval()
         served = fuse_for_inference(model)
         if self.compile:
-            served = torch.compile(served, dynamic=True)
+            served = cast(nn.Module, torch.compile(served, dynamic=True))  # an OptimizedModule; the stub says Callable
         return ServedModel(width, robustness, bases, served, model)
 
     def model(self, width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
@@ -130,8 +131,8 @@ class Run:
 
     def _calibration_inputs(self) -> torch.Tensor:
         """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
-        from splitmix.data import test_data
         from splitmix.config import RunConfig
+        from splitmix.data import test_data
 
         return test_data(RunConfig.from_mapping(self.config["run_config"]).data_config()).x
 
@@ -153,7 +154,9 @@ class Run:
         state = {k: v.contiguous() for k, v in served.module.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         example = torch.zeros(2, *self.input_shape)
-        program = torch.export.export(fuse_for_inference(served.module), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        program = torch.export.export(
+            fuse_for_inference(served.module), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},)
+        )
         torch.export.save(program, str(out / "model.pt2"))
         entry = self.summary["widths"].get(str(round(served.width, 6)), {})
         card = {

@@ -14,8 +14,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from splitmix.config import RunConfig
 from server.federation import Reporter, run_federation
+from splitmix.config import RunConfig
 
 
 def resume_config(run: str | Path) -> RunConfig:

@@ -92,7 +92,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
             if metadata.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
             state = json.loads(metadata["state"])
-            weights, tensors = {}, {}
+            weights: dict[str, torch.Tensor] = {}
+            tensors: dict[str, torch.Tensor] = {}
             for key in fh.keys():
                 group, name = key.split("/", 1)
                 (weights if group == "weights" else tensors)[name] = fh.get_tensor(key)
@@ -107,7 +108,7 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def create(cls, out_dir: str | Path, run_name: str = "") -> "RunStore":
+    def create(cls, out_dir: str | Path, run_name: str = "") -> RunStore:
         name = run_name or time.strftime("%Y%m%d-%H%M%S")
         root = Path(out_dir) / name
         suffix = 1
@@ -177,7 +178,7 @@ class RunStore:
                 if int(row.get("round", 0)) <= last_round:
                     kept.append(line)
             text = "".join(line + "\n" for line in kept)
-            _atomic_write(path, lambda tmp: tmp.write_text(text))
+            _atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
 
     def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         path = self.root / WEIGHTS

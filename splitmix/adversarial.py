@@ -7,8 +7,8 @@ own input copy, in one batched pass) and attacks on a mixture of bases (one shar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy import cli as deploy_cli
+from splitmix.config import ConfigError, load_config
 from tools import compress, ntk_study, prune, topology_search
 from tools import l2o as l2o_cli
-from splitmix.config import ConfigError, load_config
 
 
 def _fail(message: str) -> None:
@@ -63,9 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if reason is not None:
             _fail(f"cannot resume run '{args.resume}' exactly: {reason}, which the server does not checkpoint")
             return 2
-    run_dir = simulation.simulate(
-        cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume
-    )
+    run_dir = simulation.simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume)
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     Console(width=120).print(_summary_table(summary))
     print(run_dir, flush=True)  # the last line of stdout: the run folder
@@ -113,8 +111,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right")
     for row in run.table():
         robust = row["robust_accuracy"]
-        table.add_row(f"{row['width']:g}", str(row["bases"]), f"{row['params']:,}", f"{row['macs']:,}",
-                      f"{row['accuracy']:.4f}", "-" if robust is None else f"{robust:.4f}")
+        table.add_row(
+            f"{row['width']:g}",
+            str(row["bases"]),
+            f"{row['params']:,}",
+            f"{row['macs']:,}",
+            f"{row['accuracy']:.4f}",
+            "-" if robust is None else f"{robust:.4f}",
+        )
     Console(width=120).print(table)
     return 0
 

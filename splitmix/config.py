@@ -25,10 +25,11 @@ import json
 import shlex
 import sys
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import techniques  # noqa: F401  (registers every technique and its config section)
 from models.registry import list_models
@@ -52,7 +53,8 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "parse_overrides"]
 class FederationConfig(Section):
     method: str = option("splitmix", "federated method (docs/methods.md)", choices=tuple(METHODS))
     fedavg_clients: str = option(
-        "capable", "FedAvg/FedBN: only clients whose budget affords full width (`capable`, as in the paper), or `all`",
+        "capable",
+        "FedAvg/FedBN: only clients whose budget affords full width (`capable`, as in the paper), or `all`",
         choices=("capable", "all"),
     )
     seed: int = option(0, "seed of everything (same config and seed: same weights)", lo=0)
@@ -89,7 +91,8 @@ class ModelConfig(Section):
     model: str = option("cnn", "model family (models/registry.py)", choices=tuple(list_models()))
     atom_width: float = option(0.125, "width of one base r (N = 1/r bases)", lo=0, hi=1, lo_open=True)
     bn_stats: str = option(
-        "tracked", "`tracked` running BN statistics, or `static` (none in training; estimated before evaluation)",
+        "tracked",
+        "`tracked` running BN statistics, or `static` (none in training; estimated before evaluation)",
         choices=("tracked", "static"),
     )
     vit_depth: int = option(4, "ViT: transformer blocks", lo=1)
@@ -278,12 +281,12 @@ class RunConfig:
         t = self.training
         return PGDConfig(eps=t.pgd_eps, alpha=t.pgd_alpha, steps=steps or t.pgd_steps)
 
-    def make_method(self) -> "Method":
+    def make_method(self) -> Method:
         from strategies.registry import make_method
 
         return make_method(self.federation.method, self.spec(), fedavg_all_clients=self.federation.fedavg_clients == "all")
 
-    def client_task(self, spec: SplitMixSpec | None = None) -> "ClientTask":
+    def client_task(self, spec: SplitMixSpec | None = None) -> ClientTask:
         """What clients are told; ``spec`` is the method's model spec (e.g. static BN)."""
         from splitmix.protocol.task import ClientTask
 
@@ -298,7 +301,7 @@ class RunConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RunConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
         """Validate flat ``key: value`` pairs (hyphenated keys, as in pyproject)."""
         index = key_index()
         values: dict[str, dict[str, Any]] = {name: {} for name in all_sections()}

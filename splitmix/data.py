@@ -19,10 +19,10 @@ and then serves every client it simulates from memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class ArrayData:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, indices: np.ndarray) -> "ArrayData":
+    def subset(self, indices: np.ndarray) -> ArrayData:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ArrayData(self.x[idx], self.y[idx])
 
@@ -90,10 +90,7 @@ def load_split(dataset: str, root: str, train: bool) -> ArrayData:
     if dataset == "digits":
         return _digits_split(train)
     if not root:
-        raise FileNotFoundError(
-            f"dataset '{dataset}' is read from a local folder: set data-root to the folder "
-            "that holds it (nothing is downloaded)"
-        )
+        raise FileNotFoundError(f"dataset '{dataset}' is read from a local folder: set data-root to the folder that holds it (nothing is downloaded)")
     if dataset == "digits5":
         domains = digits5_domains(root, train)
         return ArrayData(torch.cat([d.x for d in domains]), torch.cat([d.y for d in domains]))
@@ -255,8 +252,12 @@ def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
         table = Dataset.from_dict({"idx": idx, "label": labels[idx]})
         if scheme == "dirichlet":
             part = DirichletPartitioner(
-                num_partitions=n, partition_by="label", alpha=cfg.alpha,
-                min_partition_size=1, self_balancing=True, seed=cfg.seed,
+                num_partitions=n,
+                partition_by="label",
+                alpha=cfg.alpha,
+                min_partition_size=1,
+                self_balancing=True,
+                seed=cfg.seed,
             )
         else:  # IID: the table is already shuffled, the partitioner shards it
             part = IidPartitioner(num_partitions=n)

@@ -9,9 +9,10 @@ answers the server's profile query with the message instead of a profile).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any
 
 ALLOWED_KEYS = ("partition-id", "num-partitions", "budget", "adversarial", "sparse")
 
@@ -88,12 +89,18 @@ def validate_node_config(config: Mapping[str, Any], num_clients: int | None = No
     partition = _int("partition-id", config["partition-id"], 0)
     num_partitions = _int("num-partitions", config["num-partitions"], 1) if "num-partitions" in config else None
     if num_partitions is not None and partition >= num_partitions:
-        raise NodeConfigError(f"node-config partition-id={partition} is not allowed with num-partitions={num_partitions}; allowed: 0..{num_partitions - 1}")
+        raise NodeConfigError(
+            f"node-config partition-id={partition} is not allowed with num-partitions={num_partitions}; allowed: 0..{num_partitions - 1}"
+        )
     if num_clients is not None:
         if num_partitions is not None and num_partitions != num_clients:
-            raise NodeConfigError(f"node-config num-partitions={num_partitions} differs from the run's num-clients={num_clients}; allowed: {num_clients}")
+            raise NodeConfigError(
+                f"node-config num-partitions={num_partitions} differs from the run's num-clients={num_clients}; allowed: {num_clients}"
+            )
         if partition >= num_clients:
-            raise NodeConfigError(f"node-config partition-id={partition} is not allowed for a run with num-clients={num_clients}; allowed: 0..{num_clients - 1}")
+            raise NodeConfigError(
+                f"node-config partition-id={partition} is not allowed for a run with num-clients={num_clients}; allowed: 0..{num_clients - 1}"
+            )
     budget = parse_budget(config["budget"]) if "budget" in config else None
     adversarial = _bool("adversarial", config["adversarial"]) if "adversarial" in config else None
     sparse = _bool("sparse", config["sparse"]) if "sparse" in config else None

@@ -8,7 +8,6 @@ A deployment can override a node's budget and robustness through its ``--node-co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np

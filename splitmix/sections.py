@@ -13,8 +13,9 @@ section a key belongs to is where its field is declared.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,7 @@ def option(
     doc: str,
     *,
     key: str | None = None,
-    choices: "tuple[str, ...] | Callable[[], tuple[str, ...]] | None" = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     lo: float | None = None,
     hi: float | None = None,
     lo_open: bool = False,
@@ -119,9 +120,7 @@ def check_value(f: Field, value: Any) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(choices)}")
     if "range" in f.metadata:
         lo, hi, lo_open, hi_open = f.metadata["range"]
-        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
-            hi is not None and (value > hi or (hi_open and value == hi))
-        )
+        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and (value > hi or (hi_open and value == hi)))
         if bad:
             interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
             raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {interval}")

@@ -243,9 +243,7 @@ def _check_trim_fraction(trim_fraction: float) -> float:
 _WHOLE: tuple[EllipsisType] = (Ellipsis,)  # indexes the whole tensor (0-d ones too)
 
 
-def _columns(
-    contributions: Sequence[Contribution], targets: Mapping[str, tuple[Shape, torch.dtype]], placement: Placement
-) -> dict[str, Column]:
+def _columns(contributions: Sequence[Contribution], targets: Mapping[str, tuple[Shape, torch.dtype]], placement: Placement) -> dict[str, Column]:
     columns: dict[str, Column] = {}
     for source, (tensors, weight) in enumerate(contributions):
         if not weight > 0:
@@ -261,6 +259,7 @@ def _columns(
                     raise ValueError(f"'{key}': mask shape {tuple(mask.shape)} does not match values {tuple(piece)}")
                 mask = mask.to(torch.bool)
             whole = piece == shape
+            block: tuple[slice | EllipsisType, ...]
             if whole:
                 block = _WHOLE
             else:
@@ -356,9 +355,7 @@ def aggregate_tensors(
 
 
 # --------------------------------------------------------------------------- coordinate-wise rules
-def _stack_tensors(
-    tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stack_tensors(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(n, *shape) float64 values and, when any mask is given, an (n, *shape) bool 'held'."""
     if not tensors:
         raise ValueError("no tensors to aggregate")
@@ -371,9 +368,7 @@ def _stack_tensors(
         return values, None
     if len(masks) != len(tensors):
         raise ValueError(f"{len(masks)} masks for {len(tensors)} tensors")
-    held = torch.stack(
-        [torch.ones(shape, dtype=torch.bool) if m is None else m.detach().cpu().to(torch.bool).expand(shape) for m in masks]
-    )
+    held = torch.stack([torch.ones(shape, dtype=torch.bool) if m is None else m.detach().cpu().to(torch.bool).expand(shape) for m in masks])
     return values, held
 
 

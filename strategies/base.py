@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import cast
 
 import numpy as np
 import torch
@@ -19,9 +20,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from splitmix import protocol
-from splitmix.protocol import NodeProfile
+from splitmix.protocol import NodeProfile, as_float
 from splitmix.protocol.codec import decode
 from splitmix.protocol.sparse_codec import sparse_from_record
+from strategies.aggregation import Contribution, Entry
 
 log = logging.getLogger("splitmix")
 
@@ -137,7 +139,7 @@ def magnitude_bound(sent_peak: float) -> float:
     return MAGNITUDE_FACTOR * (sent_peak + 1.0)
 
 
-def check_magnitudes(tensors: dict, bounds: dict[str, float]) -> None:
+def check_magnitudes(tensors: Mapping[str, Entry], bounds: dict[str, float]) -> None:
     """Raise :class:`ReplyRejected` for the first floating tensor beyond its bound (sparse
     entries are ``(mask, values)`` pairs: their values are checked)."""
     for key in sorted(tensors):
@@ -173,7 +175,7 @@ def reply_num_examples(msg: Message, limit: int | None = None) -> int:
             value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
-    value = metrics[protocol.NUM_EXAMPLES]
+    value = cast(float, metrics[protocol.NUM_EXAMPLES])  # a finite number: checked with REQUIRED_METRICS above
     if value <= 0 or value != int(value):
         raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
     if limit is not None and value > limit:
@@ -190,13 +192,11 @@ class FederatedStrategy(Strategy):
     """Profiles, sampling and validation shared by the heterogeneous strategies.
 
     Subclasses implement ``configure_train`` (which tensors each sampled node gets, recording in
-    ``_sent`` what it must send back) and ``combine`` (how valid replies make the new model). Client-side evaluation is off: the server evaluates every width
-    centrally.
+    ``_sent`` what it must send back) and ``combine`` (how valid replies make the new model).
+    Client-side evaluation is off: the server evaluates every width centrally.
     """
 
-    def __init__(
-        self, task_json: str, fraction_train: float, min_train_clients: int, seed: int, lr_at_round: Callable[[int], float]
-    ) -> None:
+    def __init__(self, task_json: str, fraction_train: float, min_train_clients: int, seed: int, lr_at_round: Callable[[int], float]) -> None:
         self.task_json = task_json
         self.fraction_train = fraction_train
         self.min_train_clients = min_train_clients
@@ -232,7 +232,7 @@ class FederatedStrategy(Strategy):
         self._outbox[profile.node_id] = message
         return message
 
-    def combine(self, contributions: list[tuple[dict[str, torch.Tensor], float]]) -> ArrayRecord:
+    def combine(self, contributions: list[Contribution]) -> ArrayRecord:
         """The new global ArrayRecord from (tensors, weight) pairs; method-specific."""
         raise NotImplementedError
 
@@ -241,16 +241,15 @@ class FederatedStrategy(Strategy):
         valid = self.collect_valid(server_round, replies, dict(self._sent), stats)
         if len(valid) < self.min_train_clients:
             problem = (
-                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = "
-                f"{self.min_train_clients}); global model left unchanged"
+                f"round {server_round}: only {len(valid)} valid replies (< min-train-clients = {self.min_train_clients}); global model left unchanged"
             )
             stats.problems.append(problem)
             log.warning(problem)
             return None, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 1})
         stats.examples = sum(n for _, _, n, _ in valid)
-        stats.loss = sum(float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
-        stats.client_time = sum(float(m["train-time"]) for _, _, _, m in valid)
-        stats.flops_fraction = sum(float(m.get("flops-fraction", 1.0)) * n for _, _, n, m in valid) / stats.examples
+        stats.loss = sum(as_float(m["loss"]) * n for _, _, n, m in valid) / stats.examples
+        stats.client_time = sum(as_float(m["train-time"]) for _, _, _, m in valid)
+        stats.flops_fraction = sum(as_float(m.get("flops-fraction", 1.0)) * n for _, _, n, m in valid) / stats.examples
         new = self.combine([(tensors, float(n)) for _, tensors, n, _ in valid])
         return new, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 0})
 
@@ -268,9 +267,7 @@ class FederatedStrategy(Strategy):
         self._discoveries += 1
         # A node whose profile failed is asked again only every RETRY_DISCOVERY calls, so one
         # broken node does not hold every round up for a query timeout.
-        unknown = [
-            n for n in sorted(self.online) if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries
-        ]
+        unknown = [n for n in sorted(self.online) if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries]
         if not unknown:
             return stats
         messages = {n: protocol.query_message(task_json, n) for n in unknown}
@@ -304,11 +301,7 @@ class FederatedStrategy(Strategy):
     def sample(self, eligible: Callable[[NodeProfile], bool] | None = None) -> list[NodeProfile]:
         """A seeded sample of the known (and ``eligible``) nodes, ordered by partition id."""
         nodes = sorted(
-            (
-                p
-                for p in self.profiles.values()
-                if (eligible is None or eligible(p)) and (self.online is None or p.node_id in self.online)
-            ),
+            (p for p in self.profiles.values() if (eligible is None or eligible(p)) and (self.online is None or p.node_id in self.online)),
             key=lambda p: p.partition_id,
         )
         if not nodes:
@@ -324,9 +317,9 @@ class FederatedStrategy(Strategy):
         replies: Iterable[Message],
         expected: dict[int, dict[str, TensorSpec]],
         stats: RoundStats,
-    ) -> list[tuple[NodeProfile, dict[str, torch.Tensor], int, MetricRecord]]:
+    ) -> list[tuple[NodeProfile, Mapping[str, Entry], int, MetricRecord]]:
         """Validate replies; bad ones are logged with the node/partition and counted, not used."""
-        valid = []
+        valid: list[tuple[NodeProfile, Mapping[str, Entry], int, MetricRecord]] = []
         # Error replies the SuperLink makes for an unreachable node carry the SuperLink's id as
         # source; the id of the instruction they answer names the node.
         addressee = {m.metadata.message_id: n for n, m in self._outbox.items() if m.metadata.message_id}
@@ -348,6 +341,7 @@ class FederatedStrategy(Strategy):
                     raise ReplyRejected(f"reply has no '{protocol.ARRAYS}' record")
                 record = msg.content.array_records[protocol.ARRAYS]
                 stats.bytes_up += record_bytes(record)
+                tensors: Mapping[str, Entry]
                 if is_sparse_record(record):  # kept entries of masked weights (+ packed dense tensors)
                     try:
                         tensors = sparse_from_record(record, sent)

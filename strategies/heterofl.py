@@ -10,23 +10,21 @@ statistics in training; the server re-estimates them on data before evaluating).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-
-from splitmix.protocol.codec import encode, to_tensors
-from models.slicing import slice_state
-from typing import Any
-
 from torch import nn
 
 from models.blocks import StackedNet, norm_state_keys, recompute_bn_stats, set_route
+from models.slicing import slice_state
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from splitmix.protocol import WIDTH, Instruction, NodeProfile
-from splitmix.protocol.codec import to_record
-from strategies.aggregation import aggregate, leading_slice
+from splitmix.protocol.codec import encode, to_record, to_tensors
+from strategies.aggregation import Contribution, aggregate, leading_slice
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 from strategies.registry import LrSchedule, Method, State, register_method
 
@@ -64,9 +62,7 @@ class WidthSliceStrategy(FederatedStrategy):
         """Shapes of the width-w sub-network's federated tensors (cached per width)."""
         if width not in self._shapes:
             state = self.spec.build_width(width).state_dict()
-            self._shapes[width] = {
-                k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked") and k not in self.local_keys
-            }
+            self._shapes[width] = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked") and k not in self.local_keys}
         return self._shapes[width]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -76,7 +72,7 @@ class WidthSliceStrategy(FederatedStrategy):
         payloads: dict[float, dict[str, Array]] = {}  # one encoding per width per round
         messages = []
         for profile in self.sample(lambda p: self.width_of(p) is not None):
-            width = float(self.width_of(profile))
+            width = float(cast(float, self.width_of(profile)))  # sampled: it has a width
             if width not in payloads:
                 payloads[width] = {k: encode(t) for k, t in slice_state(self._state, self.shapes(width)).items()}
             payload = ArrayRecord()
@@ -93,22 +89,17 @@ class WidthSliceStrategy(FederatedStrategy):
         self.last_round = stats
         return messages
 
-    def combine(self, contributions: list[tuple[dict[str, torch.Tensor], float]]) -> ArrayRecord:
+    def combine(self, contributions: list[Contribution]) -> ArrayRecord:
         """Each entry reduced (``aggregation``: mean, median, trimmed-mean) over exactly the clients
         whose slice (and sparse mask) holds it; entries nobody held keep their value."""
         return aggregate(self._current, contributions, self.aggregation, trim_fraction=self.trim_fraction, placement=leading_slice)
 
 
 # --------------------------------------------------------------------------- the method
-_WIDTH_MODELS: dict[tuple[SplitMixSpec, float], StackedNet] = {}
-
-
+@functools.cache
 def cached_slice_model(spec: SplitMixSpec, width: float) -> StackedNet:
     """The width-w model a client trains (one per actor and width: clients reuse it)."""
-    key = (spec, width)
-    if key not in _WIDTH_MODELS:
-        _WIDTH_MODELS[key] = spec.build_width(width)
-    return _WIDTH_MODELS[key]
+    return spec.build_width(width)
 
 
 @register_method

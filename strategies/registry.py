@@ -13,7 +13,8 @@ clients, partitions, budgets, seeds, training budget and evaluation.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,10 +29,10 @@ if TYPE_CHECKING:
 LrSchedule = Callable[[int], float]
 State = dict[str, torch.Tensor]
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(cls: type["Method"]) -> type["Method"]:
+def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its ``name`` (config key ``method``)."""
     if not cls.name or cls.name in METHODS:
         raise ValueError(f"method '{cls.name}' has no name or is registered twice")
@@ -52,7 +53,7 @@ class Method(ABC):
     def initial_state(self, seed: int) -> State: ...
 
     @abstractmethod
-    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> "FederatedStrategy": ...
+    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> FederatedStrategy: ...
 
     def stateful_reason(self) -> str | None:
         """Why this method's clients keep state across rounds (None: they do not)."""
@@ -94,15 +95,15 @@ class Method(ABC):
 
     # ------------------------------------------------------------------ client step
     @abstractmethod
-    def client_model(self, received: State, instruction: "Instruction", context: Any) -> tuple[StackedNet, list[str]]:
+    def client_model(self, received: State, instruction: Instruction, context: Any) -> tuple[StackedNet, list[str]]:
         """The model a client trains, holding the received tensors, and its units (state keys of
         its stacked chunks: ``["base3", "base4"]`` or ``["width"]``)."""
 
     @abstractmethod
-    def client_tensors(self, model: StackedNet, instruction: "Instruction", profile: "NodeProfile", context: Any) -> State:
+    def client_tensors(self, model: StackedNet, instruction: Instruction, profile: NodeProfile, context: Any) -> State:
         """The trained tensors the client sends back (and what it keeps, e.g. FedBN's norms)."""
 
-    def client_unit_builder(self, instruction: "Instruction") -> Callable[[], nn.Module]:
+    def client_unit_builder(self, instruction: Instruction) -> Callable[[], nn.Module]:
         """Builds one unit's model on the client (per-unit techniques)."""
         return self.single_unit_model
 

@@ -12,17 +12,16 @@ after each full cycle instead of on average.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Iterable
-
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
-
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 from torch import nn
 
 from models.blocks import StackedNet, recompute_bn_stats, set_route
@@ -38,9 +37,9 @@ from models.splitmix import (
     split_stacked_state,
 )
 from splitmix.protocol import BASES, Instruction, NodeProfile
-from strategies.registry import LrSchedule, Method, State, register_method
-from strategies.aggregation import aggregate
+from strategies.aggregation import Contribution, aggregate
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
+from strategies.registry import LrSchedule, Method, State, register_method
 
 
 class BaseScheduler:
@@ -125,7 +124,7 @@ class SplitMixStrategy(FederatedStrategy):
         super().load_state_dict(state)
         self.scheduler._cycles = {group: [int(b) for b in cycle] for group, cycle in state["cycles"]}
 
-    def combine(self, contributions: list[tuple[dict, float]]) -> ArrayRecord:
+    def combine(self, contributions: list[Contribution]) -> ArrayRecord:
         """Each tensor averaged over the clients that returned it (so each base over exactly the
         clients that trained it); untouched tensors keep their value. ``aggregation`` = median or
         trimmed-mean replaces the example-weighted mean per coordinate (hostile clients)."""
@@ -133,15 +132,10 @@ class SplitMixStrategy(FederatedStrategy):
 
 
 # --------------------------------------------------------------------------- the method
-_STACKS: dict[tuple[SplitMixSpec, int], StackedNet] = {}
-
-
+@functools.cache
 def cached_stack(spec: SplitMixSpec, num_bases: int) -> StackedNet:
     """The k-base stacked model a client trains (one per actor and k: clients reuse it)."""
-    key = (spec, num_bases)
-    if key not in _STACKS:
-        _STACKS[key] = spec.build(num_bases)
-    return _STACKS[key]
+    return spec.build(num_bases)
 
 
 @register_method
@@ -155,7 +149,7 @@ class SplitMix(Method):
     def initial_state(self, seed: int) -> State:
         return init_global_state(self.spec, seed)
 
-    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> "SplitMixStrategy":
+    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> SplitMixStrategy:
         return SplitMixStrategy(self.spec, task_json, fraction, min_clients, seed, lr_at)
 
     def cost_model(self, width: float) -> StackedNet:

@@ -7,10 +7,14 @@ regroup), ``random_init.py`` (random pruning at init, NTK scaling), ``uvc_search
 ``l2o/`` (learned-optimizer training).
 """
 
+# Registration order matters (hooks run in import order), so these imports are not sorted.
+# isort: off
 from techniques import faults  # noqa: F401  (first: a crash or timeout happens before other work)
 from techniques import sparse_base  # noqa: F401  (the "sparse" section, before its techniques)
 from techniques import robust_bird, flying_bird, random_pruning, structured, uvc  # noqa: F401
 from techniques import diversity, optimizers  # noqa: F401
+
+# isort: on
 from techniques.base import SECTIONS, TECHNIQUES, Technique, register_technique
 
 __all__ = ["SECTIONS", "TECHNIQUES", "Technique", "register_technique"]

@@ -16,8 +16,9 @@ hooks on the techniques that are on; they never compare technique names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
 
 State = dict[str, torch.Tensor]
 
+ConfigT = TypeVar("ConfigT", bound=Section | None)  # a technique's config section (None: it has none)
+TechniqueT = TypeVar("TechniqueT", bound="type[Technique[Any]]")
+
 SECTIONS: dict[str, type[Section]] = {}  # config sections of techniques (and technique families)
-TECHNIQUES: dict[str, type["Technique"]] = {}
+TECHNIQUES: dict[str, type[Technique[Any]]] = {}
 
 
 def register_section(name: str) -> Callable[[type], type]:
@@ -45,7 +49,7 @@ def register_section(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def register_technique(cls: type["Technique"]) -> type["Technique"]:
+def register_technique(cls: TechniqueT) -> TechniqueT:
     """Class decorator: register a technique by its ``name`` (and its ``Config`` section)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
@@ -61,7 +65,7 @@ def register_technique(cls: type["Technique"]) -> type["Technique"]:
 class ServerContext:
     """What server hooks may look at: the run config, the method and its model spec."""
 
-    run: "RunConfig"
+    run: RunConfig
     method: Any  # strategies.registry.Method
     prunable: set[str] = field(default_factory=set)  # conv/linear weight names of one unit
 
@@ -106,7 +110,7 @@ class RoundHooks:
     def after_epoch(self) -> None:
         """After every local epoch."""
 
-    def after_training(self, rnd: ClientRound, result: "TrainResult") -> None:
+    def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         """After the last step: keep state in ``rnd.context.state``, add metrics and masks."""
 
     def before_upload(self, tensors: State, received: Callable[[], State]) -> State:
@@ -114,31 +118,34 @@ class RoundHooks:
         return tensors
 
 
-class Technique:
-    """A client-local technique; subclasses set ``name`` and ``Config`` and override hooks."""
+class Technique(Generic[ConfigT]):
+    """A client-local technique; subclasses set ``name`` and ``Config`` and override hooks.
+
+    The type parameter is the class of ``Config`` (its instance is ``self.config``), e.g.
+    ``class RobustBird(SparseTechnique[RobustBirdConfig])``; ``None`` for a technique without one."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[Section] | None] = None
 
-    def __init__(self, config: Section | None) -> None:
-        self.config = config
+    def __init__(self, config: ConfigT) -> None:
+        self.config: ConfigT = config
 
     # ------------------------------------------------------------------ configuration
     @classmethod
-    def enabled(cls, run: "RunConfig") -> bool:
+    def enabled(cls, run: RunConfig) -> bool:
         """Whether this run uses the technique."""
         return False
 
     @classmethod
-    def check(cls, run: "RunConfig") -> None:
+    def check(cls, run: RunConfig) -> None:
         """Checks against other sections (raise ``ConfigError`` naming the key), run always."""
 
     # ------------------------------------------------------------------ server hooks
-    def prepare_task(self, task: Any, run: "RunConfig") -> Any:
+    def prepare_task(self, task: Any, run: RunConfig) -> Any:
         """The clients' task (``ClientTask``) with whatever this technique adds to it."""
         return task
 
-    def stateful_reason(self, run: "RunConfig") -> str | None:
+    def stateful_reason(self, run: RunConfig) -> str | None:
         """Why clients keep state across rounds in their Context (resume needs it saved)."""
         return None
 
@@ -150,7 +157,7 @@ class Technique:
         """The model the server evaluates and stores."""
         return state
 
-    def summary(self, rounds: list[dict], run: "RunConfig") -> dict[str, Any]:
+    def summary(self, rounds: list[dict], run: RunConfig) -> dict[str, Any]:
         """Entries this technique adds to the run's summary.json."""
         return {}
 
@@ -160,5 +167,5 @@ class Technique:
         return None
 
 
-def section_of(run: "RunConfig", name: str) -> Any:
+def section_of(run: RunConfig, name: str) -> Any:
     return run.techniques[name]

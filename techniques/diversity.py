@@ -27,10 +27,9 @@ tiny models will need retuning. All default to 0 (off).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -40,6 +39,7 @@ from splitmix.sections import ConfigError, Section, option, section_fields
 from techniques.base import ClientRound, RoundHooks, Technique, register_technique
 
 if TYPE_CHECKING:
+    from models.vit import VisionTransformer
     from splitmix.config import RunConfig
 
 _EPS = 1e-8
@@ -56,9 +56,7 @@ def _patches(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
     return tokens[:, prefix_tokens:]
 
 
-def patch_cosine_diversity(
-    tokens: torch.Tensor, prefix_tokens: int = 1, include_diagonal: bool = True
-) -> torch.Tensor:
+def patch_cosine_diversity(tokens: torch.Tensor, prefix_tokens: int = 1, include_diagonal: bool = True) -> torch.Tensor:
     """Mean pairwise cosine similarity of the patch tokens of one layer (lower = more diverse).
 
     ``L_cos = mean_{b,i,j} ⟨ĥ_{b,i}, ĥ_{b,j}⟩`` over all n×n pairs, **diagonal included** and
@@ -77,9 +75,7 @@ def patch_cosine_diversity(
     return (off / (n * (n - 1))).mean()
 
 
-def patch_contrastive_diversity(
-    first: torch.Tensor, last: torch.Tensor, prefix_tokens: int = 1
-) -> torch.Tensor:
+def patch_contrastive_diversity(first: torch.Tensor, last: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
     """Cross-layer patch contrastive loss: a late token should stay closest to its own early token.
 
     With ``S_ij = ⟨ĥ¹_{b,i}, ĥ^L_{b,j}⟩`` (first-layer patch i vs last-layer patch j), the
@@ -167,7 +163,7 @@ class DiversityConfig:
                 raise ValueError(f"diversity coefficient '{f.name}' must be >= 0, got {value}")
 
     @classmethod
-    def paper(cls) -> "DiversityConfig":
+    def paper(cls) -> DiversityConfig:
         """The released DeiT-S script's coefficients (0.5 / 0.5 / 1e-4 / 5e-4)."""
         return cls(patch_cosine=0.5, patch_contrastive=0.5, attention_heads=1e-4, weight_condition=5e-4)
 
@@ -192,10 +188,10 @@ def diversity_terms(
     if cfg.patch_cosine or cfg.patch_contrastive:
         if not tokens_by_layer:
             raise ValueError("patch diversity terms need tokens_by_layer")
-    if cfg.patch_cosine:
-        terms["patch_cosine"] = patch_cosine_diversity(tokens_by_layer[-1], cfg.prefix_tokens)
-    if cfg.patch_contrastive:
-        terms["patch_contrastive"] = patch_contrastive_diversity(tokens_by_layer[0], tokens_by_layer[-1], cfg.prefix_tokens)
+        if cfg.patch_cosine:
+            terms["patch_cosine"] = patch_cosine_diversity(tokens_by_layer[-1], cfg.prefix_tokens)
+        if cfg.patch_contrastive:
+            terms["patch_contrastive"] = patch_contrastive_diversity(tokens_by_layer[0], tokens_by_layer[-1], cfg.prefix_tokens)
     if cfg.attention_heads:
         if not attention_by_layer:
             raise ValueError("the attention-head term needs attention_by_layer")
@@ -216,7 +212,8 @@ def diversity_loss(
     """``Σ_term coefficient · term`` to add to the task loss; exactly 0 when every term is off."""
     terms = diversity_terms(cfg, tokens_by_layer, attention_by_layer, weights)
     if not terms:
-        ref = (tokens_by_layer or attention_by_layer or [None])[0]
+        layers = tokens_by_layer or attention_by_layer
+        ref = layers[0] if layers else None
         return torch.zeros((), device=ref.device, dtype=ref.dtype) if ref is not None else torch.zeros(())
     return sum(getattr(cfg, name) * value for name, value in terms.items())
 
@@ -230,11 +227,12 @@ def stacked_vit_diversity(cfg: DiversityConfig, model: nn.Module, x: torch.Tenso
     the bases folded into the batch (their mean) and multiplied by k; the weight term already
     sums over every base's W_q, W_k, W_v.
     """
-    logits, first, last, attention = model.forward_with_tokens(x, record_attention=cfg.attention_heads > 0)
+    vit = cast("VisionTransformer", model)
+    logits, first, last, attention = vit.forward_with_tokens(x, record_attention=cfg.attention_heads > 0)
     k, b, n, d = first.shape
     tokens = [first.reshape(k * b, n, d), last.reshape(k * b, n, d)]
     attn = [attention.reshape(k * b, *attention.shape[2:])] if attention is not None else None
-    weights = model.qkv_matrices() if cfg.weight_condition else None
+    weights = vit.qkv_matrices() if cfg.weight_condition else None
     terms = diversity_terms(cfg, tokens, attn, weights)
     loss = torch.zeros((), device=logits.device, dtype=logits.dtype)
     for name, value in terms.items():
@@ -260,22 +258,24 @@ class _DiversityHooks(RoundHooks):
 
 
 @register_technique
-class Diversity(Technique):
+class Diversity(Technique[DiversitySection]):
     """Diverse-ViT loss terms on the clean forward pass of local training (summed over bases)."""
 
     name = "diversity"
     Config = DiversitySection
 
     @classmethod
-    def enabled(cls, run: "RunConfig") -> bool:
+    def enabled(cls, run: RunConfig) -> bool:
         return run.techniques[cls.name].terms().enabled  # type: ignore[attr-defined]
 
     @classmethod
-    def check(cls, run: "RunConfig") -> None:
+    def check(cls, run: RunConfig) -> None:
         section = run.techniques[cls.name]
         on = [key for key, f in section_fields(type(section)) if getattr(section, f.name)]
         if on and not run.model.is_vit:
-            raise ConfigError(f"config key '{on[0]}' needs a ViT model (model = vit, vit_attnscale or vit_featscale), not model = '{run.model.model}'")
+            raise ConfigError(
+                f"config key '{on[0]}' needs a ViT model (model = vit, vit_attnscale or vit_featscale), not model = '{run.model.model}'"
+            )
 
     def client_round(self, rnd: ClientRound) -> RoundHooks | None:
-        return _DiversityHooks(self.config.terms())  # type: ignore[union-attr]
+        return _DiversityHooks(self.config.terms())

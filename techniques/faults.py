@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -127,19 +128,19 @@ class _FaultHooks(RoundHooks):
 
 
 @register_technique
-class Faults(Technique):
+class Faults(Technique[FaultsConfig]):
     name = "faults"
     Config = FaultsConfig
 
     @classmethod
-    def enabled(cls, run: "RunConfig") -> bool:
+    def enabled(cls, run: RunConfig) -> bool:
         return run.techniques[cls.name].fault_fraction > 0  # type: ignore[attr-defined]
 
-    def prepare_task(self, task: Any, run: "RunConfig") -> Any:
+    def prepare_task(self, task: Any, run: RunConfig) -> Any:
         """A ``timeout`` fault sleeps past the round's deadline (bounded)."""
         return dataclasses.replace(task, fault_delay=run.federation.round_timeout + 1.0)
 
     def client_round(self, rnd: ClientRound) -> RoundHooks | None:
         cfg = self.config
-        fault = fault_for(rnd.task.seed, rnd.server_round, rnd.profile.partition_id, cfg.fault_fraction, cfg.fault_kind)  # type: ignore[union-attr]
+        fault = fault_for(rnd.task.seed, rnd.server_round, rnd.profile.partition_id, cfg.fault_fraction, cfg.fault_kind)
         return None if fault is None else _FaultHooks(fault, rnd.task.fault_delay)

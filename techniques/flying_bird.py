@@ -18,7 +18,7 @@ held-out robust loss stops falling it regrows a little more. Mechanics:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -60,9 +60,9 @@ class DynamicMask(UnitMask):
 
 
 @register_technique
-class FlyingBird(SparseTechnique):
+class FlyingBird(SparseTechnique[FlyingBirdConfig | None]):  # None for dynamic-plus (it reads the "dynamic" section)
     name = "dynamic"
-    Config = FlyingBirdConfig
+    Config: ClassVar[type[Section] | None] = FlyingBirdConfig
     common_start = True
     mask_class: type[FlyingBirdMask] = FlyingBirdMask
 
@@ -106,7 +106,7 @@ class ObservingRound(SparseRound):
 
     technique: FlyingBirdPlus
 
-    def after_training(self, rnd: ClientRound, result: "TrainResult") -> None:
+    def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         from clients.recipe import per_base_loss
         from models.blocks import frozen_bn_stats, per_base_inputs, routed
 

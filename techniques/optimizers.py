@@ -34,10 +34,11 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +48,7 @@ from techniques.base import ClientRound, RoundHooks, Technique, register_techniq
 if TYPE_CHECKING:
     from clients.recipe import TrainResult
     from splitmix.config import RunConfig
+    from techniques.l2o.lstm import RNNPropPolicy
 
 OPTIMIZERS = ("sgd", "adam", "symbolic-l2o", "lstm-l2o", "amalgamated-l2o")
 LEARNED = ("symbolic-l2o", "lstm-l2o", "amalgamated-l2o")
@@ -90,7 +92,7 @@ class L2OSettings:
     heldout_hidden: int = 64  # the held-out optimizee the R² traces come from
 
     @classmethod
-    def tiny(cls) -> "L2OSettings":
+    def tiny(cls) -> L2OSettings:
         """Seconds instead of minutes: for tests (the learned optimizers still descend)."""
         from techniques.l2o.amalgamation import AmalgamationConfig
         from techniques.l2o.lstm import MetaTrainConfig
@@ -99,16 +101,33 @@ class L2OSettings:
         return cls(
             name="tiny",
             lstm=MetaTrainConfig(iterations=16, trajectory=40, unroll=10, meta_lr=3e-3),
-            distill=DistillConfig(runs=2, heldout_runs=1, steps=60, coords_per_tensor=8, train_rows=2000,
-                                  population=200, generations=4, fit_iterations=50, tune_iterations=2,
-                                  tune_trajectory=20, tune_unroll=10, validation_seeds=1),
-            amalgamation=AmalgamationConfig(iterations=12, trajectory=40, unroll=10, meta_lr=1e-2, hidden=8, pre=6,
-                                            tune_steps=40, choice_iterations=4),
+            distill=DistillConfig(
+                runs=2,
+                heldout_runs=1,
+                steps=60,
+                coords_per_tensor=8,
+                train_rows=2000,
+                population=200,
+                generations=4,
+                fit_iterations=50,
+                tune_iterations=2,
+                tune_trajectory=20,
+                tune_unroll=10,
+                validation_seeds=1,
+            ),
+            amalgamation=AmalgamationConfig(
+                iterations=12, trajectory=40, unroll=10, meta_lr=1e-2, hidden=8, pre=6, tune_steps=40, choice_iterations=4
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "lstm": asdict(self.lstm), "distill": asdict(self.distill),
-                "amalgamation": asdict(self.amalgamation), "heldout_hidden": self.heldout_hidden}
+        return {
+            "name": self.name,
+            "lstm": asdict(self.lstm),
+            "distill": asdict(self.distill),
+            "amalgamation": asdict(self.amalgamation),
+            "heldout_hidden": self.heldout_hidden,
+        }
 
 
 def settings_named(name: str) -> L2OSettings:
@@ -155,13 +174,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_policy(policy: torch.nn.Module, directory: Path, stem: str, meta: dict[str, Any]) -> None:
+def save_policy(policy: RNNPropPolicy, directory: Path, stem: str, meta: dict[str, Any]) -> None:
     """Weights as safetensors (config in its metadata too) plus a JSON description."""
     from safetensors.torch import save_file
 
     tmp = directory / f"{stem}.safetensors.tmp"
-    save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-              metadata={"config": json.dumps(policy.config())})
+    save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(tmp), metadata={"config": json.dumps(policy.config())})
     os.replace(tmp, directory / f"{stem}.safetensors")
     write_text_atomic(directory / f"{stem}.json", json.dumps({"config": policy.config(), **meta}, indent=2, default=float))
 
@@ -197,14 +215,17 @@ def load_artifact(name: str, directory: str | Path):
     paths = [directory / f for f in FILES[name]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"learned optimizer '{name}' needs {', '.join(missing)}: "
-                                f"run `splitmix l2o train --out {directory}` (or pass artifacts=None for the default cache)")
+        raise FileNotFoundError(
+            f"learned optimizer '{name}' needs {', '.join(missing)}: "
+            f"run `splitmix l2o train --out {directory}` (or pass artifacts=None for the default cache)"
+        )
     return _cached(str(directory.resolve()), name, max(p.stat().st_mtime for p in paths))
 
 
 # --------------------------------------------------------------------------- training
-def train_artifacts(directory: str | Path, settings: L2OSettings | None = None, only: Iterable[str] | None = None,
-                    report: Reporter | None = None) -> dict[str, Any]:
+def train_artifacts(
+    directory: str | Path, settings: L2OSettings | None = None, only: Iterable[str] | None = None, report: Reporter | None = None
+) -> dict[str, Any]:
     """Meta-train the learned optimizers ``only`` (default: all) into ``directory``.
 
     Order: LSTM → symbolic rule (needs the LSTM) → amalgamated student. Returns the manifest."""
@@ -237,8 +258,12 @@ def train_artifacts(directory: str | Path, settings: L2OSettings | None = None, 
         say(f"meta-training the RNNProp LSTM ({lc.iterations} trajectories × {lc.trajectory} steps)")
         log = meta_train(policy, task, lc, report=say)
         seconds["lstm-l2o"] = time.perf_counter() - start
-        save_policy(policy, directory, "lstm", {"kind": "lstm-l2o", "alpha": lc.alpha, "meta_train": asdict(lc),
-                                                 "seconds": seconds["lstm-l2o"], "skipped": log["skipped"]})
+        save_policy(
+            policy,
+            directory,
+            "lstm",
+            {"kind": "lstm-l2o", "alpha": lc.alpha, "meta_train": asdict(lc), "seconds": seconds["lstm-l2o"], "skipped": log["skipped"]},
+        )
     if "symbolic-l2o" in wanted:
         start = time.perf_counter()
         lstm = load_policy(directory, "lstm")
@@ -255,16 +280,25 @@ def train_artifacts(directory: str | Path, settings: L2OSettings | None = None, 
         say(f"amalgamating {len(ac.teachers)} teachers into an RNNProp student ({ac.scheme})")
         student, log = train_student(MLPTask(hidden=lc.task_hidden, batch_size=lc.batch_size), ac, report=say)
         seconds["amalgamated-l2o"] = time.perf_counter() - start
-        save_policy(student, directory, "amalgamated", {"kind": "amalgamated-l2o", "alpha": ac.alpha, "scheme": ac.scheme,
-                                                         "teacher_lrs": log["teacher_lrs"], "amalgamation": asdict(ac),
-                                                         "seconds": seconds["amalgamated-l2o"]})
+        save_policy(
+            student,
+            directory,
+            "amalgamated",
+            {
+                "kind": "amalgamated-l2o",
+                "alpha": ac.alpha,
+                "scheme": ac.scheme,
+                "teacher_lrs": log["teacher_lrs"],
+                "amalgamation": asdict(ac),
+                "seconds": seconds["amalgamated-l2o"],
+            },
+        )
     manifest["seconds_total"] = sum(seconds.values())
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=float))
     return manifest
 
 
-def ensure_default_artifacts(directory: str | Path | None = None, settings: L2OSettings | None = None,
-                             report: Reporter | None = None) -> Path:
+def ensure_default_artifacts(directory: str | Path | None = None, settings: L2OSettings | None = None, report: Reporter | None = None) -> Path:
     """The artifact folder, meta-training whatever is missing first (once, under a file lock)."""
     settings = settings or L2OSettings()
     folder = Path(directory) if directory is not None else default_artifacts_dir(settings.name)
@@ -280,8 +314,15 @@ def ensure_default_artifacts(directory: str | Path | None = None, settings: L2OS
 
 
 # --------------------------------------------------------------------------- the registry
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                   artifacts: str | Path | None = None, state: Mapping[str, torch.Tensor] | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str,
+    params,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    artifacts: str | Path | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> torch.optim.Optimizer:
     """A client optimizer by name (see the module doc). ``params``: parameters or, to key
     ``state`` by module path, ``model.named_parameters()``; ``state``: from ``export_state``."""
     if name not in OPTIMIZERS:
@@ -329,8 +370,9 @@ def _named(optimizer: torch.optim.Optimizer, names: Mapping[str, torch.Tensor] |
     return pairs
 
 
-def export_state(optimizer: torch.optim.Optimizer, names: Mapping[str, torch.Tensor] | None = None,
-                 keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def export_state(
+    optimizer: torch.optim.Optimizer, names: Mapping[str, torch.Tensor] | None = None, keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """``{"<param name>/<key>": tensor}`` for the ``keys`` (default ``persistent_keys``) held."""
     wanted = tuple(keys) if keys is not None else persistent_keys(optimizer)
     out: dict[str, torch.Tensor] = {}
@@ -341,8 +383,7 @@ def export_state(optimizer: torch.optim.Optimizer, names: Mapping[str, torch.Ten
     return out
 
 
-def import_state(optimizer: torch.optim.Optimizer, state: Mapping[str, torch.Tensor],
-                 names: Mapping[str, torch.Tensor] | None = None) -> int:
+def import_state(optimizer: torch.optim.Optimizer, state: Mapping[str, torch.Tensor], names: Mapping[str, torch.Tensor] | None = None) -> int:
     """Load what ``export_state`` wrote; entries of unknown parameters or with a shape that no
     longer fits (the model changed) are ignored. Returns the number of parameters restored.
 
@@ -350,7 +391,7 @@ def import_state(optimizer: torch.optim.Optimizer, state: Mapping[str, torch.Ten
     restored = 0
     for label, p in _named(optimizer, names):
         prefix = f"{label}/"
-        entries = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        entries = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not entries or not _fits(entries, p):
             continue
         target = optimizer.state[p]
@@ -374,7 +415,7 @@ def _fits(entries: Mapping[str, torch.Tensor], p: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class OptimizerSection(Section):
     optimizer: str = option("sgd", "clients' local optimizer (learned ones: docs/techniques.md)", choices=OPTIMIZERS)
-    l2o_artifacts: str = option("", "learned optimizers' artifact folder (\"\" = the per-user cache)")
+    l2o_artifacts: str = option("", 'learned optimizers\' artifact folder ("" = the per-user cache)')
 
 
 class _KeepOptimizerState(RoundHooks):
@@ -388,7 +429,7 @@ class _KeepOptimizerState(RoundHooks):
         kept = rnd.context.state.array_records.get(self.key)
         rnd.optimizer_state = to_tensors(kept) if kept is not None else None
 
-    def after_training(self, rnd: ClientRound, result: "TrainResult") -> None:
+    def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         from splitmix.protocol.codec import to_record
 
         if result.optimizer_state:
@@ -396,7 +437,7 @@ class _KeepOptimizerState(RoundHooks):
 
 
 @register_technique
-class LearnedOptimizer(Technique):
+class LearnedOptimizer(Technique[OptimizerSection]):
     """Any optimizer but SGD (Adam, symbolic / LSTM / amalgamated L2O): the recipe builds it from
     ``LocalTrainConfig.optimizer``; this plugin keeps its state across rounds."""
 
@@ -404,11 +445,11 @@ class LearnedOptimizer(Technique):
     Config = OptimizerSection
 
     @classmethod
-    def enabled(cls, run: "RunConfig") -> bool:
+    def enabled(cls, run: RunConfig) -> bool:
         return run.techniques[cls.name].optimizer != "sgd"  # type: ignore[attr-defined]
 
-    def stateful_reason(self, run: "RunConfig") -> str | None:
-        return f"optimizer = '{self.config.optimizer}' keeps each client's optimizer state in its node state"  # type: ignore[union-attr]
+    def stateful_reason(self, run: RunConfig) -> str | None:
+        return f"optimizer = '{self.config.optimizer}' keeps each client's optimizer state in its node state"
 
     def client_round(self, rnd: ClientRound) -> RoundHooks | None:
         return _KeepOptimizerState()

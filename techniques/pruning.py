@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -70,9 +71,7 @@ def _per_base(t: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def global_magnitude_prune(
-    model: nn.Module, masks: Masks, rate: float, names: list[str] | None = None, per_base: bool = True
-) -> Masks:
+def global_magnitude_prune(model: nn.Module, masks: Masks, rate: float, names: list[str] | None = None, per_base: bool = True) -> Masks:
     """One IMP step: remove ``round(rate · surviving)`` of the surviving weights with the smallest
     |w|, ranked globally over ``names`` (default: the prunable layers present in ``masks``).
 
@@ -216,8 +215,7 @@ def _group_rows(mask: torch.Tensor, rows_per_group: int) -> list[torch.Tensor]:
     return groups
 
 
-def _regroup_matrix(mask: torch.Tensor, weight: torch.Tensor, rows_per_group: int
-                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _regroup_matrix(mask: torch.Tensor, weight: torch.Tensor, rows_per_group: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Block mask of one base's ``out × (in·kh·kw)`` matrix keeping at most ``mask.sum()`` weights."""
     groups = _group_rows(mask, rows_per_group)
     target = int(mask.sum())
@@ -278,7 +276,9 @@ def regroup(model: nn.Module, masks: Masks, rows_per_group: int = 8) -> tuple[Ma
         new[name] = new_mask
         target = int(mask.sum())
         report.layers[name] = RegroupLayer(
-            blocks=blocks, target=target, kept=int(new_mask.sum()),
+            blocks=blocks,
+            target=target,
+            kept=int(new_mask.sum()),
             retained=float((new_mask & mask).sum()) / max(1, target),
         )
     return new, report

@@ -25,7 +25,7 @@ rescaled network matches the dense NTK with the learning rate of pruned weights 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn

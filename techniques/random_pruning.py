@@ -26,13 +26,13 @@ class RandomPruningConfig(Section):
 
 
 @register_technique
-class RandomPruning(SparseTechnique):
+class RandomPruning(SparseTechnique[RandomPruningConfig]):
     name = "random"
     Config = RandomPruningConfig
     common_start = True
     layerwise = "uniform"
 
-    def initial_scale(self, run: "RunConfig") -> float:
+    def initial_scale(self, run: RunConfig) -> float:
         return rescale_factor(self.sparse(run).sparsity) if self.config.rescale else 1.0
 
     def unit_mask(self, ctx: UnitContext) -> UnitMask:

@@ -26,8 +26,11 @@ SEARCH_WINDOW = 2  # masks compared at each check (the newest and the one before
 @dataclass(frozen=True)
 class RobustBirdConfig(Section):
     search_threshold: float = option(
-        0.08, "Robust Bird: Hamming distance between consecutive masks that freezes the mask",
-        key="sparse-search-threshold", lo=0, hi=1,
+        0.08,
+        "Robust Bird: Hamming distance between consecutive masks that freezes the mask",
+        key="sparse-search-threshold",
+        lo=0,
+        hi=1,
     )
 
 
@@ -47,7 +50,7 @@ class SearchingMask(UnitMask):
 
 
 @register_technique
-class RobustBird(SparseTechnique):
+class RobustBird(SparseTechnique[RobustBirdConfig]):
     name = "static"
     Config = RobustBirdConfig
 

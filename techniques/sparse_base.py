@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from flwr.app import ConfigRecord
 from torch import nn
 from torch.nn import functional as F
 
+from models.blocks import StackedNet
+from splitmix.protocol import as_bytes, as_int
 from splitmix.sections import ConfigError, Section, option
-from techniques.base import TECHNIQUES, ClientRound, RoundHooks, ServerContext, State, Technique, register_section
+from techniques.base import TECHNIQUES, ClientRound, ConfigT, RoundHooks, ServerContext, State, Technique, register_section
 from techniques.sparsity import Masks, global_magnitude_mask, layer_flops, masks_from_bytes, masks_to_bytes, prunable_parameters, random_mask, remask_
 
 if TYPE_CHECKING:
@@ -90,8 +93,8 @@ class FixedMask(UnitMask):
         return ConfigRecord({"masks": masks_to_bytes(self.masks), "steps": self.steps})
 
     @classmethod
-    def from_config(cls, record: ConfigRecord) -> "FixedMask":
-        return cls(masks_from_bytes(bytes(record["masks"])), int(record.get("steps", 0)))
+    def from_config(cls, record: ConfigRecord) -> FixedMask:
+        return cls(masks_from_bytes(as_bytes(record["masks"])), as_int(record.get("steps", 0)))
 
 
 @dataclass
@@ -109,7 +112,7 @@ class UnitContext:
     rnd: ClientRound
 
 
-class SparseTechnique(Technique):
+class SparseTechnique(Technique[ConfigT]):
     """Base of the sparse techniques: server and client hooks shared by all of them."""
 
     Config: ClassVar[type[Section] | None] = None
@@ -117,18 +120,18 @@ class SparseTechnique(Technique):
     layerwise: ClassVar[str] = "igq"  # layer densities of that common start
 
     @classmethod
-    def sparse(cls, run: "RunConfig") -> SparseConfig:
+    def sparse(cls, run: RunConfig) -> SparseConfig:
         return run.techniques["sparse"]  # type: ignore[return-value]
 
     @classmethod
-    def enabled(cls, run: "RunConfig") -> bool:
+    def enabled(cls, run: RunConfig) -> bool:
         return cls.sparse(run).method == cls.name
 
     def sparse_config(self, task: Any) -> SparseConfig:
         return task.section("sparse")
 
     # ------------------------------------------------------------------ server hooks
-    def stateful_reason(self, run: "RunConfig") -> str | None:
+    def stateful_reason(self, run: RunConfig) -> str | None:
         if self.sparse(run).fraction > 0:
             return f"sparse-method = '{self.name}' keeps each client's sparse masks in its node state"
         return None
@@ -147,7 +150,7 @@ class SparseTechnique(Technique):
                 out[key] = state[key] * masks[name] * scale
         return out
 
-    def initial_scale(self, run: "RunConfig") -> float:
+    def initial_scale(self, run: RunConfig) -> float:
         return 1.0
 
     def served_state(self, state: State, ctx: ServerContext) -> State:
@@ -158,19 +161,26 @@ class SparseTechnique(Technique):
             return state
         return prune_state(state, ctx.prunable, cfg.sparsity)
 
-    def summary(self, rounds: list[dict], run: "RunConfig") -> dict[str, Any]:
+    def summary(self, rounds: list[dict], run: RunConfig) -> dict[str, Any]:
         cfg = self.sparse(run)
         flops = [float(r.get("train-flops-fraction", 1.0)) for r in rounds]
         share = sum(flops) / len(flops) if flops else 1.0
-        return {"sparse": {"method": cfg.method, "sparsity": cfg.sparsity, "fraction": cfg.fraction,
-                           "train_flops_fraction": share, "train_flops_saved": 1.0 - share}}
+        return {
+            "sparse": {
+                "method": cfg.method,
+                "sparsity": cfg.sparsity,
+                "fraction": cfg.fraction,
+                "train_flops_fraction": share,
+                "train_flops_saved": 1.0 - share,
+            }
+        }
 
     # ------------------------------------------------------------------ client hooks
     def unit_mask(self, ctx: UnitContext) -> UnitMask:
         """The unit's mask for this round: restored from ``ctx.record`` or started afresh."""
         raise NotImplementedError
 
-    def prepare(self, rnd: ClientRound, sparse: "SparseRound") -> None:
+    def prepare(self, rnd: ClientRound, sparse: SparseRound) -> None:
         """Once per round before the units' masks are made (e.g. UVC's search)."""
 
     def client_round(self, rnd: ClientRound) -> RoundHooks | None:
@@ -196,9 +206,15 @@ class SparseRound(RoundHooks):
         self.masks: dict[str, UnitMask] = {}
         for j, unit in enumerate(self.units):
             ctx = UnitContext(
-                index=j, unit=unit, views=self.views(j), record=self.state.config_records.get(f"sparse.{unit}"),
-                end_step=task.num_rounds * max(round_steps, 1), server_round=rnd.server_round, round_steps=round_steps,
-                run_seed=task.seed, rnd=rnd,
+                index=j,
+                unit=unit,
+                views=self.views(j),
+                record=self.state.config_records.get(f"sparse.{unit}"),
+                end_step=task.num_rounds * max(round_steps, 1),
+                server_round=rnd.server_round,
+                round_steps=round_steps,
+                run_seed=task.seed,
+                rnd=rnd,
             )
             self.masks[unit] = self.technique.unit_mask(ctx)
         spec = task.spec
@@ -211,15 +227,14 @@ class SparseRound(RoundHooks):
 
     def views(self, j: int, grads: bool = False) -> dict[str, torch.Tensor]:
         """Unit j's chunk of every prunable tensor (views: writing them writes the stack)."""
-        return {name: (p.grad if grads else p.detach()).chunk(self.k, dim=0)[j] for name, p in self.params.items()}
+        # with grads=True this runs after backward, when every prunable tensor has its gradient
+        return {name: (cast(torch.Tensor, p.grad) if grads else p.detach()).chunk(self.k, dim=0)[j] for name, p in self.params.items()}
 
     def _refresh(self) -> None:
         """The stacked mask (all-ones for a unit still dense) and its FLOPs share."""
         per_unit = [self.masks[u].mask for u in self.units]
         self.stacked = {
-            name: torch.cat(
-                [(m[name].to(p.device) if m is not None else torch.ones_like(p.chunk(self.k, 0)[0], dtype=torch.bool)) for m in per_unit]
-            )
+            name: torch.cat([(m[name].to(p.device) if m is not None else torch.ones_like(p.chunk(self.k, 0)[0], dtype=torch.bool)) for m in per_unit])
             for name, p in self.params.items()
         }
         sparse = sum(f * float(self.stacked[n].float().mean()) for n, f in self._flops.items())
@@ -247,7 +262,7 @@ class SparseRound(RoundHooks):
             self._refresh()
             remask_(self.rnd.model, self.stacked)
 
-    def after_training(self, rnd: ClientRound, result: "TrainResult") -> None:
+    def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         """Save every unit's state; hand the masks of the upload and the round's metrics over."""
         kept = total = 0
         for unit in self.units:
@@ -259,11 +274,13 @@ class SparseRound(RoundHooks):
                 rnd.masks[rnd.upload_key(unit, name)] = mask.cpu()
                 kept += int(mask.sum())
                 total += mask.numel()
-        rnd.metrics.update({
-            "density": kept / total if total else 1.0,
-            "flops-fraction": self.flops_used / self.steps if self.steps else 1.0,
-            "sparse-units": float(sum(self.masks[u].mask is not None for u in self.units)),
-        })
+        rnd.metrics.update(
+            {
+                "density": kept / total if total else 1.0,
+                "flops-fraction": self.flops_used / self.steps if self.steps else 1.0,
+                "sparse-units": float(sum(self.masks[u].mask is not None for u in self.units)),
+            }
+        )
 
 
 # --------------------------------------------------------------------------- state helpers
@@ -291,7 +308,7 @@ def group_prunable(state: dict[str, torch.Tensor], prunable_names: set[str]) -> 
 def prune_state(state: dict[str, torch.Tensor], prunable_names: set[str], sparsity: float) -> dict[str, torch.Tensor]:
     """Each unit's conv/linear weights magnitude-pruned (globally within the unit) to ``sparsity``."""
     out = dict(state)
-    for unit, names in group_prunable(state, prunable_names).items():
+    for _, names in group_prunable(state, prunable_names).items():
         params = {name: state[key] for name, key in names.items()}
         masks = global_magnitude_mask(params, sparsity)
         for name, key in names.items():
@@ -302,7 +319,7 @@ def prune_state(state: dict[str, torch.Tensor], prunable_names: set[str], sparsi
 # --------------------------------------------------------------------------- held-out scoring
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_bases(x) if hasattr(model, "forward_bases") else model(x).unsqueeze(1)
+    return cast(StackedNet, model).forward_bases(x) if hasattr(model, "forward_bases") else model(x).unsqueeze(1)
 
 
 def per_unit_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Callable) -> tuple[list[float], list[float]]:
@@ -325,6 +342,17 @@ def rescale_factor(sparsity: float) -> float:
 
 
 __all__ = [
-    "ConfigError", "FixedMask", "SparseConfig", "SparseRound", "SparseTechnique", "UnitContext", "UnitMask",
-    "group_prunable", "initial_unit_mask", "per_unit_scores", "prune_state", "steps_per_epoch", "sparse_methods",
+    "ConfigError",
+    "FixedMask",
+    "SparseConfig",
+    "SparseRound",
+    "SparseTechnique",
+    "UnitContext",
+    "UnitMask",
+    "group_prunable",
+    "initial_unit_mask",
+    "per_unit_scores",
+    "prune_state",
+    "steps_per_epoch",
+    "sparse_methods",
 ]

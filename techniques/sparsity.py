@@ -47,8 +47,9 @@ import io
 import json
 import math
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -58,6 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.blocks import StackedLinear
 from models.masks import Masks
+from splitmix.protocol import as_bytes, as_float, as_int
+
 Params = Mapping[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------- prunable weights
@@ -134,10 +137,7 @@ def global_magnitude_mask(params: nn.Module | Params, sparsity: float, num_bases
             keep = _top_k_mask(flat, keep_count(flat.numel(), sparsity))
             for i, piece in enumerate(keep.split([p.numel() for p in parts])):
                 kept_chunks[i].append(piece)
-        return {
-            n: torch.cat([c.view(-1, *params[n].shape[1:]) for c in kept_chunks[i]], dim=0).view(params[n].shape)
-            for i, n in enumerate(names)
-        }
+        return {n: torch.cat([c.view(-1, *params[n].shape[1:]) for c in kept_chunks[i]], dim=0).view(params[n].shape) for i, n in enumerate(names)}
 
 
 def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, method: str = "igq") -> dict[str, float]:
@@ -440,16 +440,16 @@ class RobustBirdSearch:
         )
 
     @classmethod
-    def from_config(cls, record: ConfigRecord) -> "RobustBirdSearch":
-        frozen = bytes(record["frozen"])
+    def from_config(cls, record: ConfigRecord) -> RobustBirdSearch:
+        frozen = as_bytes(record["frozen"])
         return cls(
-            sparsity=float(record["sparsity"]),
-            threshold=float(record["threshold"]),
-            window=int(record["window"]),
-            num_bases=int(record["num-bases"]),
-            history=[masks_from_bytes(bytes(b)) for b in record["history"]],
+            sparsity=as_float(record["sparsity"]),
+            threshold=as_float(record["threshold"]),
+            window=as_int(record["window"]),
+            num_bases=as_int(record["num-bases"]),
+            history=[masks_from_bytes(bytes(b)) for b in cast(list[bytes], record["history"])],
             frozen=masks_from_bytes(frozen) if frozen else None,
-            checks=int(record["checks"]),
+            checks=as_int(record["checks"]),
         )
 
 
@@ -579,19 +579,19 @@ class FlyingBird:
     @classmethod
     def _kwargs_from(cls, record: ConfigRecord) -> dict:
         return dict(
-            masks=masks_from_bytes(bytes(record["masks"])),
-            end_step=int(record["end-step"]),
-            drop_fraction=float(record["drop-fraction"]),
-            update_every=int(record["update-every"]),
-            late_update_every=int(record["late-update-every"]) or None,
-            min_fraction=float(record["min-fraction"]),
-            num_bases=int(record["num-bases"]),
-            steps=int(record["steps"]),
-            updates=int(record["updates"]),
+            masks=masks_from_bytes(as_bytes(record["masks"])),
+            end_step=as_int(record["end-step"]),
+            drop_fraction=as_float(record["drop-fraction"]),
+            update_every=as_int(record["update-every"]),
+            late_update_every=as_int(record["late-update-every"]) or None,
+            min_fraction=as_float(record["min-fraction"]),
+            num_bases=as_int(record["num-bases"]),
+            steps=as_int(record["steps"]),
+            updates=as_int(record["updates"]),
         )
 
     @classmethod
-    def from_config(cls, record: ConfigRecord) -> "FlyingBird":
+    def from_config(cls, record: ConfigRecord) -> FlyingBird:
         return cls(**cls._kwargs_from(record))
 
 
@@ -669,18 +669,18 @@ class FlyingBirdPlus(FlyingBird):
         return record
 
     @classmethod
-    def from_config(cls, record: ConfigRecord) -> "FlyingBirdPlus":
+    def from_config(cls, record: ConfigRecord) -> FlyingBirdPlus:
         return cls(
             **cls._kwargs_from(record),
-            prune_extra=float(record["prune-extra"]),
-            grow_extra=float(record["grow-extra"]),
-            window=int(record["window"]),
-            vote=float(record["vote"]),
-            adapt_after=int(record["adapt-after"]),
-            gaps=[float(g) for g in record.get("gaps", [])],
-            losses=[float(v) for v in record.get("losses", [])],
-            prune_updates=int(record["prune-updates"]),
-            grow_updates=int(record["grow-updates"]),
+            prune_extra=as_float(record["prune-extra"]),
+            grow_extra=as_float(record["grow-extra"]),
+            window=as_int(record["window"]),
+            vote=as_float(record["vote"]),
+            adapt_after=as_int(record["adapt-after"]),
+            gaps=[float(g) for g in cast(list[float], record.get("gaps", []))],
+            losses=[float(v) for v in cast(list[float], record.get("losses", []))],
+            prune_updates=as_int(record["prune-updates"]),
+            grow_updates=as_int(record["grow-updates"]),
         )
 
 
@@ -718,9 +718,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     return flops
 
 
-def flops_fraction(
-    model: nn.Module, masks: Masks, input_shape: tuple[int, ...], update_every: int | None = None
-) -> float:
+def flops_fraction(model: nn.Module, masks: Masks, input_shape: tuple[int, ...], update_every: int | None = None) -> float:
     """Share of dense *training* FLOPs a masked model needs (conv/linear only).
 
     Each layer's forward, input-gradient and weight-gradient cost scales with its density

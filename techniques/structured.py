@@ -44,7 +44,7 @@ def structured_state(state: State, prunable_names: set[str], sparsity: float, si
     """Each unit's conv/linear weights pruned to whole channels at ``sparsity`` (what a
     ``structured`` client ends at): the model such a run serves and is evaluated as."""
     out = dict(state)
-    for unit, names in group_prunable(state, prunable_names).items():
+    for _, names in group_prunable(state, prunable_names).items():
         masks = structured_mask(single, {name: state[key].cpu() for name, key in names.items()}, sparsity)
         for name, key in names.items():
             out[key] = state[key] * masks[name].to(state[key].device)
@@ -52,7 +52,7 @@ def structured_state(state: State, prunable_names: set[str], sparsity: float, si
 
 
 @register_technique
-class Structured(SparseTechnique):
+class Structured(SparseTechnique[None]):
     name = "structured"
 
     def served_state(self, state: State, ctx: ServerContext) -> State:

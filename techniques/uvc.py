@@ -13,7 +13,7 @@ aggregate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -22,6 +22,7 @@ from techniques.base import ClientRound, ServerContext, State, register_techniqu
 from techniques.sparse_base import FixedMask, SparseRound, SparseTechnique, UnitContext, UnitMask
 
 if TYPE_CHECKING:
+    from models.vit import VisionTransformer
     from splitmix.config import RunConfig
 
 SEARCH_STEPS = 30  # UVC search steps on the client's data each round
@@ -29,16 +30,18 @@ SEARCH_STEPS = 30  # UVC search steps on the client's data each round
 
 @dataclass(frozen=True)
 class UVCConfig(Section):
-    flops_ratio: float = option(0.5, "client-local UVC: the client's MACs budget as a share of its dense bases", key="uvc-flops-ratio", lo=0, hi=1, lo_open=True)
+    flops_ratio: float = option(
+        0.5, "client-local UVC: the client's MACs budget as a share of its dense bases", key="uvc-flops-ratio", lo=0, hi=1, lo_open=True
+    )
 
 
 @register_technique
-class UVC(SparseTechnique):
+class UVC(SparseTechnique[UVCConfig]):
     name = "uvc"
     Config = UVCConfig
 
     @classmethod
-    def check(cls, run: "RunConfig") -> None:
+    def check(cls, run: RunConfig) -> None:
         if cls.enabled(run) and not run.model.is_vit:
             raise ConfigError(f"config key 'sparse-method' = 'uvc' compresses ViT bases; model = '{run.model.model}' is not a ViT")
 
@@ -49,10 +52,21 @@ class UVC(SparseTechnique):
         from techniques.uvc_search import uvc_masks
 
         data = rnd.data
-        found = uvc_masks(rnd.model, data.x.to(rnd.device), data.y.to(rnd.device), self.config.flops_ratio, steps=SEARCH_STEPS, seed=rnd.seed)
+        found = uvc_masks(
+            cast("VisionTransformer", rnd.model),
+            data.x.to(rnd.device),
+            data.y.to(rnd.device),
+            self.config.flops_ratio,
+            steps=SEARCH_STEPS,
+            seed=rnd.seed,
+        )
         self.found = {n: m for n, m in found.items() if n in sparse.params}
 
     def unit_mask(self, ctx: UnitContext) -> UnitMask:  # searched afresh on the received weights every round
         k = len(ctx.rnd.units)
-        return FixedMask({n: (self.found[n].chunk(k, 0)[ctx.index].clone() if n in self.found else torch.ones_like(v, dtype=torch.bool))
-                          for n, v in ctx.views.items()})
+        return FixedMask(
+            {
+                n: (self.found[n].chunk(k, 0)[ctx.index].clone() if n in self.found else torch.ones_like(v, dtype=torch.bool))
+                for n, v in ctx.views.items()
+            }
+        )

@@ -57,16 +57,18 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from models.blocks import ModuleT, StackedNet
 from models.masks import Masks
-from models.vit import VisionTransformer
+from models.vit import Attention, Mlp, VisionTransformer
 from models.vit_sliced import Selection, ViTGeometry
 
 StepHook = Callable[[dict[str, float]], None]
@@ -85,15 +87,21 @@ class GroupScores:
     neurons: torch.Tensor  # (k, L, M): one fc2 input column
 
 
+def _scored_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn.proj`` and ``mlp.fc2`` weights of a stacked block (UVC's groups are their input columns)."""
+    return cast(Attention, block.attn).proj.weight, cast(Mlp, block.mlp).fc2.weight
+
+
 @torch.no_grad()
 def group_scores(model: VisionTransformer) -> GroupScores:
     geom = ViTGeometry.from_model(model)
     k, d, h, dh = geom.num_bases, geom.dim, geom.heads, geom.head_dim
     dims, neurons = [], []
     for block in model.blocks:
-        proj = block.attn.proj.weight.detach().double().view(k, d, h, dh)
+        proj_w, fc2_w = _scored_weights(block)
+        proj = proj_w.detach().double().view(k, d, h, dh)
         dims.append(proj.pow(2).sum(1))  # proj input columns are head-major: (head, dim)
-        fc2 = block.mlp.fc2.weight.detach().double().view(k, d, -1)
+        fc2 = fc2_w.detach().double().view(k, d, -1)
         neurons.append(fc2.pow(2).sum(1))
     dims_t = torch.stack(dims, 1)
     return GroupScores(dims_t.sum(-1), dims_t, torch.stack(neurons, 1))
@@ -105,8 +113,7 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(order, dim=-1, stable=True)
 
 
-def select_by_counts(scores: GroupScores, s0: torch.Tensor, r: torch.Tensor, s1: torch.Tensor,
-                     blocks: torch.Tensor | None = None) -> Selection:
+def select_by_counts(scores: GroupScores, s0: torch.Tensor, r: torch.Tensor, s1: torch.Tensor, blocks: torch.Tensor | None = None) -> Selection:
     """Remove the ``s0`` lowest heads, the ``r[h]`` lowest dims of each kept head and the ``s1``
     lowest neurons (integer counts, (k, L), (k, L, H), (k, L)) of every base and block."""
     heads = _ranks(scores.heads) >= s0.long().unsqueeze(-1)
@@ -178,7 +185,7 @@ def selection_from_masks(model: VisionTransformer, masks: Masks) -> Selection:
 
 
 @torch.no_grad()
-def apply_masks_(model: nn.Module, masks: Masks) -> nn.Module:
+def apply_masks_(model: ModuleT, masks: Masks) -> ModuleT:
     """Zero every masked-out entry in place (after each optimizer step while fine-tuning)."""
     params = dict(model.named_parameters())
     for name, mask in masks.items():
@@ -211,8 +218,9 @@ def ste_ceil(x: torch.Tensor) -> torch.Tensor:
     return _SteCeil.apply(x)
 
 
-def resource_macs(geom: ViTGeometry, s0: torch.Tensor, r: torch.Tensor, s1: torch.Tensor,
-                  head_kept: torch.Tensor, pi1: torch.Tensor | None = None) -> torch.Tensor:
+def resource_macs(
+    geom: ViTGeometry, s0: torch.Tensor, r: torch.Tensor, s1: torch.Tensor, head_kept: torch.Tensor, pi1: torch.Tensor | None = None
+) -> torch.Tensor:
     """MACs as a differentiable function of the (ceil'd) counts and the keep-gates.
 
     ``s0``, ``s1``: (k, L); ``r``: (k, L, H); ``head_kept``: (k, L, H) 0/1 (which heads the
@@ -263,8 +271,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, noise: torch.Tensor) -> tor
     return torch.softmax((logits + noise) / tau, dim=-1)
 
 
-def gated_forward(model: VisionTransformer, x: torch.Tensor, weight_masks: dict[str, torch.Tensor] | None = None,
-                  pi: torch.Tensor | None = None) -> torch.Tensor:
+def gated_forward(
+    model: VisionTransformer, x: torch.Tensor, weight_masks: dict[str, torch.Tensor] | None = None, pi: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-base logits ``(B, k, C)`` with weights multiplied by ``weight_masks`` (gradients flow
     to the kept entries only) and every block gated ``π1·Block(X) + π0·X`` (``pi``: (k, L, 2))."""
     k = model.num_bases
@@ -273,7 +282,7 @@ def gated_forward(model: VisionTransformer, x: torch.Tensor, weight_masks: dict[
     tokens = model.embed(x)
     for l, block in enumerate(model.blocks):
         prefix = f"blocks.{l}."
-        local = {n[len(prefix):]: t for n, t in masked.items() if n.startswith(prefix)}
+        local = {n[len(prefix) :]: t for n, t in masked.items() if n.startswith(prefix)}
         out = functional_call(block, local, (tokens,)) if local else block(tokens)
         if pi is not None:
             g = pi[:, l].to(out.dtype)
@@ -320,7 +329,7 @@ class UVCSearch:
         self.dense = g.dense_macs()
         self.budget = cfg.flops_ratio * self.dense
         self.ub = {"s0": h, "r": g.head_dim, "s1": g.hidden}
-        f64 = dict(dtype=torch.float64)
+        f64: dict[str, Any] = dict(dtype=torch.float64)
         self.u0, self.ur, self.u1 = torch.zeros(k, depth, **f64), torch.zeros(k, depth, h, **f64), torch.zeros(k, depth, **f64)
         self.gates = torch.tensor([-1.0, 1.0], **f64).repeat(k, depth, 1).requires_grad_(True)
         self.y = torch.full((k, depth, 2), cfg.dual_init, **f64)
@@ -368,8 +377,11 @@ class UVCSearch:
         warm = self.step_index < self.warmup
         scores = group_scores(model)
         sel = self.selection(scores, hard_gates=False)
-        weight_masks = {n: t.float() for n, t in selection_masks(model, sel, dead=False).items()
-                        if n.endswith(("proj.weight", "fc1.weight", "fc1.bias", "fc2.weight"))}
+        weight_masks = {
+            n: t.float()
+            for n, t in selection_masks(model, sel, dead=False).items()
+            if n.endswith(("proj.weight", "fc1.weight", "fc1.bias", "fc2.weight"))
+        }
         noise = torch.zeros_like(self.gates) if warm else gumbel_noise(tuple(self.gates.shape), self.gen)
         pi = gumbel_softmax(self.gates if not warm else self.gates.detach(), cfg.tau, noise)
         lr = self._lr()
@@ -397,13 +409,11 @@ class UVCSearch:
         k, d = g.num_bases, g.dim
         for l, block in enumerate(self.model.blocks):
             head_f = torch.where(sel.heads[:, l], 1.0, 1.0 / (1.0 + 2 * lr * self.y[:, l, 0:1]))  # (k, H)
-            dim_f = torch.where(sel.dims[:, l] | ~sel.heads[:, l].unsqueeze(-1), 1.0,
-                                1.0 / (1.0 + 2 * lr * self.p[:, l].unsqueeze(-1)))  # (k, H, dh)
+            dim_f = torch.where(sel.dims[:, l] | ~sel.heads[:, l].unsqueeze(-1), 1.0, 1.0 / (1.0 + 2 * lr * self.p[:, l].unsqueeze(-1)))  # (k, H, dh)
             factor = (head_f.unsqueeze(-1) * dim_f).reshape(k, 1, d).float()
-            w = block.attn.proj.weight
+            w, w2 = _scored_weights(block)
             w.copy_((w.view(k, d, d) * factor).view_as(w))
             neuron_f = torch.where(sel.neurons[:, l], 1.0, 1.0 / (1.0 + 2 * lr * self.y[:, l, 1:2])).float()
-            w2 = block.mlp.fc2.weight
             w2.copy_((w2.view(k, d, -1) * neuron_f.unsqueeze(1)).view_as(w2))
 
     def _primal_dual(self, scores: GroupScores, sel: Selection, noise: torch.Tensor) -> None:
@@ -420,9 +430,11 @@ class UVCSearch:
         kept = sel.heads.double()
         psir, nextr = psir * kept, nextr * kept
         psi1, next1 = least_sum(scores.neurons, c1)
-        grads = [self.y[..., 0] * next0 * g.heads + self.z * d0,
-                 self.p * nextr * g.head_dim + self.z * dr,
-                 self.y[..., 1] * next1 * g.hidden + self.z * d1]
+        grads = [
+            self.y[..., 0] * next0 * g.heads + self.z * d0,
+            self.p * nextr * g.head_dim + self.z * dr,
+            self.y[..., 1] * next1 * g.hidden + self.z * d1,
+        ]
         values, uppers = [self.u0, self.ur, self.u1], [self._upper("s0"), self._upper("r"), self._upper("s1")]
         for grad, u, hi in zip(grads, values, uppers):  # no push out of the box
             grad[(u <= 0) & (grad > 0)] = 0.0
@@ -457,7 +469,9 @@ def _energy(scores: GroupScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return scores.heads / proj, scores.dims / proj.unsqueeze(-1), scores.neurons / scores.neurons.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _candidates(geom: ViTGeometry, sel: Selection, energy: tuple[torch.Tensor, ...], b: int, l: int, add: bool) -> list[tuple[float, str, tuple[int, ...], int]]:
+def _candidates(
+    geom: ViTGeometry, sel: Selection, energy: tuple[torch.Tensor, ...], b: int, l: int, add: bool
+) -> list[tuple[float, str, tuple[int, ...], int]]:
     """The next group to remove (or, ``add``, to restore) in base b, block l of each kind:
     (energy per MAC, kind, index, MACs)."""
     eh, ed, en = (e[b, l] for e in energy)
@@ -504,8 +518,9 @@ def _apply(sel: Selection, b: int, l: int, kind: str, index: tuple[int, ...], ke
         sel.dims[b, l, index[0]] = keep
 
 
-def project_to_budget(geom: ViTGeometry, sel: Selection, scores: GroupScores, budget_macs: float,
-                      gate_margin: torch.Tensor | None = None, fill: bool = False) -> Selection:
+def project_to_budget(
+    geom: ViTGeometry, sel: Selection, scores: GroupScores, budget_macs: float, gate_margin: torch.Tensor | None = None, fill: bool = False
+) -> Selection:
     """Deterministic: while over ``budget_macs``, remove the group (neuron, value dim or head of a
     kept block) with the least score energy per MAC saved; if none is left, skip the kept block
     with the smallest gate margin g1 − g0 (the deepest without gates). ``fill`` then restores
@@ -589,13 +604,22 @@ def teacher_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch
     """Per-base logits ``(B, k, C)`` of the frozen dense model (computed once per dataset)."""
     was = model.training
     model.eval()
-    out = torch.cat([model.forward_bases(x[i : i + batch]) for i in range(0, len(x), batch)])
+    out = torch.cat([cast(StackedNet, model).forward_bases(x[i : i + batch]) for i in range(0, len(x), batch)])
     model.train(was)
     return out
 
 
-def uvc_search(model: VisionTransformer, x: torch.Tensor, y: torch.Tensor, cfg: UVCConfig, steps: int, batch_size: int = 64,
-               seed: int = 0, teacher: torch.Tensor | None = None, on_step: StepHook | None = None) -> UVCSearch:
+def uvc_search(
+    model: VisionTransformer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: UVCConfig,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    teacher: torch.Tensor | None = None,
+    on_step: StepHook | None = None,
+) -> UVCSearch:
     """Run stage 1 for ``steps`` batches (training ``model`` in place); returns the search state
     (its :meth:`UVCSearch.selection` is the learned result, before budget projection)."""
     teacher = teacher_logits(model, x) if teacher is None else teacher
@@ -614,9 +638,21 @@ def uvc_search(model: VisionTransformer, x: torch.Tensor, y: torch.Tensor, cfg: 
     return search
 
 
-def finetune(model: VisionTransformer, sel: Selection, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, epochs: int,
-             lr: float = 5e-4, weight_decay: float = 0.05, batch_size: int = 64, alpha: float = 0.1, temperature: float = 1.0,
-             seed: int = 0, on_step: StepHook | None = None) -> Masks:
+def finetune(
+    model: VisionTransformer,
+    sel: Selection,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    teacher: torch.Tensor,
+    epochs: int,
+    lr: float = 5e-4,
+    weight_decay: float = 0.05,
+    batch_size: int = 64,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    on_step: StepHook | None = None,
+) -> Masks:
     """Stage 2: masks fixed (skipped blocks as identity), distillation loss, AdamW with cosine
     decay, masks re-applied after every step. Trains in place; returns the masks."""
     masks = selection_masks(model, sel)
@@ -643,8 +679,16 @@ def finetune(model: VisionTransformer, sel: Selection, x: torch.Tensor, y: torch
     return masks
 
 
-def uvc_masks(model: VisionTransformer, x: torch.Tensor, y: torch.Tensor, flops_ratio: float, steps: int = 30, seed: int = 0,
-              batch_size: int = 64, config: UVCConfig | None = None) -> Masks:
+def uvc_masks(
+    model: VisionTransformer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    flops_ratio: float,
+    steps: int = 30,
+    seed: int = 0,
+    batch_size: int = 64,
+    config: UVCConfig | None = None,
+) -> Masks:
     """For a client with a FLOPs budget: a short UVC search on (x, y) over a copy of ``model``
     (1 or k stacked bases), projected onto the budget; returns bool masks (state-dict names and
     shapes, block linears only — every other tensor is kept) that realise the result in the
@@ -657,14 +701,35 @@ def uvc_masks(model: VisionTransformer, x: torch.Tensor, y: torch.Tensor, flops_
     search = uvc_search(work, x, y, cfg, steps, batch_size=min(batch_size, len(x)), seed=seed)
     geom = search.geom
     gates = search.gates.detach()
-    sel = project_to_budget(geom, search.selection(), group_scores(work), flops_ratio * geom.dense_macs(),
-                            gate_margin=gates[..., 1] - gates[..., 0], fill=True)
+    sel = project_to_budget(
+        geom, search.selection(), group_scores(work), flops_ratio * geom.dense_macs(), gate_margin=gates[..., 1] - gates[..., 0], fill=True
+    )
     return selection_masks(model, sel)
 
 
 __all__ = [
-    "GroupScores", "Masks", "StepHook", "UVCConfig", "UVCSearch", "apply_masks_", "finetune", "gated_forward", "group_scores",
-    "gumbel_noise", "gumbel_softmax", "kd_loss", "least_sum", "magnitude_selection", "masked_copy", "project_to_budget",
-    "resource_macs", "select_by_counts", "selection_from_masks", "selection_masks", "ste_ceil", "teacher_logits", "uvc_masks",
+    "GroupScores",
+    "Masks",
+    "StepHook",
+    "UVCConfig",
+    "UVCSearch",
+    "apply_masks_",
+    "finetune",
+    "gated_forward",
+    "group_scores",
+    "gumbel_noise",
+    "gumbel_softmax",
+    "kd_loss",
+    "least_sum",
+    "magnitude_selection",
+    "masked_copy",
+    "project_to_budget",
+    "resource_macs",
+    "select_by_counts",
+    "selection_from_masks",
+    "selection_masks",
+    "ste_ceil",
+    "teacher_logits",
+    "uvc_masks",
     "uvc_search",
 ]

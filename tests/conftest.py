@@ -4,7 +4,7 @@ strategy/round-loop tests stay fast; the Ray engine itself is exercised in test_
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -102,8 +102,9 @@ def _technique_round(overrides: str, model, units: list[str], data=None, *, adve
     """One client's round of the sparse technique that ``overrides`` turns on, as the ClientApp
     builds it (task from the run config, technique from the registry, hooks from the technique),
     with ``before_training`` already called: ``(hooks, round, Context state)``."""
-    import torch
     from types import SimpleNamespace
+
+    import torch
 
     from splitmix.config import load_config
     from splitmix.data import ArrayData
@@ -117,8 +118,15 @@ def _technique_round(overrides: str, model, units: list[str], data=None, *, adve
         data = ArrayData(torch.zeros(160, 1, 8, 8), torch.zeros(160, dtype=torch.long))
     state = RecordDict()
     rnd = ClientRound(
-        model=model, units=units, task=task, profile=NodeProfile(0, 1.0, adversarial, sparse=True),
-        context=SimpleNamespace(state=state), data=data, device=torch.device("cpu"), seed=seed, server_round=server_round,
+        model=model,
+        units=units,
+        task=task,
+        profile=NodeProfile(0, 1.0, adversarial, sparse=True),
+        context=SimpleNamespace(state=state),
+        data=data,
+        device=torch.device("cpu"),
+        seed=seed,
+        server_round=server_round,
         single_unit=lambda: task.spec.build(1),
     )
     hooks = technique.client_round(rnd)

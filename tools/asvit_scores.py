@@ -44,8 +44,9 @@ import copy
 import itertools
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ Features = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Token features before the final norm averaged over tokens (As-ViT's ``forward_features[1]``)."""
-    out = model.forward_features(x)
+    out = cast(MiniViT, model).forward_features(x)
     return out.mean(dim=1) if out.dim() == 3 else out.flatten(1)
 
 
@@ -133,7 +134,7 @@ def circle_inputs(shape: Sequence[int], n_pts: int, generator: torch.Generator, 
 def curve_length(model: nn.Module, points: torch.Tensor, tangents: torch.Tensor, features: Features = pooled_features) -> float:
     """The reference's L^E = Σ_θ ‖∂f(x(θ))/∂θ‖₂ (no Δθ), by one forward-mode jvp."""
     with torch.no_grad():
-        _, d = jvp(lambda x: features(model, x), (points,), (tangents,))
+        _, d = cast(tuple[torch.Tensor, torch.Tensor], jvp(lambda x: features(model, x), (points,), (tangents,)))  # no aux: a pair
     return float(d.flatten(1).norm(dim=1).sum())
 
 
@@ -396,7 +397,7 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 
 def short_train_accuracy(
     topology: TopologyLike,
-    data: "DataPair | None" = None,
+    data: DataPair | None = None,
     steps: int = 150,
     seed: int = 0,
     batch_size: int = 64,
@@ -439,7 +440,7 @@ def kendall_study(
     seed: int = 0,
     repeats: int = 3,
     n_pts: int = 64,
-    data: "DataPair | None" = None,
+    data: DataPair | None = None,
     init: str = "model",
 ) -> dict:
     """Training-free scores vs short-training accuracy on ``candidates``, with Kendall τ of each.
@@ -460,9 +461,16 @@ def kendall_study(
     start = time.perf_counter()
     acc = {s.topology: short_train_accuracy(s.topology, data, steps, seed) for s in result.ranked}
     train_s = time.perf_counter() - start
-    rows = [
-        {**s.topology.to_dict(), "name": str(s.topology), "params": s.params, "length_distortion": s.length_distortion,
-         "ntk_cond": s.ntk_cond, "rank_sum": s.rank_sum, "accuracy": acc[s.topology]}
+    rows: list[dict[str, Any]] = [
+        {
+            **s.topology.to_dict(),
+            "name": str(s.topology),
+            "params": s.params,
+            "length_distortion": s.length_distortion,
+            "ntk_cond": s.ntk_cond,
+            "rank_sum": s.rank_sum,
+            "accuracy": acc[s.topology],
+        }
         for s in result.ranked
     ]
     accs = [r["accuracy"] for r in rows]

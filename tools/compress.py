@@ -40,18 +40,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from splitmix.data import ArrayData, test_data
 from models.blocks import DualBatchNorm, set_route
 from models.cost import count_macs, count_params
 from models.vit import VisionTransformer
 from models.vit_sliced import Selection, SlicedViT, ViTGeometry, slice_vit
+from splitmix.data import ArrayData, test_data
 from techniques.uvc_search import (
     UVCConfig,
     finetune,
@@ -63,6 +64,9 @@ from techniques.uvc_search import (
     uvc_search,
 )
 from tools.prune import apply_threads, batched_logits, run_training_data
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 WEIGHTS, ARCHITECTURE, CARD, HISTORY = "model.safetensors", "architecture.json", "model_card.json", "history.json"
 PROGRAM = "model.pt2"
@@ -115,16 +119,23 @@ class _Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = None
-        self.task = None
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self.bar.__enter__()
         return self
 
@@ -164,8 +175,12 @@ class _EpochLog:
             self._row(self.rows[-rest:])
 
     def _row(self, chunk: list[dict[str, float]]) -> None:
-        row: dict[str, Any] = {"stage": self.stage, "epoch": math.ceil(len(self.rows) / self.per), "steps": len(chunk),
-                               "loss": sum(r["loss"] for r in chunk) / len(chunk)}
+        row: dict[str, Any] = {
+            "stage": self.stage,
+            "epoch": math.ceil(len(self.rows) / self.per),
+            "steps": len(chunk),
+            "loss": sum(r["loss"] for r in chunk) / len(chunk),
+        }
         if "ratio_hard" in chunk[-1]:
             row.update(macs_ratio=chunk[-1]["ratio_hard"], z=chunk[-1]["z"])
         self.history.append(row)
@@ -179,10 +194,25 @@ def _steps_per_epoch(n: int, batch: int) -> int:
 # the job
 
 
-def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: str | Path | None = None, robustness: float = 0.0,
-                 search_epochs: int = 10, finetune_epochs: int = 10, seed: int = 0, report: Reporter | None = print, *,
-                 select: str = "first", batch_size: int = 64, lr: float = 5e-4, partition: int | None = None,
-                 baseline: bool = True, progress: bool = True, config: UVCConfig | None = None) -> dict[str, Any]:
+def compress_run(
+    run_folder: str | Path,
+    width: float,
+    flops_ratio: float,
+    out: str | Path | None = None,
+    robustness: float = 0.0,
+    search_epochs: int = 10,
+    finetune_epochs: int = 10,
+    seed: int = 0,
+    report: Reporter | None = print,
+    *,
+    select: str = "first",
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    partition: int | None = None,
+    baseline: bool = True,
+    progress: bool = True,
+    config: UVCConfig | None = None,
+) -> dict[str, Any]:
     """Compress the ViT ``run_folder`` serves at ``width`` (and λ = ``robustness``) to
     ``flops_ratio`` of its MACs with UVC, fine-tune, slice, write the output folder (module
     docstring) and return the model card. Input errors raise :class:`CompressError` (a
@@ -201,8 +231,10 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     except ValueError as exc:  # damaged checkpoint, state mismatch
         raise CompressError(f"run '{run_folder}' cannot be loaded: {exc}") from None
     if not isinstance(served.module, VisionTransformer):
-        raise CompressError(f"UVC compresses Vision Transformers only; run '{run.folder}' trains model '{run.spec.arch}' "
-                            f"({type(served.module).__name__}); use a ViT family (vit, vit_attnscale, vit_featscale)")
+        raise CompressError(
+            f"UVC compresses Vision Transformers only; run '{run.folder}' trains model '{run.spec.arch}' "
+            f"({type(served.module).__name__}); use a ViT family (vit, vit_attnscale, vit_featscale)"
+        )
     dense = copy.deepcopy(served.module).cpu().eval()
     for p in dense.parameters():
         p.requires_grad_(True)
@@ -222,8 +254,10 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     teacher = teacher_logits(dense, train.x)
     per_epoch = _steps_per_epoch(len(train), batch_size)
     history: list[dict[str, Any]] = []
-    say(f"{run.method_name} ViT width {served.width:g} (bases {served.bases or '-'}) λ={served.robustness:g}: test accuracy "
-        f"{acc_dense:.4f}, {dense_macs:,} MACs; UVC to {flops_ratio:g} of the MACs; data: {data_source} ({len(train)} examples)")
+    say(
+        f"{run.method_name} ViT width {served.width:g} (bases {served.bases or '-'}) λ={served.robustness:g}: test accuracy "
+        f"{acc_dense:.4f}, {dense_macs:,} MACs; UVC to {flops_ratio:g} of the MACs; data: {data_source} ({len(train)} examples)"
+    )
     seconds: dict[str, float] = {}
     with _Progress(progress) as bar:
         # ---- stage 1: UVC search, then project onto the budget
@@ -239,19 +273,35 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
         sel = project_to_budget(geom, learned, group_scores(model), budget, gate_margin=gates[..., 1] - gates[..., 0], fill=True)
         acc_search = _accuracy(batched_logits(masked_copy(model, sel), test.x), test.y)
         seconds["search"] = time.perf_counter() - t
-        say(f"search ({steps} steps): learned MACs ratio {learned.macs(geom) / dense_macs:.4f} → projected "
-            f"{sel.macs(geom) / dense_macs:.4f}; accuracy before fine-tuning {acc_search:.4f} ({seconds['search']:.1f}s)")
+        say(
+            f"search ({steps} steps): learned MACs ratio {learned.macs(geom) / dense_macs:.4f} → projected "
+            f"{sel.macs(geom) / dense_macs:.4f}; accuracy before fine-tuning {acc_search:.4f} ({seconds['search']:.1f}s)"
+        )
         # ---- stage 2: fine-tune with fixed masks, slice, check
         t = time.perf_counter()
         bar.stage("UVC fine-tune", finetune_epochs * per_epoch)
         log = _EpochLog("finetune", per_epoch, history, bar)
-        finetune(model, sel, train.x, train.y, teacher, finetune_epochs, lr=lr, batch_size=batch_size, alpha=cfg.alpha,
-                 temperature=cfg.temperature, seed=seed, on_step=log)
+        finetune(
+            model,
+            sel,
+            train.x,
+            train.y,
+            teacher,
+            finetune_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            seed=seed,
+            on_step=log,
+        )
         log.flush()
         seconds["finetune"] = time.perf_counter() - t
         sliced, check = _slice_and_check(model, sel, served.robustness, test, shape, budget)
-        say(f"UVC: accuracy {check['accuracy']:.4f} at {check['macs']:,} MACs (ratio {check['macs'] / dense_macs:.4f}; "
-            f"|Δlogit| sliced vs masked {check['max_diff']:.2g}) ({seconds['finetune']:.1f}s)")
+        say(
+            f"UVC: accuracy {check['accuracy']:.4f} at {check['macs']:,} MACs (ratio {check['macs'] / dense_macs:.4f}; "
+            f"|Δlogit| sliced vs masked {check['max_diff']:.2g}) ({seconds['finetune']:.1f}s)"
+        )
         # ---- baseline: uniform magnitude pruning to the same budget, same fine-tuning
         base_entry: dict[str, Any] | None = None
         if baseline:
@@ -261,19 +311,62 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
             acc_mag0 = _accuracy(batched_logits(masked_copy(mag_model, mag), test.x), test.y)
             bar.stage("magnitude fine-tune", finetune_epochs * per_epoch)
             log = _EpochLog("baseline-finetune", per_epoch, history, bar)
-            finetune(mag_model, mag, train.x, train.y, teacher, finetune_epochs, lr=lr, batch_size=batch_size, alpha=cfg.alpha,
-                     temperature=cfg.temperature, seed=seed, on_step=log)
+            finetune(
+                mag_model,
+                mag,
+                train.x,
+                train.y,
+                teacher,
+                finetune_epochs,
+                lr=lr,
+                batch_size=batch_size,
+                alpha=cfg.alpha,
+                temperature=cfg.temperature,
+                seed=seed,
+                on_step=log,
+            )
             log.flush()
             _, mag_check = _slice_and_check(mag_model, mag, served.robustness, test, shape, budget)
             seconds["baseline"] = time.perf_counter() - t
-            base_entry = {"method": "magnitude: uniform heads + MLP neurons by weight norm (proj / fc2 columns), no learning, same fine-tuning",
-                          "accuracy_before_finetune": acc_mag0, "accuracy": mag_check["accuracy"], "macs": mag_check["macs"],
-                          "macs_ratio": mag_check["macs"] / dense_macs, "params": mag_check["params"], "kept": mag.summary()}
-            say(f"magnitude baseline: accuracy {acc_mag0:.4f} → {mag_check['accuracy']:.4f} at ratio {mag_check['macs'] / dense_macs:.4f} "
-                f"({seconds['baseline']:.1f}s)")
+            base_entry = {
+                "method": "magnitude: uniform heads + MLP neurons by weight norm (proj / fc2 columns), no learning, same fine-tuning",
+                "accuracy_before_finetune": acc_mag0,
+                "accuracy": mag_check["accuracy"],
+                "macs": mag_check["macs"],
+                "macs_ratio": mag_check["macs"] / dense_macs,
+                "params": mag_check["params"],
+                "kept": mag.summary(),
+            }
+            say(
+                f"magnitude baseline: accuracy {acc_mag0:.4f} → {mag_check['accuracy']:.4f} at ratio {mag_check['macs'] / dense_macs:.4f} "
+                f"({seconds['baseline']:.1f}s)"
+            )
     seconds["total"] = time.perf_counter() - t0
-    card = _card(run, served, sim, data_source, len(train), select, flops_ratio, dense, dense_macs, acc_dense, acc_search,
-                 learned, sel, geom, check, base_entry, search, cfg, search_epochs, finetune_epochs, batch_size, seed, seconds)
+    card = _card(
+        run,
+        served,
+        sim,
+        data_source,
+        len(train),
+        select,
+        flops_ratio,
+        dense,
+        dense_macs,
+        acc_dense,
+        acc_search,
+        learned,
+        sel,
+        geom,
+        check,
+        base_entry,
+        search,
+        cfg,
+        search_epochs,
+        finetune_epochs,
+        batch_size,
+        seed,
+        seconds,
+    )
     # ---- write
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": sliced.architecture["format"]})
@@ -286,8 +379,9 @@ def compress_run(run_folder: str | Path, width: float, flops_ratio: float, out: 
     return card
 
 
-def _slice_and_check(model: VisionTransformer, sel: Selection, robustness: float, test: ArrayData, shape: tuple[int, ...],
-                     budget: float) -> tuple[SlicedViT, dict[str, Any]]:
+def _slice_and_check(
+    model: VisionTransformer, sel: Selection, robustness: float, test: ArrayData, shape: tuple[int, ...], budget: float
+) -> tuple[SlicedViT, dict[str, Any]]:
     """Slice, compare with the masked model on the test set, measure MACs; fail loudly on a mismatch."""
     masked = masked_copy(model, sel).eval()
     sliced = slice_vit(model, sel).eval()
@@ -303,14 +397,40 @@ def _slice_and_check(model: VisionTransformer, sel: Selection, robustness: float
     macs = count_macs(sliced, shape)
     if macs > budget:
         raise RuntimeError(f"sliced ViT has {macs:,} MACs, over the budget of {budget:,.0f}")
-    return sliced, {"accuracy": _accuracy(sliced_logits, test.y), "accuracy_masked": _accuracy(masked_logits, test.y),
-                    "macs": macs, "params": count_params(sliced), "max_diff": max_diff}
+    return sliced, {
+        "accuracy": _accuracy(sliced_logits, test.y),
+        "accuracy_masked": _accuracy(masked_logits, test.y),
+        "macs": macs,
+        "params": count_params(sliced),
+        "max_diff": max_diff,
+    }
 
 
-def _card(run, served, sim, data_source: str, examples: int, select: str, flops_ratio: float, dense: nn.Module, dense_macs: int,
-          acc_dense: float, acc_search: float, learned: Selection, sel: Selection, geom: ViTGeometry, check: dict[str, Any],
-          base_entry: dict[str, Any] | None, search, cfg: UVCConfig, search_epochs: int, finetune_epochs: int, batch_size: int,
-          seed: int, seconds: dict[str, float]) -> dict[str, Any]:
+def _card(
+    run,
+    served,
+    sim,
+    data_source: str,
+    examples: int,
+    select: str,
+    flops_ratio: float,
+    dense: nn.Module,
+    dense_macs: int,
+    acc_dense: float,
+    acc_search: float,
+    learned: Selection,
+    sel: Selection,
+    geom: ViTGeometry,
+    check: dict[str, Any],
+    base_entry: dict[str, Any] | None,
+    search,
+    cfg: UVCConfig,
+    search_epochs: int,
+    finetune_epochs: int,
+    batch_size: int,
+    seed: int,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     params_dense = count_params(dense)
     gates = search.gates.detach()
     return {
@@ -325,9 +445,12 @@ def _card(run, served, sim, data_source: str, examples: int, select: str, flops_
         "input_shape": list(run.input_shape),
         "num_classes": run.spec.num_classes,
         "compression": "UVC (arXiv 2203.08243): heads, per-head value dims, MLP neurons, block skipping; per base",
-        "flops_ratio": {"requested": flops_ratio, "measured": check["macs"] / dense_macs,
-                        "learned_before_projection": learned.macs(geom) / dense_macs,
-                        "note": "MACs of the sliced model / the dense model, both measured with torch.utils.flop_counter (FLOPs = 2 × MACs)"},
+        "flops_ratio": {
+            "requested": flops_ratio,
+            "measured": check["macs"] / dense_macs,
+            "learned_before_projection": learned.macs(geom) / dense_macs,
+            "note": "MACs of the sliced model / the dense model, both measured with torch.utils.flop_counter (FLOPs = 2 × MACs)",
+        },
         "macs": {"dense": dense_macs, "compressed": check["macs"], "ratio": check["macs"] / dense_macs},
         "flops": {"dense": 2 * dense_macs, "compressed": 2 * check["macs"]},
         "params": {"dense": params_dense, "compressed": check["params"], "ratio": check["params"] / params_dense},
@@ -336,12 +459,24 @@ def _card(run, served, sim, data_source: str, examples: int, select: str, flops_
         "baseline": base_entry,
         "kept": sel.summary(),
         "gates": {"logit_margin_g1_minus_g0": (gates[..., 1] - gates[..., 0]).tolist(), "z": search.z},
-        "settings": {"search_epochs": search_epochs, "finetune_epochs": finetune_epochs, "batch_size": batch_size, "seed": seed,
-                     "data": data_source, "examples": examples, "uvc": asdict(cfg),
-                     "finetune": "AdamW (lr, weight decay 0.05), cosine, distillation from the dense model, masks fixed"},
+        "settings": {
+            "search_epochs": search_epochs,
+            "finetune_epochs": finetune_epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "data": data_source,
+            "examples": examples,
+            "uvc": asdict(cfg),
+            "finetune": "AdamW (lr, weight decay 0.05), cosine, distillation from the dense model, masks fixed",
+        },
         "seconds": dict(seconds),
-        "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": HISTORY, "program": PROGRAM,
-                  "load": "tools.compress.load_compressed(folder), or torch.export.load(model.pt2).module()"},
+        "files": {
+            "weights": WEIGHTS,
+            "architecture": ARCHITECTURE,
+            "history": HISTORY,
+            "program": PROGRAM,
+            "load": "tools.compress.load_compressed(folder), or torch.export.load(model.pt2).module()",
+        },
     }
 
 
@@ -379,8 +514,13 @@ def card_table(card: dict[str, Any]):
     for column in ("model", "params", "MACs", "MACs ratio", "accuracy"):
         table.add_column(column, justify="right")
     table.add_row("dense", f"{card['params']['dense']:,}", f"{card['macs']['dense']:,}", "1.000", f"{card['accuracy']['dense']:.4f}")
-    table.add_row("UVC (sliced)", f"{card['params']['compressed']:,}", f"{card['macs']['compressed']:,}", f"{card['macs']['ratio']:.3f}",
-                  f"{card['accuracy']['compressed']:.4f}")
+    table.add_row(
+        "UVC (sliced)",
+        f"{card['params']['compressed']:,}",
+        f"{card['macs']['compressed']:,}",
+        f"{card['macs']['ratio']:.3f}",
+        f"{card['accuracy']['compressed']:.4f}",
+    )
     base = card.get("baseline")
     if base:
         table.add_row("magnitude", f"{base['params']:,}", f"{base['macs']:,}", f"{base['macs_ratio']:.3f}", f"{base['accuracy']:.4f}")
@@ -395,10 +535,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not apply_threads(args.threads):
         return 2
     try:
-        card = compress_run(args.run, args.width, args.flops_ratio, out=args.out, robustness=args.robustness,
-                            search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
-                            report=lambda text: err.print(text, highlight=False), select=args.select, batch_size=args.batch_size,
-                            lr=args.lr, partition=args.partition, baseline=not args.no_baseline, progress=not args.quiet)
+        card = compress_run(
+            args.run,
+            args.width,
+            args.flops_ratio,
+            out=args.out,
+            robustness=args.robustness,
+            search_epochs=args.search_epochs,
+            finetune_epochs=args.finetune_epochs,
+            seed=args.seed,
+            report=lambda text: err.print(text, highlight=False),
+            select=args.select,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            partition=args.partition,
+            baseline=not args.no_baseline,
+            progress=not args.quiet,
+        )
     except CompressError as exc:
         _fail(str(exc))
         return 2
@@ -417,8 +570,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs with fixed masks (default 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of search and fine-tuning (default 5e-4)")
-    parser.add_argument("--partition", type=int, default=None,
-                        help="train on this client partition only (default: the union of all; in a deployment the data holder runs this)")
+    parser.add_argument(
+        "--partition",
+        type=int,
+        default=None,
+        help="train on this client partition only (default: the union of all; in a deployment the data holder runs this)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the magnitude-pruning baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -434,8 +591,8 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "compress",
         help="UVC: compress a served ViT to a FLOPs budget (heads, head dims, MLP neurons, blocks), fine-tune, slice",
         description="Compress the ViT a run serves at --width to --flops-ratio of its MACs with UVC (arXiv 2203.08243), "
-                    "fine-tune it with distillation and physically slice it; compares against magnitude pruning at the same "
-                    "budget. Needs training data: in a deployment the data holder runs this.",
+        "fine-tune it with distillation and physically slice it; compares against magnitude pruning at the same "
+        "budget. Needs training data: in a deployment the data holder runs this.",
     )
     return add_arguments(parser)
 

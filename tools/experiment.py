@@ -28,14 +28,15 @@ import json
 import shutil
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from splitmix.config import ConfigError, RunConfig, load_config
 from server.store import load_weights
+from splitmix.config import ConfigError, RunConfig, load_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 Runner = Callable[[RunConfig], Path]
@@ -82,7 +83,9 @@ def load_experiment(name_or_path: str) -> Experiment:
         raise ConfigError(f"experiment file '{path}' is not valid TOML: {err}") from None
     unknown = set(data) - {"name", "description", "methods", "seeds", "run-config", "method"}
     if unknown:
-        raise ConfigError(f"experiment file '{path}': unknown key(s) {sorted(unknown)}; allowed: name, description, methods, seeds, run-config, method")
+        raise ConfigError(
+            f"experiment file '{path}': unknown key(s) {sorted(unknown)}; allowed: name, description, methods, seeds, run-config, method"
+        )
     for key in ("methods", "seeds"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise ConfigError(f"experiment file '{path}': '{key}' must be a non-empty list")
@@ -116,6 +119,7 @@ def run_experiment(
 
         def runner(cfg: RunConfig) -> Path:  # per-round progress lines of every run
             return simulate(cfg, report=lambda text: report(f"  {text}"))
+
     root = Path(out_dir).resolve() / experiment.name
     runs = root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -220,11 +224,19 @@ def markdown_table(comparison: dict[str, Any], widths: list[str], experiment: Ex
     if all(comparison[m]["robust_accuracy"].get(top) for m in methods):
         rows.append(f"| robust acc @{top} | " + " | ".join(f"{comparison[m]['robust_accuracy'][top]['mean']:.3f}" for m in methods) + " |")
     if any("robust_gap" in comparison[m] for m in methods):
-        rows.append(f"| robust gap @{top} (train − test) | " + " | ".join(
-            f"{comparison[m]['robust_gap']['mean']:.3f}" if "robust_gap" in comparison[m] else "—" for m in methods) + " |")
+        rows.append(
+            f"| robust gap @{top} (train − test) | "
+            + " | ".join(f"{comparison[m]['robust_gap']['mean']:.3f}" if "robust_gap" in comparison[m] else "—" for m in methods)
+            + " |"
+        )
     if any("train_flops_fraction" in comparison[m] for m in methods):
-        rows.append("| training FLOPs saved | " + " | ".join(
-            f"{1 - comparison[m]['train_flops_fraction']['mean']:.0%}" if "train_flops_fraction" in comparison[m] else "0%" for m in methods) + " |")
+        rows.append(
+            "| training FLOPs saved | "
+            + " | ".join(
+                f"{1 - comparison[m]['train_flops_fraction']['mean']:.0%}" if "train_flops_fraction" in comparison[m] else "0%" for m in methods
+            )
+            + " |"
+        )
     if any("patch_similarity" in comparison[m] for m in methods):
         fmt = lambda m, i: f"{comparison[m]['patch_similarity'][i]:.3f}" if "patch_similarity" in comparison[m] else "—"  # noqa: E731
         rows.append("| patch similarity, block 1 | " + " | ".join(fmt(m, 0) for m in methods) + " |")

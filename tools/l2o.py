@@ -21,9 +21,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ class EvalConfig:
 
 
 # --------------------------------------------------------------------------- running optimizers
-def run_optimizer(factory: Callable[[Any], torch.optim.Optimizer], task, seed: int, steps: int, every: int) -> dict[str, Any]:
+# ``factory`` is Callable[..., ...]: callers bind loop variables as lambda defaults, which mypy cannot check against Callable[[Any], ...]
+def run_optimizer(factory: Callable[..., torch.optim.Optimizer], task, seed: int, steps: int, every: int) -> dict[str, Any]:
     """Train a fresh model of ``task`` with the optimizer ``factory(named_parameters)`` builds."""
     model = task.model(seed)
     optimizer = factory(model.named_parameters())
@@ -68,17 +70,29 @@ def run_optimizer(factory: Callable[[Any], torch.optim.Optimizer], task, seed: i
     params = sum(p.numel() for p in model.parameters())
     floats = sum(v.numel() for st in optimizer.state.values() for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step")
     final = curve[-1] if math.isfinite(curve[-1]) else float("inf")
-    return {"curve": curve, "final": final, "accuracy": task.test_accuracy(model),
-            "step_ms": 1e3 * clock / steps, "state_floats_per_param": floats / params}
+    return {
+        "curve": curve,
+        "final": final,
+        "accuracy": task.test_accuracy(model),
+        "step_ms": 1e3 * clock / steps,
+        "state_floats_per_param": floats / params,
+    }
 
 
 def _summary(runs: list[dict[str, Any]], lr: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     finals = np.array([r["final"] for r in runs])
     logs = np.log(np.clip(finals, 1e-12, 1e12))
-    return {"lr": lr, "final_mean": float(finals.mean()), "final_std": float(finals.std()),
-            "final_geomean": float(np.exp(logs.mean())), "accuracy_mean": float(np.mean([r["accuracy"] for r in runs])),
-            "step_ms": float(np.mean([r["step_ms"] for r in runs])), "state_floats_per_param": runs[0]["state_floats_per_param"],
-            "finals": finals.tolist(), **(extra or {})}
+    return {
+        "lr": lr,
+        "final_mean": float(finals.mean()),
+        "final_std": float(finals.std()),
+        "final_geomean": float(np.exp(logs.mean())),
+        "accuracy_mean": float(np.mean([r["accuracy"] for r in runs])),
+        "step_ms": float(np.mean([r["step_ms"] for r in runs])),
+        "state_floats_per_param": runs[0]["state_floats_per_param"],
+        "finals": finals.tolist(),
+        **(extra or {}),
+    }
 
 
 def _grid(name: str, grid: tuple[float, ...], task, cfg: EvalConfig, seeds: list[int]) -> tuple[dict, list[dict]]:
@@ -111,8 +125,10 @@ def evaluate(artifacts: str | Path, out_dir: str | Path, cfg: EvalConfig, report
 
     def record(label: str, summary: dict[str, Any], runs: list[dict[str, Any]]) -> None:
         results[label], curves[label] = summary, runs
-        say(f"{label:>22}: final loss {summary['final_mean']:.3e} ± {summary['final_std']:.1e}, "
-            f"test acc {summary['accuracy_mean']:.4f} (lr {summary['lr']:g})")
+        say(
+            f"{label:>22}: final loss {summary['final_mean']:.3e} ± {summary['final_std']:.1e}, "
+            f"test acc {summary['accuracy_mean']:.4f} (lr {summary['lr']:g})"
+        )
 
     start = time.perf_counter()
     for name, grid in (("sgd", SGD_GRID), ("adam", ADAM_GRID)):
@@ -127,8 +143,10 @@ def evaluate(artifacts: str | Path, out_dir: str | Path, cfg: EvalConfig, report
         alpha = float(meta.get("alpha", meta.get("info", {}).get("alpha", 0.01)))
         alphas[name] = alpha
         load_artifact(name, artifacts)  # fail early with a clear message
-        runs = [run_optimizer(lambda p, name=name, alpha=alpha: make_optimizer(name, p, alpha, artifacts=artifacts), task, s, cfg.steps, cfg.every)
-                for s in seeds]
+        runs = [
+            run_optimizer(lambda p, name=name, alpha=alpha: make_optimizer(name, p, alpha, artifacts=artifacts), task, s, cfg.steps, cfg.every)
+            for s in seeds
+        ]
         record(name, _summary(runs, alpha), runs)
     for path in sorted(artifacts.glob("symbolic-*.json")):  # extra rules from `splitmix l2o distill --name`
         rule = SymbolicRule.load(path)
@@ -136,21 +154,30 @@ def evaluate(artifacts: str | Path, out_dir: str | Path, cfg: EvalConfig, report
         record(path.stem, _summary(runs, 0.01, {"formula": rule.formula()}), runs)
     for path in sorted(artifacts.glob("amalgamated-*.json")):  # extra students from `splitmix l2o amalgamate --name`
         meta, policy = json.loads(path.read_text()), load_policy(artifacts, path.stem)
-        runs = [run_optimizer(lambda p, policy=policy, a=meta["alpha"]: LearnedOptimizer(p, policy, lr=a), task, s, cfg.steps, cfg.every)
-                for s in seeds]
+        runs = [
+            run_optimizer(lambda p, policy=policy, a=meta["alpha"]: LearnedOptimizer(p, policy, lr=a), task, s, cfg.steps, cfg.every) for s in seeds
+        ]
         record(path.stem, _summary(runs, meta["alpha"], {"scheme": meta.get("scheme"), "perturbation": meta["amalgamation"]["perturbation"]}), runs)
     teacher_labels = []
     student_meta = artifacts / "amalgamated.json"
     if cfg.teachers and student_meta.is_file():
         for tname, lr in json.loads(student_meta.read_text())["teacher_lrs"].items():
-            runs = [run_optimizer(lambda p, t=tname, lr=lr: LearnedOptimizer(p, Teacher(t, lr), lr=1.0), task, s, cfg.steps, cfg.every)
-                    for s in seeds]
+            runs = [
+                run_optimizer(lambda p, t=tname, lr=lr: LearnedOptimizer(p, Teacher(t, lr), lr=1.0), task, s, cfg.steps, cfg.every) for s in seeds
+            ]
             record(f"teacher:{tname}", _summary(runs, lr), runs)
             teacher_labels.append(f"teacher:{tname}")
     comparison = _student_vs_teachers(results, teacher_labels)
-    payload = {"config": asdict(cfg), "artifacts": str(artifacts), "seeds": seeds, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start,
-               "results": results, "student_vs_teachers": comparison}
+    payload = {
+        "config": asdict(cfg),
+        "artifacts": str(artifacts),
+        "seeds": seeds,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
+        "results": results,
+        "student_vs_teachers": comparison,
+    }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     _write_curves(out_dir / "curves.csv", curves, cfg.every)
     plot_curves(curves, cfg, out_dir / "loss_curves.png")
@@ -164,11 +191,15 @@ def _student_vs_teachers(results: dict[str, dict[str, Any]], teachers: list[str]
     student = results["amalgamated-l2o"]["final_mean"]
     means = [results[t]["final_mean"] for t in teachers]
     geo = [results[t]["final_geomean"] for t in teachers]
-    return {"student_final_mean": student, "teachers_mean_of_final_means": float(np.mean(means)),
-            "best_teacher": teachers[int(np.argmin(means))], "best_teacher_final_mean": float(min(means)),
-            "student_at_least_teacher_mean": student <= float(np.mean(means)),
-            "student_geomean": results["amalgamated-l2o"]["final_geomean"],
-            "teachers_geomean_of_geomeans": float(np.exp(np.mean(np.log(geo))))}
+    return {
+        "student_final_mean": student,
+        "teachers_mean_of_final_means": float(np.mean(means)),
+        "best_teacher": teachers[int(np.argmin(means))],
+        "best_teacher_final_mean": float(min(means)),
+        "student_at_least_teacher_mean": student <= float(np.mean(means)),
+        "student_geomean": results["amalgamated-l2o"]["final_geomean"],
+        "teachers_geomean_of_geomeans": float(np.exp(np.mean(np.log(geo)))),
+    }
 
 
 def _write_curves(path: Path, curves: dict[str, list[dict[str, Any]]], every: int) -> None:
@@ -198,8 +229,12 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], cfg: EvalConfig, path: 
         width = 1.0 if label.startswith("teacher:") else 2.0
         ax.plot(steps, mean, style, lw=width, color=cmap(i % 20), label=label)
         ax.fill_between(steps, mean * np.exp(-std), mean * np.exp(std), color=cmap(i % 20), alpha=0.12)
-    ax.set(yscale="log", xlabel="step", ylabel="training loss (full partition, geometric mean over seeds)",
-           title=f"held-out optimizee: MLP 64-{cfg.hidden}-10 on digits '{cfg.partition}', {cfg.seeds} unseen seeds")
+    ax.set(
+        yscale="log",
+        xlabel="step",
+        ylabel="training loss (full partition, geometric mean over seeds)",
+        title=f"held-out optimizee: MLP 64-{cfg.hidden}-10 on digits '{cfg.partition}', {cfg.seeds} unseen seeds",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -216,14 +251,23 @@ def print_results(payload: dict[str, Any]) -> None:
     for column in ("optimizer", "lr", "final loss (mean ± std)", "geomean", "test acc", "ms/step", "state floats/param"):
         table.add_column(column, justify="right")
     for label, r in payload["results"].items():
-        table.add_row(label, f"{r['lr']:g}", f"{r['final_mean']:.3e} ± {r['final_std']:.1e}", f"{r['final_geomean']:.3e}",
-                      f"{r['accuracy_mean']:.4f}", f"{r['step_ms']:.3f}", f"{r['state_floats_per_param']:g}")
+        table.add_row(
+            label,
+            f"{r['lr']:g}",
+            f"{r['final_mean']:.3e} ± {r['final_std']:.1e}",
+            f"{r['final_geomean']:.3e}",
+            f"{r['accuracy_mean']:.4f}",
+            f"{r['step_ms']:.3f}",
+            f"{r['state_floats_per_param']:g}",
+        )
     Console(width=140).print(table)
     cmp = payload.get("student_vs_teachers")
     if cmp:
         verdict = "at least as good as" if cmp["student_at_least_teacher_mean"] else "worse than"
-        print(f"amalgamated student {cmp['student_final_mean']:.3e} is {verdict} the mean of its teachers "
-              f"({cmp['teachers_mean_of_final_means']:.3e}); best teacher {cmp['best_teacher']} {cmp['best_teacher_final_mean']:.3e}")
+        print(
+            f"amalgamated student {cmp['student_final_mean']:.3e} is {verdict} the mean of its teachers "
+            f"({cmp['teachers_mean_of_final_means']:.3e}); best teacher {cmp['best_teacher']} {cmp['best_teacher_final_mean']:.3e}"
+        )
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -269,26 +313,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from techniques.l2o.symbolic import DistillConfig, distill
     from techniques.l2o.tasks import MLPTask
-    from techniques.optimizers import write_text_atomic, load_policy
+    from techniques.optimizers import load_policy, write_text_atomic
 
     if not _threads(args):
         return 2
     folder = _folder(args, "artifacts")
     try:
-        cfg = DistillConfig(route=args.route, lags=args.lags, population=args.population, generations=args.generations,
-                            parsimony=args.parsimony, tune_iterations=args.tune_iterations, seed=args.seed)
+        cfg = DistillConfig(
+            route=args.route,
+            lags=args.lags,
+            population=args.population,
+            generations=args.generations,
+            parsimony=args.parsimony,
+            tune_iterations=args.tune_iterations,
+            seed=args.seed,
+        )
         lstm = load_policy(folder, "lstm")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     err = Console(stderr=True)
-    rule = distill(lstm, MLPTask(), MLPTask(hidden=args.heldout_hidden, partition="heldout"), cfg,
-                   report=lambda text: err.print(text, highlight=False))
+    rule = distill(
+        lstm, MLPTask(), MLPTask(hidden=args.heldout_hidden, partition="heldout"), cfg, report=lambda text: err.print(text, highlight=False)
+    )
     rule.info["alpha"] = cfg.alpha
     write_text_atomic(folder / f"{args.name}.json", rule.to_json())
     print(rule.describe())
-    print(f"held-out R²: {rule.info['r2_heldout_final']:.4f} (search {rule.info['r2_heldout_search']:.4f}, "
-          f"fit {rule.info['r2_heldout_fit']:.4f}); size {rule.info['size']} nodes")
+    print(
+        f"held-out R²: {rule.info['r2_heldout_final']:.4f} (search {rule.info['r2_heldout_search']:.4f}, "
+        f"fit {rule.info['r2_heldout_fit']:.4f}); size {rule.info['size']} nodes"
+    )
     print(folder / f"{args.name}.json", flush=True)
     return 0
 
@@ -305,8 +359,7 @@ def cmd_amalgamate(args: argparse.Namespace) -> int:
     folder = _folder(args, "artifacts")
     try:
         imitation = tuple(float(v) for v in args.imitation.split(",") if v.strip())
-        cfg = AmalgamationConfig(scheme=args.scheme, perturbation=args.perturbation, iterations=args.iterations,
-                                 imitation=imitation, seed=args.seed)
+        cfg = AmalgamationConfig(scheme=args.scheme, perturbation=args.perturbation, iterations=args.iterations, imitation=imitation, seed=args.seed)
         if args.name != "amalgamated" and not args.name.startswith("amalgamated-"):
             raise ValueError(f"--name '{args.name}' must be 'amalgamated' or start with 'amalgamated-'")
     except ValueError as exc:
@@ -315,8 +368,19 @@ def cmd_amalgamate(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     folder.mkdir(parents=True, exist_ok=True)
     student, log = train_student(MLPTask(), cfg, report=lambda text: err.print(text, highlight=False))
-    save_policy(student, folder, args.name, {"kind": "amalgamated-l2o", "alpha": cfg.alpha, "scheme": cfg.scheme,
-                                             "teacher_lrs": log["teacher_lrs"], "amalgamation": asdict(cfg), "seconds": log["seconds"]})
+    save_policy(
+        student,
+        folder,
+        args.name,
+        {
+            "kind": "amalgamated-l2o",
+            "alpha": cfg.alpha,
+            "scheme": cfg.scheme,
+            "teacher_lrs": log["teacher_lrs"],
+            "amalgamation": asdict(cfg),
+            "seconds": log["seconds"],
+        },
+    )
     print(f"trained in {log['seconds']:.1f}s")
     print(folder / f"{args.name}.safetensors", flush=True)
     return 0
@@ -328,8 +392,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not _threads(args):
         return 2
     try:
-        cfg = EvalConfig(hidden=args.hidden, partition=args.partition, steps=args.steps, seeds=args.seeds,
-                         first_seed=args.first_seed, every=args.every, teachers=not args.no_teachers)
+        cfg = EvalConfig(
+            hidden=args.hidden,
+            partition=args.partition,
+            steps=args.steps,
+            seeds=args.seeds,
+            first_seed=args.first_seed,
+            every=args.every,
+            teachers=not args.no_teachers,
+        )
         from techniques.l2o.tasks import MLPTask
 
         MLPTask(hidden=cfg.hidden, partition=cfg.partition)
@@ -403,8 +474,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``splitmix l2o ...`` to the CLI's subparsers."""
-    parser = subparsers.add_parser("l2o", help="learned client optimizers: train, distil, amalgamate, evaluate (arXiv 2203.06578, 2203.06474)",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "l2o",
+        help="learned client optimizers: train, distil, amalgamate, evaluate (arXiv 2203.06578, 2203.06474)",
+        description=__doc__.splitlines()[0],
+    )
     return add_arguments(parser)
 
 

@@ -8,7 +8,8 @@ that is the regime in which the random-pruning results of arXiv 2203.14328 are s
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -84,11 +85,11 @@ def empirical_ntk(
 
     jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # name -> (n, out, *param shape)
     n = x.shape[0]
-    kernel = None
+    kernel: torch.Tensor | None = None
     for name, j in jac.items():
         j = j.reshape(n * j.shape[1], -1)
         if name in weight_jacobian:
             j.mul_(weight_jacobian[name].reshape(1, -1).to(j))
         term = j @ j.T
         kernel = term if kernel is None else kernel + term
-    return kernel
+    return cast(torch.Tensor, kernel)  # one term per parameter tensor: set by the loop

@@ -25,14 +25,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from tools.ntk import NTKMLP, empirical_ntk
 from techniques.random_init import random_prune_, weight_jacobian
+from tools.ntk import NTKMLP, empirical_ntk
 
 
 @dataclass(frozen=True)
@@ -132,16 +132,22 @@ def compute_table(cfg: NTKStudyConfig, report: Callable[[str], None] | None = No
             ep, ep_sd = _mean_std(acc["ep"])
             sp, _ = _mean_std(acc["sp"])
             sr, _ = _mean_std(acc["sr"])
-            rows.append({
-                "width": width, "p": p,
-                "err_rescaled": er, "err_rescaled_std": er_sd,
-                "err_pruned": ep, "err_pruned_std": ep_sd,
-                "scale_rescaled": sr, "scale_pruned": sp,
-                "per_layer_factor": max(sp, 0.0) ** (1.0 / d),
-                "limit_scale_pruned": (1.0 - p) ** d,
-                "limit_err_pruned": 1.0 - (1.0 - p) ** d,
-                "seconds_width": seconds,
-            })
+            rows.append(
+                {
+                    "width": width,
+                    "p": p,
+                    "err_rescaled": er,
+                    "err_rescaled_std": er_sd,
+                    "err_pruned": ep,
+                    "err_pruned_std": ep_sd,
+                    "scale_rescaled": sr,
+                    "scale_pruned": sp,
+                    "per_layer_factor": max(sp, 0.0) ** (1.0 / d),
+                    "limit_scale_pruned": (1.0 - p) ** d,
+                    "limit_err_pruned": 1.0 - (1.0 - p) ** d,
+                    "seconds_width": seconds,
+                }
+            )
         if report:
             report(f"width {width}: {cfg.seeds} seed(s) × {len(cfg.ps)} p in {seconds:.1f}s")
     return rows
@@ -170,17 +176,26 @@ def plot(rows: list[dict], cfg: NTKStudyConfig, path: Path) -> Path:
         ax_scale.axhline((1 - p) ** d, color=color, ls=":", lw=1, label=f"(1-p)^{d} = {(1 - p) ** d:.3f}")
     first = [r for r in rows if r["p"] == cfg.ps[len(cfg.ps) // 2]][0]["err_rescaled"]
     ax_err.plot(widths, [first * math.sqrt(widths[0] / w) for w in widths], color="grey", lw=1, label="∝ width^-1/2")
-    ax_err.set(xscale="log", yscale="log", xlabel="width", ylabel="||K_pruned − K_dense||_F / ||K_dense||_F",
-               title="relative NTK error to the dense network")
-    ax_scale.set(xscale="log", yscale="log", xlabel="width", ylabel="<K_pruned, K_dense> / <K_dense, K_dense>",
-                 title="fitted kernel scale (→ 1 rescaled, → (1-p)^D unrescaled)")
+    ax_err.set(
+        xscale="log", yscale="log", xlabel="width", ylabel="||K_pruned − K_dense||_F / ||K_dense||_F", title="relative NTK error to the dense network"
+    )
+    ax_scale.set(
+        xscale="log",
+        yscale="log",
+        xlabel="width",
+        ylabel="<K_pruned, K_dense> / <K_dense, K_dense>",
+        title="fitted kernel scale (→ 1 rescaled, → (1-p)^D unrescaled)",
+    )
     for ax in (ax_err, ax_scale):
         ax.set_xticks(widths, [str(w) for w in widths])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"random pruning at init, NTK-param ReLU MLP: depth {cfg.depth}, {d} pruned layers, "
-                 f"{cfg.num_inputs} inputs in R^{cfg.input_dim}, {cfg.seeds} seeds", fontsize=10)
+    fig.suptitle(
+        f"random pruning at init, NTK-param ReLU MLP: depth {cfg.depth}, {d} pruned layers, "
+        f"{cfg.num_inputs} inputs in R^{cfg.input_dim}, {cfg.seeds} seeds",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -196,7 +211,7 @@ def run_study(cfg: NTKStudyConfig, out_dir: Path, report: Callable[[str], None] 
         "config": asdict(cfg),
         "pruned_layers": cfg.pruned_layers,
         "kernel": "empirical NTK, scalar output, (num_inputs, num_inputs); gradients w.r.t. the N(0,1) "
-                  "init variables θ of the kept weights, w = s·mask⊙θ (s = 1/sqrt(1-p) when rescaled)",
+        "init variables θ of the kept weights, w = s·mask⊙θ (s = 1/sqrt(1-p) when rescaled)",
         "torch": torch.__version__,
         "seconds": time.perf_counter() - start,
         "rows": rows,
@@ -216,13 +231,30 @@ def print_table(rows: list[dict], cfg: NTKStudyConfig) -> None:
 
     d = cfg.pruned_layers
     table = Table(title=f"pruned vs dense empirical NTK (mean of {cfg.seeds} seeds, D={d} pruned layers)")
-    for column in ("width", "p", "err rescaled", "err unrescaled", f"1-(1-p)^{d}", "scale unrescaled",
-                   f"(1-p)^{d}", "per-layer factor", "scale rescaled"):
+    for column in (
+        "width",
+        "p",
+        "err rescaled",
+        "err unrescaled",
+        f"1-(1-p)^{d}",
+        "scale unrescaled",
+        f"(1-p)^{d}",
+        "per-layer factor",
+        "scale rescaled",
+    ):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["width"]), f"{r['p']:g}", f"{r['err_rescaled']:.4f}±{r['err_rescaled_std']:.4f}",
-                      f"{r['err_pruned']:.4f}", f"{r['limit_err_pruned']:.4f}", f"{r['scale_pruned']:.4f}",
-                      f"{r['limit_scale_pruned']:.4f}", f"{r['per_layer_factor']:.4f}", f"{r['scale_rescaled']:.4f}")
+        table.add_row(
+            str(r["width"]),
+            f"{r['p']:g}",
+            f"{r['err_rescaled']:.4f}±{r['err_rescaled_std']:.4f}",
+            f"{r['err_pruned']:.4f}",
+            f"{r['limit_err_pruned']:.4f}",
+            f"{r['scale_pruned']:.4f}",
+            f"{r['limit_scale_pruned']:.4f}",
+            f"{r['per_layer_factor']:.4f}",
+            f"{r['scale_rescaled']:.4f}",
+        )
     Console(width=140).print(table)
 
 
@@ -266,9 +298,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     try:
-        cfg = NTKStudyConfig(widths=tuple(args.widths), ps=tuple(args.ps), seeds=args.seeds, depth=args.depth,
-                             num_inputs=args.num_inputs, input_dim=args.input_dim,
-                             prune_input=args.prune_input, seed=args.seed)
+        cfg = NTKStudyConfig(
+            widths=tuple(args.widths),
+            ps=tuple(args.ps),
+            seeds=args.seeds,
+            depth=args.depth,
+            num_inputs=args.num_inputs,
+            input_dim=args.input_dim,
+            prune_input=args.prune_input,
+            seed=args.seed,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -61,23 +61,24 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from clients.recipe import per_base_loss
+from models.blocks import DualBatchNorm, StackedConv2d, StackedLinear, StackedNet, frozen_bn_stats, per_base_inputs, routed, set_route
+from models.cost import count_macs, count_params
+from models.fuse import fuse_for_inference
+from models.masks import Masks
+from models.registry import create_model
+from models.slice_channels import channel_graph, channel_masks, kept_channels, num_bases, slice_channels
 from splitmix.adversarial import pgd_linf
 from splitmix.data import ArrayData, client_train_data, test_data
 from techniques.pruning import apply_masks_, iterative_magnitude_pruning, prunable_names, rewind_
-from clients.recipe import per_base_loss
-from models.blocks import DualBatchNorm, StackedConv2d, StackedLinear, frozen_bn_stats, per_base_inputs, routed, set_route
-from models.cost import count_macs, count_params
-from models.fuse import fuse_for_inference
-from models.registry import create_model
-from models.masks import Masks
-from models.slice_channels import channel_graph, channel_masks, kept_channels, num_bases, slice_channels
 
 FORMAT = "splitmix-pruned/1"
 WEIGHTS, ARCHITECTURE, CARD = "model.safetensors", "architecture.json", "model_card.json"
@@ -234,8 +235,11 @@ def _channel_report(model: nn.Module, masks: Masks) -> dict[str, dict[str, Any]]
     for producer, rows in keep.items():
         counts = [int(c) for c in rows.view(k, -1).sum(dim=1)]
         out = rows.numel() // k
-        report[producer] = {"dense_per_base": out, "kept_per_base": counts[0] if len(set(counts)) == 1 else counts,
-                            "channel_sparsity": 1.0 - float(rows.sum()) / rows.numel()}
+        report[producer] = {
+            "dense_per_base": out,
+            "kept_per_base": counts[0] if len(set(counts)) == 1 else counts,
+            "channel_sparsity": 1.0 - float(rows.sum()) / rows.numel(),
+        }
     return report
 
 
@@ -293,6 +297,7 @@ class _FineTuner:
 
     def __call__(self, model: nn.Module, masks: Masks) -> None:
         s = self.settings
+        stacked = cast(StackedNet, model)  # the run's model: a stack of bases
         stage = len(self.history) + 1
         start = time.perf_counter()
         before = _accuracy(model, self.test)
@@ -310,12 +315,13 @@ class _FineTuner:
                 for group in optimizer.param_groups:  # cosine decay within the stage
                     group["lr"] = 0.5 * s.lr * (1.0 + math.cos(math.pi * step / max(1, total)))
                 with routed(model, "clean"):
-                    loss = per_base_loss(model.forward_bases(xb), yb)
+                    loss = per_base_loss(stacked.forward_bases(xb), yb)
                 if lam > 0.0:
                     with routed(model, "adv"):
                         with frozen_bn_stats(model):
-                            x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_inputs(xb, k), self.pgd, gen)
-                        adv = per_base_loss(model.forward_bases(x_adv), yb)
+                            # B023: pgd_linf calls the loss right away, within this iteration
+                            x_adv = pgd_linf(lambda z: per_base_loss(stacked.forward_bases(z), yb), per_base_inputs(xb, k), self.pgd, gen)  # noqa: B023
+                        adv = per_base_loss(stacked.forward_bases(x_adv), yb)
                     loss = (1.0 - lam) * loss + lam * adv
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -339,8 +345,10 @@ class _FineTuner:
             "layers": {p: c["channel_sparsity"] for p, c in channels.items()},
         }
         self.history.append(row)
-        self.report(f"stage {stage} ({self.stage_name}): channel sparsity {row['channel_sparsity']:.3f}, weight sparsity "
-                    f"{row['weight_sparsity']:.3f}, accuracy {before:.4f} → {after:.4f} ({row['seconds']:.1f}s)")
+        self.report(
+            f"stage {stage} ({self.stage_name}): channel sparsity {row['channel_sparsity']:.3f}, weight sparsity "
+            f"{row['weight_sparsity']:.3f}, accuracy {before:.4f} → {after:.4f} ({row['seconds']:.1f}s)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +362,15 @@ def describe_architecture(model: nn.Module, build: dict[str, Any], robustness: f
     dual_paths = {name for name, m in model.named_modules() if isinstance(m, DualBatchNorm)}  # their inner BNs come with them
     for name, m in model.named_modules():
         if isinstance(m, StackedConv2d):
-            layers[name] = {"type": "StackedConv2d", "in_per_base": m.in_channels // m.num_bases, "out_per_base": m.out_channels // m.num_bases,
-                            "kernel_size": m.kernel_size[0], "stride": m.stride[0], "padding": m.padding[0], "bias": m.bias is not None}
+            layers[name] = {
+                "type": "StackedConv2d",
+                "in_per_base": m.in_channels // m.num_bases,
+                "out_per_base": m.out_channels // m.num_bases,
+                "kernel_size": m.kernel_size[0],
+                "stride": m.stride[0],
+                "padding": m.padding[0],
+                "bias": m.bias is not None,
+            }
         elif isinstance(m, StackedLinear):
             layers[name] = {"type": "StackedLinear", "in_per_base": m.in_per_base, "out_per_base": m.out_per_base, "bias": m.bias is not None}
         elif isinstance(m, DualBatchNorm):
@@ -364,15 +379,15 @@ def describe_architecture(model: nn.Module, build: dict[str, Any], robustness: f
             norms[name] = {"type": type(m).__name__, "num_features": m.num_features}
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             raise PruneError(f"cannot describe layer '{name}' ({type(m).__name__}) for rebuilding")
-    return {"format": FORMAT, "build": build, "num_bases": num_bases(model), "robustness": robustness,
-            "layers": layers, "norms": norms}
+    return {"format": FORMAT, "build": build, "num_bases": num_bases(model), "robustness": robustness, "layers": layers, "norms": norms}
 
 
 def _module_from(entry: dict[str, Any], k: int) -> nn.Module:
     kind = entry["type"]
     if kind == "StackedConv2d":
-        return StackedConv2d(entry["in_per_base"], entry["out_per_base"], entry["kernel_size"], k,
-                             stride=entry["stride"], padding=entry["padding"], bias=entry["bias"])
+        return StackedConv2d(
+            entry["in_per_base"], entry["out_per_base"], entry["kernel_size"], k, stride=entry["stride"], padding=entry["padding"], bias=entry["bias"]
+        )
     if kind == "StackedLinear":
         return StackedLinear(entry["in_per_base"], entry["out_per_base"], k, bias=entry["bias"])
     if kind == "DualBatchNorm":
@@ -423,8 +438,7 @@ def _default_out(run_folder: Path, s: PruneSettings) -> Path:
     return run_folder / name
 
 
-def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path | None = None,
-                report: Reporter | None = None) -> PruneResult:
+def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path | None = None, report: Reporter | None = None) -> PruneResult:
     """Prune, fine-tune and slice the model ``run_folder`` serves at ``settings.width``; write the
     output folder (see the module docstring). Input errors raise :class:`PruneError`."""
     from server.query import QueryError, load_run
@@ -458,10 +472,13 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     model = copy.deepcopy(dense).train()
     tuner = _FineTuner(train, test, s, sim, say)
     acc_dense = _accuracy(dense, test)
-    say(f"{run.method_name} width {served.width:g} (bases {served.bases or '-'}) λ={served.robustness:g}: test accuracy {acc_dense:.4f}; "
-        f"IMP {s.imp_rounds} rounds at rate {s.imp_rate:.4f} → channel sparsity {s.channel_sparsity:g}; data: {data_source} ({len(train)} examples)")
-    imp = iterative_magnitude_pruning(model, tuner, rounds=s.imp_rounds, rate=s.imp_rate, rewind_state=checkpoint,
-                                      structure="refill", names=names, final_train=False)
+    say(
+        f"{run.method_name} width {served.width:g} (bases {served.bases or '-'}) λ={served.robustness:g}: test accuracy {acc_dense:.4f}; "
+        f"IMP {s.imp_rounds} rounds at rate {s.imp_rate:.4f} → channel sparsity {s.channel_sparsity:g}; data: {data_source} ({len(train)} examples)"
+    )
+    imp = iterative_magnitude_pruning(
+        model, tuner, rounds=s.imp_rounds, rate=s.imp_rate, rewind_state=checkpoint, structure="refill", names=names, final_train=False
+    )
     imp_reached = _channel_report(model, imp.masks)
     # ---- exact channel sparsity, rewind, fine-tune the ticket
     masks = exact_refill(model, imp.masks, s.channel_sparsity, checkpoint)
@@ -482,8 +499,9 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
         raise RuntimeError(f"sliced model differs from the masked model (max |Δlogit| {max_diff:.3g})")
     shape = run.input_shape
     x = torch.rand(s.timing_batch, *shape, generator=torch.Generator().manual_seed(0))
-    ms = _time_models({"dense": dense, "sliced": sliced, "dense_fused": fuse_for_inference(dense),
-                       "sliced_fused": fuse_for_inference(sliced)}, x, s.timing_repeats)
+    ms = _time_models(
+        {"dense": dense, "sliced": sliced, "dense_fused": fuse_for_inference(dense), "sliced_fused": fuse_for_inference(sliced)}, x, s.timing_repeats
+    )
     channels = _channel_report(model, masks)
     params = {"dense": count_params(dense), "sliced": count_params(sliced)}
     macs = {"dense": count_macs(dense, shape), "sliced": count_macs(sliced, shape)}
@@ -504,7 +522,8 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
             "achieved": {p: c["channel_sparsity"] for p, c in channels.items()},
             "channels_per_base": {p: {"dense": c["dense_per_base"], "kept": c["kept_per_base"]} for p, c in channels.items()},
             "after_imp_rounds": {p: c["channel_sparsity"] for p, c in imp_reached.items()},
-            "note": "kept per base = max(1, round((1 - requested) · dense)); after_imp_rounds: where the IMP rounds alone landed before the exact final refill",
+            "note": "kept per base = max(1, round((1 - requested) · dense)); "
+            "after_imp_rounds: where the IMP rounds alone landed before the exact final refill",
         },
         "weight_sparsity": _weight_sparsity(model, masks),
         "weight_sparsity_sliced": 1.0 - conv_linear(sliced) / conv_linear(dense),
@@ -513,27 +532,60 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
         "accuracy": {"dense": acc_dense, "masked": acc_masked, "sliced": acc_sliced},
         "max_abs_logit_diff_masked_vs_sliced": max_diff,
         "inference_cpu": {
-            "batch": s.timing_batch, "threads": torch.get_num_threads(), "repeats": s.timing_repeats, "statistic": "median ms per batch, interleaved",
+            "batch": s.timing_batch,
+            "threads": torch.get_num_threads(),
+            "repeats": s.timing_repeats,
+            "statistic": "median ms per batch, interleaved",
             "eager": {"dense_ms": ms["dense"], "sliced_ms": ms["sliced"], "speedup": ms["dense"] / ms["sliced"]},
-            "fused": {"dense_ms": ms["dense_fused"], "sliced_ms": ms["sliced_fused"], "speedup": ms["dense_fused"] / ms["sliced_fused"],
-                      "note": "BN folded, channels-last (models/fuse.py), as `splitmix query`/`serve` serve models"},
+            "fused": {
+                "dense_ms": ms["dense_fused"],
+                "sliced_ms": ms["sliced_fused"],
+                "speedup": ms["dense_fused"] / ms["sliced_fused"],
+                "note": "BN folded, channels-last (models/fuse.py), as `splitmix query`/`serve` serve models",
+            },
         },
-        "imp": {"rounds": s.imp_rounds, "rate": s.imp_rate, "rate_derived": s.rate is None, "structure": "refill",
-                "pruned_layers": names, "rewind": "the run's trained weights (the served model)",
-                "final": "exact refill to the requested channel sparsity, rewind, fine-tune"},
-        "fine_tune": {"epochs_per_stage": s.epochs, "stages": len(tuner.history), "lr": s.lr, "schedule": "cosine within each stage",
-                      "batch_size": tuner.batch_size, "momentum": sim.training.momentum, "weight_decay": sim.training.weight_decay,
-                      "loss": "per-base cross-entropy, clean BN" + ("" if not s.robustness else f"; (1-λ)·clean + λ·PGD-{sim.training.pgd_steps} on adv BN, λ={s.robustness:g}"),
-                      "data": data_source, "examples": len(train), "seed": s.seed},
+        "imp": {
+            "rounds": s.imp_rounds,
+            "rate": s.imp_rate,
+            "rate_derived": s.rate is None,
+            "structure": "refill",
+            "pruned_layers": names,
+            "rewind": "the run's trained weights (the served model)",
+            "final": "exact refill to the requested channel sparsity, rewind, fine-tune",
+        },
+        "fine_tune": {
+            "epochs_per_stage": s.epochs,
+            "stages": len(tuner.history),
+            "lr": s.lr,
+            "schedule": "cosine within each stage",
+            "batch_size": tuner.batch_size,
+            "momentum": sim.training.momentum,
+            "weight_decay": sim.training.weight_decay,
+            "loss": "per-base cross-entropy, clean BN"
+            + ("" if not s.robustness else f"; (1-λ)·clean + λ·PGD-{sim.training.pgd_steps} on adv BN, λ={s.robustness:g}"),
+            "data": data_source,
+            "examples": len(train),
+            "seed": s.seed,
+        },
         "seconds": {"fine_tune": sum(r["seconds"] for r in tuner.history), "total": time.perf_counter() - t0},
-        "files": {"weights": WEIGHTS, "architecture": ARCHITECTURE, "history": "history.json, history.csv",
-                  "load": "tools.prune.load_pruned(folder)"},
+        "files": {
+            "weights": WEIGHTS,
+            "architecture": ARCHITECTURE,
+            "history": "history.json, history.csv",
+            "load": "tools.prune.load_pruned(folder)",
+        },
     }
     # ---- write
     folder.mkdir(parents=True, exist_ok=True)
-    build = {"name": run.spec.arch, "width": run.spec.atom_width if run.method.selectable_bases else served.width,
-             "num_bases": num_bases(sliced), "num_classes": run.spec.num_classes, "in_channels": run.spec.in_channels,
-             "image_size": run.spec.image_size, "dual_bn": run.spec.dual_bn}
+    build = {
+        "name": run.spec.arch,
+        "width": run.spec.atom_width if run.method.selectable_bases else served.width,
+        "num_bases": num_bases(sliced),
+        "num_classes": run.spec.num_classes,
+        "in_channels": run.spec.in_channels,
+        "image_size": run.spec.image_size,
+        "dual_bn": run.spec.dual_bn,
+    }
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": FORMAT})
     (folder / ARCHITECTURE).write_text(json.dumps(describe_architecture(sliced, build, served.robustness), indent=2) + "\n")
     card["seconds"]["total"] = time.perf_counter() - t0
@@ -547,15 +599,40 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     return PruneResult(folder=folder.resolve(), card=card, history=tuner.history, dense=dense, masked=model, sliced=sliced, masks=masks)
 
 
-def prune_run(run: str | Path, width: float, channel_sparsity: float, *, robustness: float = 0.0, select: str = "first",
-              imp_rounds: int = 3, rate: float | None = None, epochs: int = 2, lr: float = 0.01, batch_size: int | None = None,
-              partition: int | None = None, out: str | Path | None = None, seed: int = 0, timing_repeats: int = 7,
-              report: Reporter | None = None) -> Path:
+def prune_run(
+    run: str | Path,
+    width: float,
+    channel_sparsity: float,
+    *,
+    robustness: float = 0.0,
+    select: str = "first",
+    imp_rounds: int = 3,
+    rate: float | None = None,
+    epochs: int = 2,
+    lr: float = 0.01,
+    batch_size: int | None = None,
+    partition: int | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    timing_repeats: int = 7,
+    report: Reporter | None = None,
+) -> Path:
     """Prune the model ``run`` serves at ``width`` to ``channel_sparsity`` and write the output
     folder; returns it. Runs where training data is (see the module docstring)."""
-    settings = PruneSettings(width=width, channel_sparsity=channel_sparsity, robustness=robustness, select=select,
-                             imp_rounds=imp_rounds, rate=rate, epochs=epochs, lr=lr, batch_size=batch_size,
-                             partition=partition, seed=seed, timing_repeats=timing_repeats)
+    settings = PruneSettings(
+        width=width,
+        channel_sparsity=channel_sparsity,
+        robustness=robustness,
+        select=select,
+        imp_rounds=imp_rounds,
+        rate=rate,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        partition=partition,
+        seed=seed,
+        timing_repeats=timing_repeats,
+    )
     return run_pruning(run, settings, out, report).folder
 
 
@@ -568,19 +645,42 @@ def card_table(card: dict[str, Any]):
 
     cs = card["channel_sparsity"]
     inf = card["inference_cpu"]
-    table = Table(title=f"{card['method']} width {card['width']:g} λ={card['robustness']:g}: channel sparsity {cs['requested']:g} "
-                        f"(weight sparsity {card['weight_sparsity']:.3f})")
+    table = Table(
+        title=f"{card['method']} width {card['width']:g} λ={card['robustness']:g}: channel sparsity {cs['requested']:g} "
+        f"(weight sparsity {card['weight_sparsity']:.3f})"
+    )
     for column in ("model", "channels/base", "params", "MACs", "accuracy", "ms/batch", "ms/batch fused"):
         table.add_column(column, justify="right")
     dense_ch = "-".join(str(c["dense"]) for c in cs["channels_per_base"].values())
     kept_ch = "-".join(str(c["kept"]) for c in cs["channels_per_base"].values())
-    table.add_row("dense", dense_ch, f"{card['params']['dense']:,}", f"{card['macs']['dense']:,}", f"{card['accuracy']['dense']:.4f}",
-                  f"{inf['eager']['dense_ms']:.2f}", f"{inf['fused']['dense_ms']:.2f}")
+    table.add_row(
+        "dense",
+        dense_ch,
+        f"{card['params']['dense']:,}",
+        f"{card['macs']['dense']:,}",
+        f"{card['accuracy']['dense']:.4f}",
+        f"{inf['eager']['dense_ms']:.2f}",
+        f"{inf['fused']['dense_ms']:.2f}",
+    )
     table.add_row("masked", kept_ch, "(dense shapes)", "(dense)", f"{card['accuracy']['masked']:.4f}", "-", "-")
-    table.add_row("sliced", kept_ch, f"{card['params']['sliced']:,}", f"{card['macs']['sliced']:,}", f"{card['accuracy']['sliced']:.4f}",
-                  f"{inf['eager']['sliced_ms']:.2f}", f"{inf['fused']['sliced_ms']:.2f}")
-    table.add_row("sliced/dense", "", f"{card['params']['ratio']:.3f}", f"{card['macs']['ratio']:.3f}", "",
-                  f"{inf['eager']['speedup']:.2f}× faster", f"{inf['fused']['speedup']:.2f}× faster")
+    table.add_row(
+        "sliced",
+        kept_ch,
+        f"{card['params']['sliced']:,}",
+        f"{card['macs']['sliced']:,}",
+        f"{card['accuracy']['sliced']:.4f}",
+        f"{inf['eager']['sliced_ms']:.2f}",
+        f"{inf['fused']['sliced_ms']:.2f}",
+    )
+    table.add_row(
+        "sliced/dense",
+        "",
+        f"{card['params']['ratio']:.3f}",
+        f"{card['macs']['ratio']:.3f}",
+        "",
+        f"{inf['eager']['speedup']:.2f}× faster",
+        f"{inf['fused']['speedup']:.2f}× faster",
+    )
     return table
 
 
@@ -604,9 +704,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not apply_threads(args.threads):
         return 2
     try:
-        settings = PruneSettings(width=args.width, channel_sparsity=args.channel_sparsity, robustness=args.robustness,
-                                 select=args.select, imp_rounds=args.imp_rounds, rate=args.rate, epochs=args.epochs, lr=args.lr,
-                                 batch_size=args.batch_size, partition=args.partition, seed=args.seed, timing_repeats=args.repeats)
+        settings = PruneSettings(
+            width=args.width,
+            channel_sparsity=args.channel_sparsity,
+            robustness=args.robustness,
+            select=args.select,
+            imp_rounds=args.imp_rounds,
+            rate=args.rate,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            partition=args.partition,
+            seed=args.seed,
+            timing_repeats=args.repeats,
+        )
         result = run_pruning(args.run, settings, args.out, report=lambda text: err.print(text, highlight=False))
     except PruneError as exc:
         _fail(str(exc))
@@ -620,15 +731,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run", help="a run folder written by `splitmix simulate`")
     parser.add_argument("--width", type=float, required=True, help="a width the run serves (see `splitmix models`)")
     parser.add_argument("--channel-sparsity", type=float, required=True, help="share of channels removed in every prunable layer, in [0, 1)")
-    parser.add_argument("--robustness", type=float, default=0.0, help="λ in [0, 1] the model is pruned and fine-tuned for (default 0; >0 trains with PGD)")
+    parser.add_argument(
+        "--robustness", type=float, default=0.0, help="λ in [0, 1] the model is pruned and fine-tuned for (default 0; >0 trains with PGD)"
+    )
     parser.add_argument("--select", choices=("first", "best"), default="first", help="the first k bases, or the best k by accuracy")
     parser.add_argument("--imp-rounds", type=int, default=3, help="IMP rounds before the exact final refill (default 3; 0 = one shot)")
     parser.add_argument("--rate", type=float, default=None, help="weights pruned per IMP round (default 1-(1-S)^(1/rounds))")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per IMP round and for the final ticket (default 2)")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (SGD, cosine within each stage; default 0.01)")
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size (default: the run's)")
-    parser.add_argument("--partition", type=int, default=None,
-                        help="fine-tune on this client partition only (default: the union of all; in a deployment the data holder runs this on its own data)")
+    parser.add_argument(
+        "--partition",
+        type=int,
+        default=None,
+        help="fine-tune on this client partition only (default: the union of all; in a deployment the data holder runs this on its own data)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (median, batch 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for fine-tuning and timing (default: torch's)")
     parser.add_argument("--out", default=None, help="output folder (default <run>/pruned-w<W>-cs<S>)")
@@ -643,7 +760,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "prune",
         help="structured lottery ticket of a served model: IMP + refill + rewinding, fine-tune, slice to a smaller dense model",
         description="Prune the model a run serves at --width channel-wise (IMP with weight rewinding and refill, arXiv 2202.04736), "
-                    "fine-tune it and physically slice it. Needs training data: in a deployment the data holder runs this.",
+        "fine-tune it and physically slice it. Needs training data: in a deployment the data holder runs this.",
     )
     return add_arguments(parser)
 

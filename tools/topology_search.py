@@ -20,8 +20,9 @@ import math
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from models.vit import Topology
 from tools.asvit_scores import (
@@ -68,9 +69,14 @@ def run_config_for(topology: Topology, atom_width: float, base: dict[str, Any] |
 
 def _score_row(s: TopologyScore) -> dict[str, Any]:
     return {
-        "topology": str(s.topology), **s.topology.to_dict(), "params": s.params,
-        "length_distortion": s.length_distortion, "ntk_cond": s.ntk_cond if math.isfinite(s.ntk_cond) else "inf",
-        "rank_length": s.rank_length, "rank_ntk": s.rank_ntk, "rank_sum": s.rank_sum,
+        "topology": str(s.topology),
+        **s.topology.to_dict(),
+        "params": s.params,
+        "length_distortion": s.length_distortion,
+        "ntk_cond": s.ntk_cond if math.isfinite(s.ntk_cond) else "inf",
+        "rank_length": s.rank_length,
+        "rank_ntk": s.rank_ntk,
+        "rank_sum": s.rank_sum,
     }
 
 
@@ -119,9 +125,19 @@ def search(args: argparse.Namespace, out: Path, report: Reporter) -> dict[str, A
         writer.writeheader()
         writer.writerows(rows)
     summary: dict[str, Any] = {
-        "seed": args.seed, "dataset": args.dataset, "candidates": len(candidates), "repeats": args.repeats,
-        "seconds": result.seconds, "seed_topology": str(result.best), "chosen": chosen.to_dict(), "chosen_name": str(chosen),
-        "how": how, "atom_width": args.atom_width, "run_config": run_config, "ranked": rows, "family": family,
+        "seed": args.seed,
+        "dataset": args.dataset,
+        "candidates": len(candidates),
+        "repeats": args.repeats,
+        "seconds": result.seconds,
+        "seed_topology": str(result.best),
+        "chosen": chosen.to_dict(),
+        "chosen_name": str(chosen),
+        "how": how,
+        "atom_width": args.atom_width,
+        "run_config": run_config,
+        "ranked": rows,
+        "family": family,
     }
     if args.kendall:
         report(f"Kendall study: training {args.kendall} candidates for {args.kendall_steps} steps each")
@@ -131,7 +147,8 @@ def search(args: argparse.Namespace, out: Path, report: Reporter) -> dict[str, A
         _plot_kendall(study, out / "kendall.png")
     (out / "search.json").write_text(json.dumps(summary, indent=2, default=str))
     _write_toml(
-        out / "topology.toml", run_config,
+        out / "topology.toml",
+        run_config,
         f"As-ViT topology search (splitmix search-topology, seed {args.seed}): {how}.\n"
         f"Every Split-Mix base is {chosen} (patch-dim-depth-heads-mlp); the vit-* keys are the full-width model.\n"
         f"Use: splitmix simulate --config {out / 'topology.toml'}",
@@ -205,14 +222,21 @@ def cmd_search_topology(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right")
     for row in summary["ranked"][:10]:
         kappa = row["ntk_cond"]
-        table.add_row(row["topology"], f"{row['params']:,}", f"{row['length_distortion']:.3f}",
-                      kappa if isinstance(kappa, str) else f"{kappa:.3g}", str(row["rank_sum"]))
+        table.add_row(
+            row["topology"],
+            f"{row['params']:,}",
+            f"{row['length_distortion']:.3f}",
+            kappa if isinstance(kappa, str) else f"{kappa:.3g}",
+            str(row["rank_sum"]),
+        )
     console = Console(width=120)
     console.print(table)
     console.print(f"chosen: {summary['chosen_name']} ({summary['how']})")
     if "kendall" in summary:
         k = summary["kendall"]
-        console.print(f"Kendall τ vs accuracy: length distortion {k['tau_length_distortion']:.2f}, −NTK κ {k['tau_neg_ntk_cond']:.2f}, "
-                      f"−rank sum {k['tau_neg_rank_sum']:.2f}, params {k['tau_params']:.2f}")
+        console.print(
+            f"Kendall τ vs accuracy: length distortion {k['tau_length_distortion']:.2f}, −NTK κ {k['tau_neg_ntk_cond']:.2f}, "
+            f"−rank sum {k['tau_neg_rank_sum']:.2f}, params {k['tau_params']:.2f}"
+        )
     print(out, flush=True)
     return 0

@@ -16,8 +16,9 @@ Tensor codecs: ``splitmix/protocol/codec.py`` (dense), ``sparse_codec.py`` (spar
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -97,6 +98,21 @@ def profile_from_record(record: ConfigRecord, node_id: int) -> NodeProfile:
     return profile
 
 
+# ----------------------------------------------------------------------------- typed reads
+# A record value's static type is the union of every value type a record may hold; the reader
+# knows which one its key holds. These convert exactly as int()/float()/bytes() do.
+def as_int(value: Any) -> int:
+    return int(value)
+
+
+def as_float(value: Any) -> float:
+    return float(value)
+
+
+def as_bytes(value: Any) -> bytes:
+    return bytes(value)
+
+
 # ----------------------------------------------------------------------------- the instruction
 @dataclass(frozen=True)
 class Instruction:
@@ -114,7 +130,7 @@ class Instruction:
         return ConfigRecord({TASK: self.task, ROUND: self.server_round, LR: self.lr, SEED: self.seed, METHOD: self.method, **self.extra})
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> "Instruction":
+    def from_record(cls, record: ConfigRecord) -> Instruction:
         known = {TASK, ROUND, LR, SEED, METHOD}
         return cls(
             task=str(record[TASK]),

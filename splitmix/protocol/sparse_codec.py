@@ -25,7 +25,8 @@ for a Split-Mix base's ~30 tiny tensors would otherwise cost as much as its spar
 from __future__ import annotations
 
 import math
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ VAL_SUFFIX = "::val"
 DENSE_PACK = "::dense"  # float32 tensors without a mask, concatenated in sorted key order
 
 BITMAP = 0
-_DELTA_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 3: np.dtype("<u4"), 4: np.dtype("<u8")}
+_DELTA_DTYPES: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 3: np.dtype("<u4"), 4: np.dtype("<u8")}
 
 # torch dtype -> NumPy dtype of the values payload (its name is the Array's dtype)
 _VALUE_DTYPES: dict[torch.dtype, np.dtype] = {
@@ -51,8 +52,10 @@ _TORCH_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "float64":
 
 
 class _Spec(Protocol):  # strategies.base.TensorSpec, without importing the server side
-    shape: tuple[int, ...]
-    dtype: str
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
 
 
 # ---------------------------------------------------------------------------- indices
@@ -239,9 +242,7 @@ def _unpack_dense(array, expected: Mapping[str, _Spec]) -> dict[str, tuple[None,
     return out
 
 
-def sparse_from_record(
-    record: ArrayRecord, expected: Mapping[str, _Spec]
-) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+def sparse_from_record(record: ArrayRecord, expected: Mapping[str, _Spec]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
     """Check and decode a reply: ``{key: (mask or None if sent dense, dense values)}``.
 
     ``expected`` maps each tensor key to what the server sent (``shape``, ``dtype`` name). Each

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from clients.recipe import LocalTrainConfig
 from models.splitmix import SplitMixSpec
@@ -22,6 +22,7 @@ from splitmix.data import DataConfig
 if TYPE_CHECKING:
     from splitmix.config import RunConfig
     from techniques.base import Technique
+    from techniques.optimizers import OptimizerSection
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,21 @@ class ClientTask:
     state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)
 
     @classmethod
-    def from_run(cls, run: "RunConfig", spec: SplitMixSpec) -> "ClientTask":
+    def from_run(cls, run: RunConfig, spec: SplitMixSpec) -> ClientTask:
         t = run.training
-        optimizer = run.techniques["optimizer"]
+        optimizer = cast("OptimizerSection", run.techniques["optimizer"])
         task = cls(
             data=run.data_config(),
             spec=spec,
             train=LocalTrainConfig(
-                epochs=t.local_epochs, batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
-                adv_lambda=t.adv_lambda, pgd=run.pgd(),
-                optimizer=optimizer.optimizer, l2o_artifacts=optimizer.l2o_artifacts,  # type: ignore[attr-defined]
+                epochs=t.local_epochs,
+                batch_size=t.batch_size,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
+                adv_lambda=t.adv_lambda,
+                pgd=run.pgd(),
+                optimizer=optimizer.optimizer,
+                l2o_artifacts=optimizer.l2o_artifacts,
             ),
             budgets=run.federation.budgets,
             adv_fraction=run.federation.adv_fraction,
@@ -76,18 +82,18 @@ class ClientTask:
         """A technique's config section, as the dataclass."""
         return _section(self.to_json(), name)
 
-    def techniques_on(self) -> list["Technique"]:
+    def techniques_on(self) -> list[Technique]:
         """This run's techniques, each with its section."""
         return [_technique(name)(self.section(name) if name in self.techniques else None) for name in self.active]
 
-    def with_state_dir(self, path: str) -> "ClientTask":
+    def with_state_dir(self, path: str) -> ClientTask:
         return replace(self, state_dir=path)
 
     def to_json(self) -> str:
         return _to_json(self)
 
     @staticmethod
-    def from_json(text: str) -> "ClientTask":
+    def from_json(text: str) -> ClientTask:
         return _parse(text)
 
 
@@ -95,7 +101,7 @@ def _to_json(task: ClientTask) -> str:
     return json.dumps(asdict(task), sort_keys=True)
 
 
-def _technique(name: str) -> "type[Technique]":
+def _technique(name: str) -> type[Technique]:
     from techniques import TECHNIQUES
 
     return TECHNIQUES[name]

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,8 +113,9 @@ def _final_log_loss(policy: Callable, init: Callable[[int], State], task: MLPTas
     return float(np.mean([math.log(f + EPS) if math.isfinite(f) else 50.0 for f in finals]))
 
 
-def tune_teachers(task: MLPTask, names: Sequence[str] = TEACHERS, steps: int = 100, seeds: Sequence[int] = (0, 1),
-                  factors: Sequence[float] = (1 / 3, 1.0, 3.0)) -> dict[str, float]:
+def tune_teachers(
+    task: MLPTask, names: Sequence[str] = TEACHERS, steps: int = 100, seeds: Sequence[int] = (0, 1), factors: Sequence[float] = (1 / 3, 1.0, 3.0)
+) -> dict[str, float]:
     """Per teacher, the lr (OA preset × factor) with the lowest mean log final loss."""
     best: dict[str, float] = {}
     for name in names:
@@ -122,7 +123,7 @@ def tune_teachers(task: MLPTask, names: Sequence[str] = TEACHERS, steps: int = 1
         for f in factors:
             teacher = Teacher(name, float(f"{PRESET_LRS[name] * f:.4g}"))
             scores[teacher.lr] = _final_log_loss(teacher, teacher.init_state, task, [80_000 + s for s in seeds], steps, 1.0)
-        best[name] = min(scores, key=scores.get)
+        best[name] = min(scores, key=scores.__getitem__)
     return best
 
 
@@ -150,13 +151,13 @@ class ChoicePolicy(CoordinatePolicy):
         for i, teacher in enumerate(self.teachers):
             state |= {f"t{i}.{key}": value for key, value in teacher.init_state(n).items()}
         rank = torch.full((n,), 2, dtype=torch.long) if ndims is None else ndims.clamp(1, 3)
-        state |= {"h": torch.zeros(n, self.hidden_dim), "c": torch.zeros(n, self.hidden_dim),
-                  "rank": F.one_hot(rank - 1, 3).float()}
+        state |= {"h": torch.zeros(n, self.hidden_dim), "c": torch.zeros(n, self.hidden_dim), "rank": F.one_hot(rank - 1, 3).float()}
         return state
 
     def proposals(self, grad: torch.Tensor, state: State, t: int) -> tuple[torch.Tensor, State]:
         """``(n, K)`` absolute deltas of the pool on the same gradient, and their new states."""
-        outs, new = [], {}
+        outs: list[torch.Tensor] = []
+        new: State = {}
         for i, teacher in enumerate(self.teachers):
             step = teacher(grad, {"m": state[f"t{i}.m"], "v": state[f"t{i}.v"]}, t)
             outs.append(step.out)
@@ -247,8 +248,9 @@ class Perturbation:
         return delta
 
 
-def perturbed_call(policy: nn.Module, weights: dict[str, torch.Tensor], perturbation: Perturbation,
-                   generator: torch.Generator | None) -> Callable[[torch.Tensor, State, int], PolicyStep]:
+def perturbed_call(
+    policy: nn.Module, weights: dict[str, torch.Tensor], perturbation: Perturbation, generator: torch.Generator | None
+) -> Callable[[torch.Tensor, State, int], PolicyStep]:
     """The policy at ``weights`` (+ fresh random noise per use for the random kinds)."""
     if perturbation.kind in ("gaussian", "gaussian_rel") and policy.training:
         return lambda g, s, t: functional_call(policy, {n: w + perturbation.noise(w, generator) for n, w in weights.items()}, (g, s, t))
@@ -277,9 +279,16 @@ class Runner:
         return torch.stack(path)
 
 
-def student_window(call: Callable[[torch.Tensor, State, int], PolicyStep], flat: FlatModel, theta: torch.Tensor, state: State,
-                   t0: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], alpha: float,
-                   paths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, State]:
+def student_window(
+    call: Callable[[torch.Tensor, State, int], PolicyStep],
+    flat: FlatModel,
+    theta: torch.Tensor,
+    state: State,
+    t0: int,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    alpha: float,
+    paths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, State]:
     """One truncated window of the student: ``(L_meta, D (U, K) or None, θ after, state after)``.
 
     ``batches`` holds U+1 batches: U steps, then the loss after the last step."""
@@ -334,18 +343,26 @@ class AmalgamationConfig:
             raise ValueError(f"teachers must be a non-empty subset of {', '.join(TEACHERS)}")
 
 
-def _meta_step(policy: nn.Module, opt: torch.optim.Optimizer, perturbation: Perturbation, clip: float,
-               window: Callable[[Callable], torch.Tensor], generator: torch.Generator) -> tuple[float, tuple]:
+def _meta_step(
+    policy: nn.Module,
+    opt: torch.optim.Optimizer,
+    perturbation: Perturbation,
+    clip: float,
+    window: Callable[[Callable], tuple[torch.Tensor, tuple]],
+    generator: torch.Generator,
+) -> tuple[float, tuple]:
     """Meta-gradient at W (+ δ) applied to W; δ is never written into W.
 
     ``window(call)`` runs the unroll with a policy callable and returns ``(loss, extra)``."""
-    weights = {n: p for n, p in policy.named_parameters()}
+    weights: dict[str, torch.Tensor] = {n: p for n, p in policy.named_parameters()}
     if perturbation.adversarial:
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
         loss, _ = window(perturbed_call(policy, {n: w.detach() + deltas[n] for n, w in weights.items()}, perturbation, generator))
         grads = torch.autograd.grad(loss, list(deltas.values()), allow_unused=True)
-        shifted = {n: w + perturbation.ascend(torch.zeros_like(w), torch.zeros_like(w) if g is None else g, w).detach()
-                   for (n, w), g in zip(weights.items(), grads)}
+        shifted = {
+            n: w + perturbation.ascend(torch.zeros_like(w), torch.zeros_like(w) if g is None else g, w).detach()
+            for (n, w), g in zip(weights.items(), grads)
+        }
     else:
         shifted = weights
     loss, extra = window(perturbed_call(policy, shifted, perturbation, generator))
@@ -373,7 +390,9 @@ def train_choice(teachers: Sequence[Teacher], task: MLPTask, cfg: AmalgamationCo
             batches = [next(stream) for _ in range(cfg.unroll + 1)]
             start_theta, start_state, t0 = theta.detach(), detach_state(state), w * cfg.unroll
 
-            def window(call: Callable) -> tuple[torch.Tensor, tuple]:
+            def window(
+                call: Callable, *, flat=flat, start_theta=start_theta, start_state=start_state, t0=t0, batches=batches
+            ) -> tuple[torch.Tensor, tuple]:
                 lm, _, th, st = student_window(call, flat, start_theta, start_state, t0, batches, 1.0, None)
                 return lm, (th, st)
 
@@ -383,8 +402,9 @@ def train_choice(teachers: Sequence[Teacher], task: MLPTask, cfg: AmalgamationCo
     return choice.eval()
 
 
-def train_student(task: MLPTask, cfg: AmalgamationConfig, teacher_lrs: dict[str, float] | None = None,
-                  report: Reporter | None = None) -> tuple[RNNPropPolicy, dict]:
+def train_student(
+    task: MLPTask, cfg: AmalgamationConfig, teacher_lrs: dict[str, float] | None = None, report: Reporter | None = None
+) -> tuple[RNNPropPolicy, dict]:
     """Amalgamate the teacher pool into an RNNProp student; returns it and a training log."""
     say = report or (lambda _text: None)
     start = time.perf_counter()
@@ -394,9 +414,11 @@ def train_student(task: MLPTask, cfg: AmalgamationConfig, teacher_lrs: dict[str,
     if cfg.scheme == "choice":
         choice = train_choice(teachers, task, cfg, say)
         pool: list[tuple[Callable, Callable[[FlatModel, torch.Tensor], State], float]] = [
-            (choice, lambda flat, th: choice.init_state(flat.numel, th, flat.ndims()), 1.0)]
+            (choice, lambda flat, th: choice.init_state(flat.numel, th, flat.ndims()), 1.0)
+        ]
     else:
-        pool = [(t, lambda flat, th, t=t: t.init_state(flat.numel, th), 1.0) for t in teachers]
+        # mypy cannot infer a lambda whose extra parameter binds a loop variable by default
+        pool = [(t, lambda flat, th, t=t: t.init_state(flat.numel, th), 1.0) for t in teachers]  # type: ignore[misc]
     torch.manual_seed(cfg.seed)
     student = RNNPropPolicy(pre=cfg.pre, hidden=cfg.hidden)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.meta_lr)
@@ -416,8 +438,19 @@ def train_student(task: MLPTask, cfg: AmalgamationConfig, teacher_lrs: dict[str,
             paths = torch.stack([r.advance(batches[:-1]) for r in runners])  # (K, U, N), independent of the student
             start_theta, start_state, t0 = theta.detach(), detach_state(state), w * cfg.unroll
 
-            def window(call: Callable) -> tuple[torch.Tensor, tuple]:
+            def window(
+                call: Callable,
+                *,
+                flat=flat,
+                start_theta=start_theta,
+                start_state=start_state,
+                t0=t0,
+                batches=batches,
+                paths=paths,
+                p_teacher=p_teacher,
+            ) -> tuple[torch.Tensor, tuple]:
                 lm, dist, th, st = student_window(call, flat, start_theta, start_state, t0, batches, cfg.alpha, paths)
+                assert dist is not None  # student_window returns distances when given teacher paths
                 return lm + p_teacher * imitation_loss(dist, cfg.scheme), (th, st)
 
             loss, (theta, state) = _meta_step(student, opt, perturbation, cfg.clip, window, gen)

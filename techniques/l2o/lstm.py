@@ -25,8 +25,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import nn
@@ -44,8 +45,9 @@ class PolicyStep(NamedTuple):
     features: dict[str, torch.Tensor]  # the inputs the policy saw (for trace recording)
 
 
-def rnnprop_features(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int,
-                     beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rnnprop_features(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """New moments and the scale-invariant inputs (m̃, g̃); why: a loss scaled by c>0 gives the
     same inputs, so one policy serves clients with very different gradient scales."""
     m = beta1 * exp_avg + (1.0 - beta1) * grad
@@ -125,7 +127,7 @@ def detach_state(state: State) -> State:
     return {k: v.detach() for k, v in state.items()}
 
 
-def adaptive_clip_(params: list[nn.Parameter], ratio: float, eps: float = 1e-3) -> None:
+def adaptive_clip_(params: Sequence[torch.Tensor], ratio: float, eps: float = 1e-3) -> None:
     """AGC (Brock et al. 2021), per tensor: g ← g·ratio·max(‖W‖,ε)/‖g‖ when ‖g‖ > ratio·max(‖W‖,ε).
     Why: unrolled meta-gradients occasionally explode; clipping relative to the weight keeps
     small tensors (biases) from being wiped out."""
@@ -140,8 +142,16 @@ def adaptive_clip_(params: list[nn.Parameter], ratio: float, eps: float = 1e-3) 
             p.grad.mul_(limit / norm)
 
 
-def unroll_window(policy: nn.Module, flat: FlatModel, theta: torch.Tensor, state: State, t0: int,
-                  batches: list[tuple[torch.Tensor, torch.Tensor]], alpha: float, log: bool = True) -> tuple[torch.Tensor, torch.Tensor, State]:
+def unroll_window(
+    policy: nn.Module,
+    flat: FlatModel,
+    theta: torch.Tensor,
+    state: State,
+    t0: int,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    alpha: float,
+    log: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, State]:
     """One truncated window: returns (meta-loss, θ after, policy state after), all in the graph.
 
     The last batch is only evaluated (the loss after the window's updates). ``log``: average
@@ -158,8 +168,9 @@ def unroll_window(policy: nn.Module, flat: FlatModel, theta: torch.Tensor, state
     return total / len(batches), theta, state
 
 
-def meta_train(policy: CoordinatePolicy, task: MLPTask, cfg: MetaTrainConfig, meta_optimizer: torch.optim.Optimizer | None = None,
-               report: Reporter | None = None) -> dict[str, float | list[float]]:
+def meta_train(
+    policy: CoordinatePolicy, task: MLPTask, cfg: MetaTrainConfig, meta_optimizer: torch.optim.Optimizer | None = None, report: Reporter | None = None
+) -> dict[str, float | list[float]]:
     """Meta-train ``policy`` in place on fresh optimizees of ``task``; returns a training log."""
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = meta_optimizer or torch.optim.Adam(params, lr=cfg.meta_lr)
@@ -172,7 +183,9 @@ def meta_train(policy: CoordinatePolicy, task: MLPTask, cfg: MetaTrainConfig, me
         traj_loss = 0.0
         for w in range(cfg.trajectory // cfg.unroll):
             batches = [next(stream) for _ in range(cfg.unroll + 1)]
-            loss, theta, state = unroll_window(policy, flat, theta.detach(), detach_state(state), w * cfg.unroll, batches, cfg.alpha, cfg.log_objective)
+            loss, theta, state = unroll_window(
+                policy, flat, theta.detach(), detach_state(state), w * cfg.unroll, batches, cfg.alpha, cfg.log_objective
+            )
             if not torch.isfinite(loss):
                 skipped += 1
                 break
@@ -189,8 +202,22 @@ def meta_train(policy: CoordinatePolicy, task: MLPTask, cfg: MetaTrainConfig, me
 
 
 @torch.no_grad()
-def rollout(policy: Callable[[torch.Tensor, State, int], PolicyStep], init_state: Callable[[int], State], task: MLPTask,
-            seed: int, steps: int, alpha: float, every: int = 0) -> dict[str, list[float] | float]:
+class Rollout(TypedDict):
+    """What :func:`rollout` returns: the final full-partition loss and the loss curve."""
+
+    final: float
+    curve: list[float]
+
+
+def rollout(
+    policy: Callable[[torch.Tensor, State, int], PolicyStep],
+    init_state: Callable[[int], State],
+    task: MLPTask,
+    seed: int,
+    steps: int,
+    alpha: float,
+    every: int = 0,
+) -> Rollout:
     """Run a policy on a fresh optimizee (no meta-graph); full-partition loss every ``every`` steps.
 
     Why a flat functional run: validation of a policy while meta-training or meta-tuning."""
@@ -227,6 +254,7 @@ class Traces:
         """Rows X = [m̃_t, m̃_{t−1}, …, g̃_t, g̃_{t−1}, …] (zero before the first step), y = out_t.
 
         Rows whose raw gradient is exactly zero (dead ReLU units) are dropped, as in SL2O."""
+
         def lagged(a: torch.Tensor) -> list[torch.Tensor]:
             return [F.pad(a, (0, 0, k, 0))[:, : a.shape[1]] for k in range(lags)]
 
@@ -241,8 +269,9 @@ def lag_names(lags: int) -> list[str]:
 
 
 @torch.no_grad()
-def record_traces(policy: CoordinatePolicy, task: MLPTask, seeds: list[int], steps: int, alpha: float,
-                  coords_per_tensor: int = 10, select_seed: int = 0) -> Traces:
+def record_traces(
+    policy: CoordinatePolicy, task: MLPTask, seeds: list[int], steps: int, alpha: float, coords_per_tensor: int = 10, select_seed: int = 0
+) -> Traces:
     """Run ``policy`` in evaluation mode and record its inputs/outputs on tracked coordinates."""
     policy.eval()
     runs: dict[str, list[torch.Tensor]] = {"m": [], "g": [], "out": [], "grad": []}
@@ -290,7 +319,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return self.policy
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    # torch's stub overloads type a closure as returning float; like torch's optimizers this returns the closure's loss
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from techniques.l2o.lstm import (
     LearnedOptimizer,
     MetaTrainConfig,
     PolicyStep,
+    RNNPropPolicy,
     State,
     Traces,
     lag_names,
@@ -216,8 +218,7 @@ def from_gplearn(program: list, names: list[str]) -> tuple[Expr, list[float]]:
 
 def template() -> tuple[Expr, list[float]]:
     """``c0·tanh(c1·m0 + c2·g0 + c3)``, started near a bounded sign-of-momentum step."""
-    expr = ["mul", ["const", 0], ["tanh", ["add", ["add", ["mul", ["const", 1], ["var", "m0"]],
-                                                    ["mul", ["const", 2], ["var", "g0"]]], ["const", 3]]]]
+    expr = ["mul", ["const", 0], ["tanh", ["add", ["add", ["mul", ["const", 1], ["var", "m0"]], ["mul", ["const", 2], ["var", "g0"]]], ["const", 3]]]]
     return expr, [1.0, -1.0, 0.0, 0.0]
 
 
@@ -243,15 +244,17 @@ class SymbolicRule:
 
     def describe(self) -> str:
         """The rule in words and symbols, for logs and the README."""
-        return (f"θ ← θ + lr · [{self.formula()}]   where mk = m̃_(t−k), gk = g̃_(t−k); "
-                f"m = {self.beta1}·m + {1 - self.beta1:g}·g, v = {self.beta2}·v + {1 - self.beta2:g}·g², "
-                f"s = sqrt(v/(1−{self.beta2}^t)) + 1e-12, m̃ = m/(1−{self.beta1}^t)/s, g̃ = g/s")
+        return (
+            f"θ ← θ + lr · [{self.formula()}]   where mk = m̃_(t−k), gk = g̃_(t−k); "
+            f"m = {self.beta1}·m + {1 - self.beta1:g}·g, v = {self.beta2}·v + {1 - self.beta2:g}·g², "
+            f"s = sqrt(v/(1−{self.beta2}^t)) + 1e-12, m̃ = m/(1−{self.beta1}^t)/s, g̃ = g/s"
+        )
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "formula": self.formula()}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "SymbolicRule":
+    def from_json(cls, text: str) -> SymbolicRule:
         data = json.loads(text)
         data.pop("formula", None)
         return cls(**data)
@@ -262,7 +265,7 @@ class SymbolicRule:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SymbolicRule":
+    def load(cls, path: str | Path) -> SymbolicRule:
         return cls.from_json(Path(path).read_text())
 
 
@@ -271,7 +274,7 @@ class SymbolicPolicy(CoordinatePolicy):
 
     State: the RNNProp moments and, when the rule looks back, the last L−1 values of m̃ and g̃."""
 
-    persistent_keys = ("exp_avg", "exp_avg_sq", "lag_m", "lag_g")
+    persistent_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "lag_m", "lag_g")
 
     def __init__(self, rule: SymbolicRule) -> None:
         super().__init__()
@@ -284,7 +287,10 @@ class SymbolicPolicy(CoordinatePolicy):
         z = torch.zeros(n, dtype=torch.float32, device=like.device)
         state = {"exp_avg": z, "exp_avg_sq": z.clone()}
         if self.rule.lags > 1:
-            state |= {"lag_m": torch.zeros(n, self.rule.lags - 1, device=like.device), "lag_g": torch.zeros(n, self.rule.lags - 1, device=like.device)}
+            state |= {
+                "lag_m": torch.zeros(n, self.rule.lags - 1, device=like.device),
+                "lag_g": torch.zeros(n, self.rule.lags - 1, device=like.device),
+            }
         return state
 
     def forward(self, grad: torch.Tensor, state: State, t: int) -> PolicyStep:
@@ -302,8 +308,9 @@ class SymbolicPolicy(CoordinatePolicy):
 
     def to_rule(self) -> SymbolicRule:
         """The rule with the current (possibly meta-tuned) constants, rounded for printing."""
-        return SymbolicRule(self.rule.expr, round_constants(self.constants.detach().tolist()), self.rule.lags,
-                            self.rule.beta1, self.rule.beta2, dict(self.rule.info))
+        return SymbolicRule(
+            self.rule.expr, round_constants(self.constants.detach().tolist()), self.rule.lags, self.rule.beta1, self.rule.beta2, dict(self.rule.info)
+        )
 
 
 class SymbolicOptimizer(LearnedOptimizer):
@@ -355,18 +362,32 @@ def fit_constants(expr: Expr, constants: list[float], x: torch.Tensor, y: torch.
     return new.tolist()
 
 
-def gplearn_search(x: np.ndarray, y: np.ndarray, names: list[str], population: int, generations: int,
-                   parsimony: float, seed: int) -> tuple[Expr, list[float]]:
+def gplearn_search(
+    x: np.ndarray, y: np.ndarray, names: list[str], population: int, generations: int, parsimony: float, seed: int
+) -> tuple[Expr, list[float]]:
     """Genetic-programming search over ``add, sub, mul, neg, tanh`` (gplearn, MSE fitness)."""
     from gplearn.functions import make_function
     from gplearn.genetic import SymbolicRegressor
 
     tanh = make_function(function=np.tanh, name="tanh", arity=1)
-    est = SymbolicRegressor(population_size=population, generations=generations, tournament_size=20,
-                            function_set=("add", "sub", "mul", "neg", tanh), metric="mse",
-                            parsimony_coefficient=parsimony, const_range=(-2.0, 2.0), init_depth=(2, 5),
-                            p_crossover=0.7, p_subtree_mutation=0.1, p_hoist_mutation=0.05, p_point_mutation=0.1,
-                            max_samples=1.0, random_state=seed, n_jobs=1, verbose=0)
+    est = SymbolicRegressor(
+        population_size=population,
+        generations=generations,
+        tournament_size=20,
+        function_set=("add", "sub", "mul", "neg", tanh),
+        metric="mse",
+        parsimony_coefficient=parsimony,
+        const_range=(-2.0, 2.0),
+        init_depth=(2, 5),
+        p_crossover=0.7,
+        p_subtree_mutation=0.1,
+        p_hoist_mutation=0.05,
+        p_point_mutation=0.1,
+        max_samples=1.0,
+        random_state=seed,
+        n_jobs=1,
+        verbose=0,
+    )
     est.fit(x, y)
     return from_gplearn(est._program.program, names)
 
@@ -416,16 +437,19 @@ def validation_loss(policy: CoordinatePolicy, task: MLPTask, seeds: list[int], s
     return float(np.mean([math.log(f + 1e-10) if math.isfinite(f) else 50.0 for f in finals]))
 
 
-def distill(lstm: CoordinatePolicy, train_task: MLPTask, heldout_task: MLPTask, cfg: DistillConfig,
-            report: Callable[[str], None] | None = None) -> SymbolicRule:
+def distill(
+    lstm: RNNPropPolicy, train_task: MLPTask, heldout_task: MLPTask, cfg: DistillConfig, report: Callable[[str], None] | None = None
+) -> SymbolicRule:
     """LSTM policy → symbolic rule with fit statistics in ``rule.info`` (see the module doc)."""
     say = report or (lambda _text: None)
     start = time.perf_counter()
     names = lag_names(cfg.lags)
-    train = record_traces(lstm, train_task, [50_000 + cfg.seed * 100 + i for i in range(cfg.runs)], cfg.steps,
-                          cfg.alpha, cfg.coords_per_tensor, cfg.seed)
-    held = record_traces(lstm, heldout_task, [90_000 + cfg.seed * 100 + i for i in range(cfg.heldout_runs)], cfg.steps,
-                         cfg.alpha, cfg.coords_per_tensor, cfg.seed + 1)
+    train = record_traces(
+        lstm, train_task, [50_000 + cfg.seed * 100 + i for i in range(cfg.runs)], cfg.steps, cfg.alpha, cfg.coords_per_tensor, cfg.seed
+    )
+    held = record_traces(
+        lstm, heldout_task, [90_000 + cfg.seed * 100 + i for i in range(cfg.heldout_runs)], cfg.steps, cfg.alpha, cfg.coords_per_tensor, cfg.seed + 1
+    )
     x, y = _rows(train, cfg.lags, cfg.train_rows, cfg.seed)
     xh, yh = held.windows(cfg.lags)
     say(f"traces: {len(y)} training rows, {len(yh)} held-out rows ({time.perf_counter() - start:.1f}s)")
@@ -442,10 +466,17 @@ def distill(lstm: CoordinatePolicy, train_task: MLPTask, heldout_task: MLPTask, 
     lags_used = max([int(v[1:]) + 1 for v in variables_of(expr)] or [1])
     rule = SymbolicRule(expr, constants, lags_used, lstm.beta1, lstm.beta2)
     say(f"{cfg.route}: held-out R² {r2_search:.4f} (search) → {r2_fit:.4f} (constants refit): {rule.formula()}")
-    info: dict[str, Any] = {"route": cfg.route, "r2_heldout_search": r2_search, "r2_heldout_fit": r2_fit,
-                            "r2_train_fit": r2_score(predict(expr, constants, x.double(), names), y),
-                            "rows_train": len(y), "rows_heldout": len(yh), "size": size(expr), "fitted_constants": constants,
-                            "distill_config": asdict(cfg)}
+    info: dict[str, Any] = {
+        "route": cfg.route,
+        "r2_heldout_search": r2_search,
+        "r2_heldout_fit": r2_fit,
+        "r2_train_fit": r2_score(predict(expr, constants, x.double(), names), y),
+        "rows_train": len(y),
+        "rows_heldout": len(yh),
+        "size": size(expr),
+        "fitted_constants": constants,
+        "distill_config": asdict(cfg),
+    }
     if cfg.tune_iterations > 0:
         rule, tuned = meta_tune(rule, train_task, cfg, say)
         info |= tuned
@@ -462,8 +493,15 @@ def meta_tune(rule: SymbolicRule, task: MLPTask, cfg: DistillConfig, say: Callab
     policy = SymbolicPolicy(rule)
     seeds = [70_000 + i for i in range(cfg.validation_seeds)]
     before = validation_loss(policy, task, seeds, cfg.tune_trajectory, cfg.alpha)
-    mcfg = MetaTrainConfig(iterations=cfg.tune_iterations, trajectory=cfg.tune_trajectory, unroll=cfg.tune_unroll,
-                           alpha=cfg.alpha, task_hidden=task.hidden, batch_size=task.batch_size, seed=cfg.seed + 17)
+    mcfg = MetaTrainConfig(
+        iterations=cfg.tune_iterations,
+        trajectory=cfg.tune_trajectory,
+        unroll=cfg.tune_unroll,
+        alpha=cfg.alpha,
+        task_hidden=task.hidden,
+        batch_size=task.batch_size,
+        seed=cfg.seed + 17,
+    )
     meta_train(policy, task, mcfg, torch.optim.SGD(policy.parameters(), lr=cfg.tune_lr, momentum=0.9))
     tuned = policy.to_rule()
     after = validation_loss(SymbolicPolicy(tuned), task, seeds, cfg.tune_trajectory, cfg.alpha)

@@ -17,9 +17,9 @@ treat every scalar the same way, so the flat view is exact and makes unrolls vec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -18,9 +18,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from splitmix.node_config import NodeConfigError, parse_node_config_string, validate_node_config
 from deploy.certificates import certificate_hosts, generate_certificates, generate_node_keys
 from deploy.local import LocalDeployment, write_connection
+from splitmix.node_config import NodeConfigError, parse_node_config_string, validate_node_config
 
 pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
 
@@ -182,7 +182,10 @@ def test_node_config_budget_forms():
 def test_splitmix_supernode_refuses_invalid_node_config_before_starting():
     result = subprocess.run(
         [sys.executable, "-m", "splitmix.cli", "supernode", "--insecure", "--node-config", "partition-id=0 budget=3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 2 and "budget=3" in result.stderr and "(0, 1]" in result.stderr
 

@@ -50,8 +50,14 @@ class LocalRayCluster:
         self.logs: list[Path] = []
         self._start(
             "head",
-            ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-             f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=false",
+                f"--dashboard-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+            ],
         )
         for i in range(workers):
             self._start(f"worker{i}", [f"--address={self.address}"])
@@ -59,14 +65,22 @@ class LocalRayCluster:
     def _start(self, name: str, args: list[str]) -> None:
         log = Path(self.temp_dir) / f"{name}.log"
         common = [
-            "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            "--block",
             f"--object-store-memory={100 * 1024 * 1024}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
         ]
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [str(RAY), "start", *args, *common], env=self.env, cwd=self.temp_dir,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
+                [str(RAY), "start", *args, *common],
+                env=self.env,
+                cwd=self.temp_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group
             )
         self.procs.append(proc)
         self.logs.append(log)
@@ -162,15 +176,21 @@ def ray_cluster():
 
 @pytest.mark.timeout(300)
 def test_two_rounds_on_an_existing_two_node_ray_cluster(ray_cluster, tmp_path):
-    from splitmix.config import load_config
     from server.simulation import simulate
+    from splitmix.config import load_config
 
     cfg = load_config(
         None,
         {
             "ray-address": ray_cluster.address,
-            "num-clients": 4, "num-rounds": 2, "local-epochs": 1, "adv-fraction": 0.0,
-            "eval-lambdas": "0", "eval-pgd-steps": 0, "out-dir": str(tmp_path), "run-name": "cluster",
+            "num-clients": 4,
+            "num-rounds": 2,
+            "local-epochs": 1,
+            "adv-fraction": 0.0,
+            "eval-lambdas": "0",
+            "eval-pgd-steps": 0,
+            "out-dir": str(tmp_path),
+            "run-name": "cluster",
         },
     )
     run = simulate(cfg)
@@ -183,8 +203,12 @@ def test_two_rounds_on_an_existing_two_node_ray_cluster(ray_cluster, tmp_path):
 
     # The run went to this cluster: its client actors were placed on both nodes (one CPU each).
     seen = subprocess.run(
-        [sys.executable, "-c", INSPECT, ray_cluster.address], capture_output=True, text=True,
-        env=ray_cluster.env, cwd=ROOT, timeout=120,
+        [sys.executable, "-c", INSPECT, ray_cluster.address],
+        capture_output=True,
+        text=True,
+        env=ray_cluster.env,
+        cwd=ROOT,
+        timeout=120,
     )
     assert seen.returncode == 0, seen.stderr[-3000:]
     state = json.loads(seen.stdout.strip().splitlines()[-1])

@@ -21,8 +21,7 @@ def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
     run = tmp_path / "e2e"
     assert stdout.strip().splitlines()[-1] == str(run)
     assert "accuracy (λ=0)" in stdout  # the per-width table
-    for name in ("config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "summary.json",
-                 "accuracy_per_width.png", "robustness.png"):
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "summary.json", "accuracy_per_width.png", "robustness.png"):
         assert (run / name).stat().st_size > 0, name
 
     config = json.loads((run / "config.json").read_text())
@@ -34,7 +33,7 @@ def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
 
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["widths"]) == ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875", "1.0"]
-    for width, row in summary["widths"].items():
+    for _, row in summary["widths"].items():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["robust_accuracy"] <= 1.0
         assert row["params"] > 0 and row["macs"] > 0
     assert summary["widths"]["1.0"]["params"] == 8 * summary["widths"]["0.125"]["params"]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from splitmix.protocol.codec import to_record, to_tensors
 from models.blocks import expand_to_bases, norm_state_keys
 from models.slicing import leading_slices
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from splitmix.protocol import NodeProfile
+from splitmix.protocol.codec import to_record, to_tensors
 from strategies.fedbn import FedBN
 from strategies.heterofl import HeteroFL
 from strategies.sheterofl import SHeteroFL
@@ -62,7 +62,7 @@ def test_heterofl_slices_and_count_weighted_average_match_hand_computation():
     assert w[40, 20, 0, 0] == (30 * 2 + 60 * 4) / 90  # only in the 0.5 and 1.0 slices
     assert w[100, 50, 0, 0] == 4.0  # only the full-width client
     widths = [0.25, 0.5]
-    for n, width in zip((1, 2), widths):
+    for n, _ in zip((1, 2), widths):
         block = leading_slices(tuple(to_tensors(messages[n].content["arrays"])["conv1.weight"].shape))
         assert to_tensors(new)["conv1.weight"][block].min() >= 1.0
 
@@ -140,11 +140,14 @@ def test_fedbn_never_sends_or_overwrites_batch_norm():
 
 
 def test_fedbn_clients_keep_their_bn_across_rounds(tmp_path, in_process_grid):
-    from splitmix.config import load_config
     from server.federation import run_federation
+    from splitmix.config import load_config
 
     grid = in_process_grid(4)
-    cfg = load_config(overrides=f"method=fedbn fedavg-clients=all num-clients=4 num-rounds=2 local-epochs=1 adv-fraction=0 eval-pgd-steps=0 eval-lambdas='0' out-dir='{tmp_path}'")
+    cfg = load_config(
+        overrides="method=fedbn fedavg-clients=all num-clients=4 num-rounds=2 local-epochs=1 adv-fraction=0 "
+        f"eval-pgd-steps=0 eval-lambdas='0' out-dir='{tmp_path}'"
+    )
     run_federation(grid, cfg)
     kept = [to_tensors(ctx.state.array_records["local-bn"]) for ctx in grid.contexts.values()]
     assert all(set(k) == norm_state_keys(SPEC.build_width(1.0)) for k in kept)

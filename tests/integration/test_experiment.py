@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tools.experiment import Experiment, load_experiment, run_experiment
 from server.federation import run_federation
+from tools.experiment import Experiment, load_experiment, run_experiment
 
 TINY = {"num-clients": 4, "num-rounds": 1, "local-epochs": 1, "adv-fraction": 0.0, "eval-pgd-steps": 1, "eval-lambdas": "0", "budgets": "2-1"}
 
@@ -33,7 +33,7 @@ def test_comparison_has_the_documented_schema(tmp_path, experiment, in_process_g
     for method, result in comparison.items():
         for key in ("accuracy", "robust_accuracy", "upload_bytes_per_round", "download_bytes_per_round", "storage_bytes", "wall_s"):
             assert key in result, (method, key)
-        for width, stats in result["accuracy"].items():
+        for _, stats in result["accuracy"].items():
             assert set(stats) == {"mean", "std", "n"} and stats["n"] == 2 and 0 <= stats["mean"] <= 1
     assert list(comparison["splitmix"]["accuracy"]) == ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875", "1.0"]
     assert list(comparison["fedavg"]["accuracy"]) == ["1.0"]  # FedAvg serves only the full width

@@ -13,15 +13,14 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import InProcessGrid
 from flwr.app import Error, Message
 
-from techniques import faults
-from conftest import InProcessGrid
-from splitmix.config import load_config
-from techniques.faults import FaultsConfig
 from server.federation import run_federation
 from server.store import load_weights
 from strategies.base import ReplyRejected, check_magnitudes, magnitude_bound
+from techniques import faults
+from techniques.faults import FaultsConfig
 
 FAST = "num-clients=6 num-rounds=1"  # on top of the shared tiny run (conftest.py)
 TIMEOUT = 5.0  # round-timeout of the runs here: a "timeout" fault sleeps TIMEOUT + 1 s
@@ -94,8 +93,15 @@ def reference(tmp_path_factory, tiny_config):
 
 # (kind, counted as, logged reason) — crash/timeout are failures (no usable reply), the rest rejected.
 REASONS = {
-    "missing-key": "missing 1 tensor", "extra-key": "unexpected 1 tensor", "wrong-shape": "has shape", "wrong-dtype": "has dtype",
-    "nan": "NaN or Inf", "inf": "NaN or Inf", "scaled": "beyond the bound", "crash": "crashed", "timeout": "did not reply in time",
+    "missing-key": "missing 1 tensor",
+    "extra-key": "unexpected 1 tensor",
+    "wrong-shape": "has shape",
+    "wrong-dtype": "has dtype",
+    "nan": "NaN or Inf",
+    "inf": "NaN or Inf",
+    "scaled": "beyond the bound",
+    "crash": "crashed",
+    "timeout": "did not reply in time",
 }
 KINDS = [(k, "rejected") for k in faults.MALFORMED] + [("crash", "failures"), pytest.param("timeout", "failures", marks=pytest.mark.slow)]
 
@@ -130,8 +136,7 @@ def test_sign_flip_is_well_formed_so_it_is_accepted(reference, tmp_path, monkeyp
 
 def test_thirty_percent_of_clients_crashing_each_round(tmp_path, tiny_config):
     cfg = tiny_config(
-        f"{FAST} num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash "
-        f"out-dir='{tmp_path}' run-name=drop"
+        f"{FAST} num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash out-dir='{tmp_path}' run-name=drop"
     )
     run = run_federation(FaultyGrid(10), cfg)
     rows = _rows(run)

@@ -1,13 +1,12 @@
-import pytest
 """The round loop with real ClientApp handlers (in-process grid): repeatability, bad replies."""
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array
 
-from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import load_weights
 

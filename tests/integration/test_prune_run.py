@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splitmix import data as client_data
-from techniques.pruning import init_masks, refill
 from models.blocks import routed
 from models.cnn import DigitCNN
 from models.cost import count_params
 from models.slice_channels import kept_channels
-from tools import prune
-from splitmix.config import RunConfig, load_config
 from server.federation import run_federation
+from splitmix import data as client_data
+from splitmix.config import RunConfig, load_config
+from techniques.pruning import init_masks, refill
+from tools import prune
 from tools.prune import PruneSettings, exact_refill, load_pruned, run_pruning
 
 
@@ -35,8 +35,10 @@ def run_dir(tmp_path_factory):
     from conftest import InProcessGrid
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=f"num-clients=4 num-rounds=1 local-epochs=1 adv-fraction=0 pgd-steps=1 eval-pgd-steps=0 "
-                                f"eval-lambdas='0,1' out-dir='{out}' run-name=p")
+    cfg = load_config(
+        overrides=f"num-clients=4 num-rounds=1 local-epochs=1 adv-fraction=0 pgd-steps=1 eval-pgd-steps=0 "
+        f"eval-lambdas='0,1' out-dir='{out}' run-name=p"
+    )
     return run_federation(InProcessGrid(4), cfg)
 
 
@@ -110,8 +112,7 @@ def test_load_pruned_reproduces_logits(pruned, run_dir):
 
 def test_robust_best_bases_one_partition(run_dir, tmp_path):
     """λ > 0 fine-tunes both BN paths (PGD); the λ-mix route survives slicing and reloading."""
-    settings = PruneSettings(width=0.25, channel_sparsity=0.5, robustness=0.5, select="best", partition=1,
-                             imp_rounds=1, epochs=1, timing_repeats=1)
+    settings = PruneSettings(width=0.25, channel_sparsity=0.5, robustness=0.5, select="best", partition=1, imp_rounds=1, epochs=1, timing_repeats=1)
     result = run_pruning(run_dir, settings, out=tmp_path / "robust")
     card = result.card
     cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["run_config"])
@@ -145,9 +146,9 @@ def test_exact_refill_restores_channels_by_trained_magnitude():
 
 def test_architecture_round_trip_preresnet():
     """architecture.json rebuilds any sliced family, e.g. PreActResNet-18 (block-internal channels)."""
-    from techniques.pruning import apply_masks_
     from models.preresnet import PreActResNet18
     from models.slice_channels import slice_channels
+    from techniques.pruning import apply_masks_
     from tools.prune import build_from_architecture, describe_architecture
 
     torch.manual_seed(0)
@@ -167,8 +168,9 @@ def test_architecture_round_trip_preresnet():
 
 def test_cli_prints_table_and_folder_last(run_dir, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = prune.main([str(run_dir), "--width", "0.125", "--channel-sparsity", "0.5", "--imp-rounds", "0", "--epochs", "1",
-                       "--repeats", "1", "--out", str(out)])
+    code = prune.main(
+        [str(run_dir), "--width", "0.125", "--channel-sparsity", "0.5", "--imp-rounds", "0", "--epochs", "1", "--repeats", "1", "--out", str(out)]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert stdout.strip().splitlines()[-1] == str(out.resolve())

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import splitmix
 from models.blocks import routed, set_route
-from splitmix.config import load_config
 from server.federation import run_federation
+from splitmix.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,9 @@ def run_dir(tmp_path_factory):
     from conftest import InProcessGrid
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=f"num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1' out-dir='{out}' run-name=q")
+    cfg = load_config(
+        overrides=f"num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1' out-dir='{out}' run-name=q"
+    )
     return run_federation(InProcessGrid(4), cfg)
 
 
@@ -114,7 +116,10 @@ def service(run_dir):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitmix.cli", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import InProcessGrid
 from safetensors import safe_open
 
 import server.simulation
 import server.store as store_module
-from conftest import InProcessGrid
-from splitmix.cli import main
-from splitmix.config import load_config
 from server.federation import run_federation
 from server.store import CHECKPOINT, RunStore, load_checkpoint, load_weights
+from splitmix.cli import main
+from splitmix.config import load_config
 
 # fraction-train < 1 and mixed budgets: the resumed run must also sample and assign bases alike
 RUN = "num-clients=6 num-rounds=4 fraction-train=0.5 min-train-clients=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
@@ -119,7 +119,10 @@ def test_sigkilled_run_resumes_to_the_same_weights(uninterrupted, tmp_path, monk
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, f"{RUN} out-dir='{tmp_path}' run-name=killed"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     run = tmp_path / "killed"
     deadline = time.monotonic() + 150
@@ -168,7 +171,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["sparse-method=dynamic sparsity=0.8 sparse-update-every=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"])
+@pytest.mark.parametrize(
+    "variant", ["sparse-method=dynamic sparsity=0.8 sparse-update-every=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"]
+)
 def test_stateful_clients_resume_from_their_saved_node_state(variant, tmp_path, monkeypatch):
     """Sparse masks, optimizer moments and FedBN's local BN live in each node's Context; in
     simulation nodes save it per round (client-state/), so the resumed run (fresh Contexts)

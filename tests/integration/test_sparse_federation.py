@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from splitmix.protocol.codec import encode, to_tensors
-from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
-from techniques.sparse_base import initial_unit_mask, prune_state
-from techniques.sparsity import FlyingBird, RobustBirdSearch, masks_from_bytes, prunable_parameters
-from splitmix.config import load_config
+from models.splitmix import SplitMixSpec
 from server.federation import run_federation
 from server.store import load_weights
+from splitmix.config import load_config
 from splitmix.protocol import NodeProfile
+from splitmix.protocol.codec import encode, to_tensors
+from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
 from strategies.base import TensorSpec
 from strategies.splitmix import SplitMixStrategy
-from models.splitmix import SplitMixSpec
+from techniques.sparse_base import initial_unit_mask
+from techniques.sparsity import FlyingBird, RobustBirdSearch, prunable_parameters
 
 FAST = "sparse-update-every=5"  # on top of the shared tiny run (conftest.py)
 
@@ -39,7 +38,9 @@ def test_sparse_clients_upload_less_and_the_served_model_is_sparse(tmp_path, in_
     rows, dense_rows = _rounds(sparse), _rounds(dense)
     assert all(r["valid"] == r["sampled"] and r["rejected"] == 0 for r in rows)
     if method == "dynamic":
-        assert all(r["sparse-replies"] == r["valid"] for r in rows)  # masks from the first step  # masks from the first step: upload is a fraction of the dense one
+        assert all(
+            r["sparse-replies"] == r["valid"] for r in rows
+        )  # masks from the first step  # masks from the first step: upload is a fraction of the dense one
         assert all(r["bytes-up"] * 3 < d["bytes-up"] for r, d in zip(rows, dense_rows))
         assert all(r["train-flops-fraction"] < 0.5 for r in rows)
     else:  # Robust Bird trains (and uploads) dense while it searches; sparse once a mask freezes
@@ -82,7 +83,6 @@ def test_dynamic_masks_start_common_and_the_global_model_starts_sparse():
 def test_static_search_freezes_when_the_mask_stops_changing(technique_round):
     """Weights that do not change give identical masks at consecutive checks: distance 0 ≤ the
     threshold at the second check, so the mask freezes and training goes sparse."""
-    from flwr.app import RecordDict
 
     model = SplitMixSpec().build(2)
     hooks, rnd, state = technique_round("sparse-method=static sparsity=0.8 sparse-search-threshold=0.08", model, ["base0", "base1"])
@@ -167,7 +167,6 @@ def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid, 
 
 
 def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
-    from splitmix.config import load_config
     from techniques.base import ServerContext
 
     spec = SplitMixSpec()
@@ -212,7 +211,7 @@ def test_structured_clients_prune_whole_channels_round_by_round(tmp_path, in_pro
             rows_kept = conv2.flatten(1).any(dim=1)
             alive_in = conv2.any(dim=0).flatten(1).any(dim=1)  # input channels conv1 still produces
             assert bool(conv2[rows_kept][:, alive_in].all()) and not bool(conv2[~rows_kept].any())  # whole channels
-            expected = 1.0 - 0.8 ** mask.steps
+            expected = 1.0 - 0.8**mask.steps
             removed = 1.0 - rows_kept.float().mean().item()
             assert abs(removed - min(0.5, expected)) <= 1.0 / conv2.shape[0] + 1e-6
 
@@ -228,6 +227,10 @@ def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path,
     from techniques.sparsity import FlyingBirdPlus
 
     assert all(r["examples"] < sum(len(client_train_data(cfg.data_config(), i)) for i in range(4)) for r in rows)  # 10 % held out
-    observed = [FlyingBirdPlus.from_config(rec) for ctx in grid.contexts.values()
-                for key, rec in ctx.state.config_records.items() if key.startswith("sparse.")]
+    observed = [
+        FlyingBirdPlus.from_config(rec)
+        for ctx in grid.contexts.values()
+        for key, rec in ctx.state.config_records.items()
+        if key.startswith("sparse.")
+    ]
     assert observed and all(len(t.gaps) >= 1 and len(t.gaps) == len(t.losses) for t in observed)

@@ -88,12 +88,14 @@ def test_vit_md_ratios_are_exact_on_the_sliced_model(heads, neurons, vdims_remov
     geom = ViTGeometry.from_model(model)
     blocks = torch.ones(1, 4, dtype=torch.bool)
     blocks[0, 3] = not skip_last
-    sel = select_by_counts(group_scores(model), torch.full((1, 4), 4 - heads), torch.full((1, 4, 4), vdims_removed),
-                           torch.full((1, 4), 64 - neurons), blocks)
+    sel = select_by_counts(
+        group_scores(model), torch.full((1, 4), 4 - heads), torch.full((1, 4, 4), vdims_removed), torch.full((1, 4), 64 - neurons), blocks
+    )
     assert sel.macs(geom) == expected == count_macs(slice_vit(model, sel), SHAPE)
     s0 = torch.full((1, 4), 4.0 - heads, requires_grad=True)
-    analytic = resource_macs(geom, s0, torch.full((1, 4, 4), float(vdims_removed)), torch.full((1, 4), 64.0 - neurons),
-                             sel.heads.double(), blocks.double())
+    analytic = resource_macs(
+        geom, s0, torch.full((1, 4, 4), float(vdims_removed)), torch.full((1, 4), 64.0 - neurons), sel.heads.double(), blocks.double()
+    )
     assert int(analytic) == expected
     analytic.backward()
     kept = blocks[0]
@@ -251,12 +253,15 @@ def test_client_masks_realise_a_sliceable_model_within_budget(ratio):
 
 def _tiny_run(tmp_path_factory, model: str):
     from conftest import InProcessGrid
-    from splitmix.config import load_config
+
     from server.federation import run_federation
+    from splitmix.config import load_config
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=f"model={model} num-clients=2 num-rounds=1 local-epochs=1 adv-fraction=0 pgd-steps=1 "
-                                f"eval-pgd-steps=0 eval-lambdas='0' budgets='8-1' out-dir='{out}' run-name={model}")
+    cfg = load_config(
+        overrides=f"model={model} num-clients=2 num-rounds=1 local-epochs=1 adv-fraction=0 pgd-steps=1 "
+        f"eval-pgd-steps=0 eval-lambdas='0' budgets='8-1' out-dir='{out}' run-name={model}"
+    )
     return run_federation(InProcessGrid(2), cfg)
 
 
@@ -267,9 +272,9 @@ def vit_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
+    from splitmix.config import RunConfig
     from splitmix.data import test_data
     from tools.compress import compress_run, load_compressed
-    from splitmix.config import RunConfig
 
     out = tmp_path / "uvc"
     card = compress_run(vit_run, 0.25, 0.5, out=out, search_epochs=1, finetune_epochs=1, seed=0, report=None, progress=False)

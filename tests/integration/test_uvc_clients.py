@@ -3,19 +3,16 @@ their UVC search keeps (``sparse-method = "uvc"``)."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 import torch
-from flwr.app import RecordDict
-
-from splitmix.data import ArrayData
-from models.vit_sliced import ViTGeometry
-from techniques.uvc_search import selection_from_masks, uvc_masks
-from splitmix.config import load_config
-
 from conftest import TINY_VIT  # the shared tiny ViT (the `tiny_vit` fixture)
+
+from models.vit_sliced import ViTGeometry
+from splitmix.config import load_config
+from splitmix.data import ArrayData
+from techniques.uvc_search import selection_from_masks, uvc_masks
 
 
 def test_uvc_client_masks_meet_the_flops_budget_per_round(monkeypatch, technique_round):
@@ -49,10 +46,21 @@ def test_uvc_client_masks_meet_the_flops_budget_per_round(monkeypatch, technique
 def test_uvc_clients_train_vit_bases_through_the_simulation(tmp_path):
     from server.simulation import simulate
 
-    cfg = load_config(overrides={
-        **TINY_VIT, "num-clients": 6, "num-rounds": 3, "local-epochs": 3, "lr": 0.1, "adv-fraction": 0.0, "eval-pgd-steps": 0,
-        "sparse-method": "uvc", "uvc-flops-ratio": 0.5, "out-dir": str(tmp_path), "run-name": "uvc",
-    })
+    cfg = load_config(
+        overrides={
+            **TINY_VIT,
+            "num-clients": 6,
+            "num-rounds": 3,
+            "local-epochs": 3,
+            "lr": 0.1,
+            "adv-fraction": 0.0,
+            "eval-pgd-steps": 0,
+            "sparse-method": "uvc",
+            "uvc-flops-ratio": 0.5,
+            "out-dir": str(tmp_path),
+            "run-name": "uvc",
+        }
+    )
     run = simulate(cfg)
     summary = json.loads((run / "summary.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -8,16 +8,15 @@ import tomllib
 
 import pytest
 import torch
+from conftest import TINY_VIT  # the shared tiny ViT (the `tiny_vit` fixture)
 
-from splitmix.data import ArrayData, load_split
-from techniques.diversity import Diversity, DiversityConfig, DiversitySection, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
 from clients.recipe import LocalTrainConfig, train_bases
-from splitmix.protocol.task import ClientTask
-from models.splitmix import split_stacked_state, load_stacked
+from models.splitmix import load_stacked, split_stacked_state
 from splitmix.cli import main as cli_main
 from splitmix.config import ConfigError, load_config
-
-from conftest import TINY_VIT  # the shared tiny ViT (the `tiny_vit` fixture)
+from splitmix.data import ArrayData, load_split
+from splitmix.protocol.task import ClientTask
+from techniques.diversity import Diversity, DiversityConfig, DiversitySection, diversity_terms, patch_cosine_diversity, stacked_vit_diversity
 
 
 def test_vit_topology_keys_build_every_base():
@@ -112,10 +111,19 @@ def test_vit_bases_train_through_the_splitmix_simulation(tmp_path):
     from server.simulation import simulate
     from server.store import load_weights
 
-    cfg = load_config(overrides={
-        **TINY_VIT, "num-clients": 6, "num-rounds": 4, "local-epochs": 3, "lr": 0.1, "adv-fraction": 0.0,
-        "eval-pgd-steps": 0, "out-dir": str(tmp_path), "run-name": "vit",
-    })
+    cfg = load_config(
+        overrides={
+            **TINY_VIT,
+            "num-clients": 6,
+            "num-rounds": 4,
+            "local-epochs": 3,
+            "lr": 0.1,
+            "adv-fraction": 0.0,
+            "eval-pgd-steps": 0,
+            "out-dir": str(tmp_path),
+            "run-name": "vit",
+        }
+    )
     run = simulate(cfg)
     summary = json.loads((run / "summary.json").read_text())
     accuracy = {w: row["accuracy"] for w, row in summary["widths"].items()}
@@ -131,8 +139,25 @@ def test_vit_bases_train_through_the_splitmix_simulation(tmp_path):
 
 
 def test_search_topology_is_deterministic_and_feeds_simulate(tmp_path, capsys):
-    argv = ["search-topology", "--patch", "2,4", "--dim", "16,32", "--depth", "1,2", "--heads", "2", "--mlp-ratio", "2",
-            "--repeats", "1", "--points", "16", "--scale", "2"]
+    argv = [
+        "search-topology",
+        "--patch",
+        "2,4",
+        "--dim",
+        "16,32",
+        "--depth",
+        "1,2",
+        "--heads",
+        "2",
+        "--mlp-ratio",
+        "2",
+        "--repeats",
+        "1",
+        "--points",
+        "16",
+        "--scale",
+        "2",
+    ]
     assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert cli_main([*argv, "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / f / "search.json").read_text()) for f in "ab")
@@ -168,8 +193,10 @@ def test_vit_experiment_comparison_reports_patch_similarity(tmp_path):
         for seed, similarity in enumerate(per_seed):
             run = tmp_path / "runs" / f"{method}-seed{seed}"
             run.mkdir(parents=True)
-            summary = {"widths": {"1.0": {"accuracy": 0.8, "robust_accuracy": None, "params": 10, "macs": 20}},
-                       "oversmoothing": {"patch_similarity": similarity}}
+            summary = {
+                "widths": {"1.0": {"accuracy": 0.8, "robust_accuracy": None, "params": 10, "macs": 20}},
+                "oversmoothing": {"patch_similarity": similarity},
+            }
             (run / "summary.json").write_text(json.dumps(summary))
             (run / "metrics.jsonl").write_text(json.dumps({"bytes-up": 1, "bytes-down": 2}) + "\n")
             save_file({"w": torch.zeros(2)}, str(run / "model.safetensors"))

@@ -179,16 +179,14 @@ def test_teacher_paths_do_not_depend_on_the_student() -> None:
     flat = FlatModel(task.model(0))
     stream = task.batches(0)
     batches = [next(stream) for _ in range(4)]
-    paths = [Runner(Teacher("adam", 0.01), flat, flat.flat(), Teacher("adam", 0.01).init_state(flat.numel), 1.0).advance(batches)
-             for _ in range(2)]
+    paths = [Runner(Teacher("adam", 0.01), flat, flat.flat(), Teacher("adam", 0.01).init_state(flat.numel), 1.0).advance(batches) for _ in range(2)]
     assert torch.equal(paths[0], paths[1]) and not paths[0].requires_grad
 
 
 @pytest.fixture(scope="module")
 def student() -> tuple[RNNPropPolicy, dict]:
     # a seconds-long budget: strong imitation (p = 1) is what makes so short a run work
-    cfg = AmalgamationConfig(scheme="mean", iterations=16, trajectory=40, unroll=10, meta_lr=1e-2, hidden=8, pre=6,
-                             imitation=(1.0,))
+    cfg = AmalgamationConfig(scheme="mean", iterations=16, trajectory=40, unroll=10, meta_lr=1e-2, hidden=8, pre=6, imitation=(1.0,))
     return train_student(MLPTask(), cfg, LRS)
 
 

@@ -95,7 +95,10 @@ def test_svhn_loader_reads_mat_files(tmp_path):
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 5), ("test", 3)):
-        savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10], [1], [2], [3], [4]][:n])})
+        savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10], [1], [2], [3], [4]][:n])},
+        )
     train = load_split("svhn", str(tmp_path), True)
     assert train.x.shape == (5, 3, 32, 32) and train.y.tolist() == [0, 1, 2, 3, 4]  # label 10 means digit 0
     assert len(load_split("svhn", str(tmp_path), False)) == 3
@@ -118,7 +121,10 @@ def _write_digits5(root):
     for folder, stem in (("SVHN", "{}_32x32.mat"), ("SynthDigits", "synth_{}_32x32.mat")):
         (root / folder).mkdir()
         for split, n in (("train", 4), ("test", 2)):
-            savemat(root / folder / stem.format(split), {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": (np.arange(n) + 1).reshape(-1, 1)})
+            savemat(
+                root / folder / stem.format(split),
+                {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": (np.arange(n) + 1).reshape(-1, 1)},
+            )
     (root / "USPS").mkdir()
     for name, n in (("usps.bz2", 4), ("usps.t.bz2", 2)):
         lines = [f"{i % 10 + 1} " + " ".join(f"{j + 1}:{rng.uniform(-1, 1):.3f}" for j in range(256)) for i in range(n)]

@@ -59,8 +59,20 @@ def lstm() -> RNNPropPolicy:
 
 @pytest.fixture(scope="module")
 def rule(lstm: RNNPropPolicy) -> SymbolicRule:
-    cfg = DistillConfig(runs=2, heldout_runs=1, steps=60, coords_per_tensor=8, train_rows=2000, population=200,
-                        generations=4, fit_iterations=50, tune_iterations=2, tune_trajectory=20, tune_unroll=10, validation_seeds=1)
+    cfg = DistillConfig(
+        runs=2,
+        heldout_runs=1,
+        steps=60,
+        coords_per_tensor=8,
+        train_rows=2000,
+        population=200,
+        generations=4,
+        fit_iterations=50,
+        tune_iterations=2,
+        tune_trajectory=20,
+        tune_unroll=10,
+        validation_seeds=1,
+    )
     return distill(lstm, MLPTask(), MLPTask(hidden=48, partition="heldout"), cfg)
 
 
@@ -124,8 +136,14 @@ def _reference_features(grads: list[np.ndarray], beta: float = 0.95) -> list[tup
 @pytest.mark.parametrize("which", ["handmade", "distilled"])
 def test_symbolic_optimizer_equals_printed_formula(which: str, rule: SymbolicRule) -> None:
     if which == "handmade":  # two lags, every operator of the grammar
-        expr = ["tanh", ["sub", ["mul", ["const", 0], ["var", "m0"]],
-                         ["add", ["mul", ["const", 1], ["var", "m1"]], ["neg", ["tanh", ["mul", ["const", 2], ["var", "g1"]]]]]]]
+        expr = [
+            "tanh",
+            [
+                "sub",
+                ["mul", ["const", 0], ["var", "m0"]],
+                ["add", ["mul", ["const", 1], ["var", "m1"]], ["neg", ["tanh", ["mul", ["const", 2], ["var", "g1"]]]]],
+            ],
+        ]
         rule = SymbolicRule(expr, [-1.5, 0.75, 0.3], lags=2)
     lr = 0.02
     gen = torch.Generator().manual_seed(0)

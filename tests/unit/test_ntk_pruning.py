@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from models import create_model
-from tools.ntk import NTKMLP, empirical_ntk
 from techniques.random_init import apply_masks_, random_prune_, weight_jacobian
 from tools import ntk_study
+from tools.ntk import NTKMLP, empirical_ntk
 from tools.ntk_study import NTKStudyConfig, compute_table, make_inputs
 
 
@@ -82,7 +82,7 @@ def test_pruned_ntk_is_the_ntk_of_the_masked_reparametrisation():
         jw = weight_jacobian(masks, 0.6, rescale)
         theta = {k: v.detach() for k, v in dense.named_parameters()}
 
-        def f(params, xi):
+        def f(params, xi, *, jw=jw):
             w = {k: v * jw[k] if k in jw else v for k, v in params.items()}
             return torch.func.functional_call(dense, w, (xi.unsqueeze(0),)).reshape(-1)
 
@@ -120,8 +120,7 @@ def test_study_writes_its_files_and_cli_prints_the_folder(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     ntk_study.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "ntk"
-    args = parser.parse_args(["ntk", "--widths", "16,32", "--ps", "0.5", "--seeds", "1", "--num-inputs", "4",
-                              "--input-dim", "3", "--out", str(out)])
+    args = parser.parse_args(["ntk", "--widths", "16,32", "--ps", "0.5", "--seeds", "1", "--num-inputs", "4", "--input-dim", "3", "--out", str(out)])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     meta = json.loads((out / "results.json").read_text())

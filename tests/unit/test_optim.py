@@ -50,10 +50,13 @@ def test_names_and_unknown_name() -> None:
         make_optimizer("lion", [torch.nn.Parameter(torch.zeros(2))], 0.1)
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("sgd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)),
-    ("adam", lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=5e-4)),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)),
+        ("adam", lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=5e-4)),
+    ],
+)
 def test_analytic_optimizers_match_torch(name: str, reference) -> None:
     task = MLPTask()
     a, b = task.model(0), task.model(0)
@@ -150,8 +153,9 @@ def test_cli_evaluate_writes_curves(artifacts: Path, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="splitmix")
     l2o_cli.add_l2o_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval"
-    args = parser.parse_args(["l2o", "evaluate", "--artifacts", str(artifacts), "--out", str(out), "--steps", "10",
-                              "--seeds", "1", "--every", "5", "--threads", "1"])
+    args = parser.parse_args(
+        ["l2o", "evaluate", "--artifacts", str(artifacts), "--out", str(out), "--steps", "10", "--seeds", "1", "--every", "5", "--threads", "1"]
+    )
     assert args.func(args) == 0
     assert {p.name for p in out.iterdir()} == {"results.json", "curves.csv", "loss_curves.png"}
     results = json.loads((out / "results.json").read_text())["results"]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from clients.recipe import LocalTrainConfig, per_base_loss, train_bases
+from models.splitmix import SplitMixSpec
 from splitmix.adversarial import PGDConfig, pgd_linf
 from splitmix.data import DataConfig, client_train_data
 from splitmix.profiles import adversarial_clients, budget_of_client, make_profile, parse_budgets
-from clients.recipe import LocalTrainConfig, per_base_loss, train_bases
-from models.splitmix import SplitMixSpec
 
 
 def test_pgd_stays_in_the_ball_and_increases_the_loss():
@@ -58,9 +58,7 @@ def test_budget_levels_and_profiles():
     assert parse_budgets("8-4-8d3-2") == [0.125, 0.25, 0.375, 0.5]
     widths = parse_budgets("8-4-2-1")
     # 50 clients: equal contiguous quarters from the smallest budget up (authors' int(4*i/N)).
-    assert [budget_of_client(i, 50, widths) for i in (0, 12, 13, 24, 25, 37, 38, 49)] == [
-        0.125, 0.125, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0
-    ]
+    assert [budget_of_client(i, 50, widths) for i in (0, 12, 13, 24, 25, 37, 38, 49)] == [0.125, 0.125, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
     assert adversarial_clients(50, 0.5, seed=0).sum() == 25
     profile = make_profile(3, 50, "8-4-2-1", 0.0, 0, {"budget": "2", "adversarial": True})
     assert profile.budget == 0.5 and profile.adversarial and SplitMixSpec().bases_for_budget(profile.budget) == 4

@@ -179,8 +179,7 @@ def _nested_slices():
         # β = 0.2: 5 holders → 1 dropped from each end: mean(1, 2, 4) = 7/3; fewer than 5 → none
         ("trimmed-mean", [[7 / 3, 45.0, 9.0], [6.0, 7.0, 11.0], [-1.0, -1.0, -1.0]]),
         # example-weighted, each entry over the clients whose slice (and mask) holds it
-        ("mean", [[(10 + 2 + 100 + 4000 - 50) / 1013, (20 + 70_000) / 1001, 9.0],
-                  [(5 + 7000) / 1001, (6 + 8000) / 1001, 11.0], [-1.0, -1.0, -1.0]]),
+        ("mean", [[(10 + 2 + 100 + 4000 - 50) / 1013, (20 + 70_000) / 1001, 9.0], [(5 + 7000) / 1001, (6 + 8000) / 1001, 11.0], [-1.0, -1.0, -1.0]]),
     ],
 )
 def test_reducers_on_nested_slices_by_hand(name, expected):

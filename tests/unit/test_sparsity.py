@@ -10,10 +10,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from techniques import sparsity as sp
+from models.cnn import DigitCNN
 from splitmix.protocol.codec import encode
 from splitmix.protocol.sparse_codec import (
-    DENSE_PACK, IDX_SUFFIX,
+    DENSE_PACK,
+    IDX_SUFFIX,
     VAL_SUFFIX,
     decode_indices,
     decode_sparse,
@@ -24,9 +25,9 @@ from splitmix.protocol.sparse_codec import (
     sparse_from_record,
     to_sparse_record,
 )
-from models.cnn import DigitCNN
 from strategies.aggregation import aggregate, aggregate_tensors
 from strategies.base import TensorSpec, record_bytes
+from techniques import sparsity as sp
 
 
 def _model(num_bases: int = 1) -> DigitCNN:
@@ -315,7 +316,9 @@ def test_sparse_record_round_trip_and_validation():
     bf16_record = to_sparse_record(bf16, bf16_mask)
     assert str(bf16_record["w" + VAL_SUFFIX].dtype) == "uint16"  # bit pattern
     mask, values = sparse_from_record(bf16_record, {"w": TensorSpec((6, 5), "bfloat16")})["w"]
-    assert torch.equal(mask, bf16_mask["w"]) and torch.equal(values.view(torch.int16), torch.where(mask, bf16["w"], torch.zeros_like(bf16["w"])).view(torch.int16))
+    assert torch.equal(mask, bf16_mask["w"]) and torch.equal(
+        values.view(torch.int16), torch.where(mask, bf16["w"], torch.zeros_like(bf16["w"])).view(torch.int16)
+    )
     nan = dict(tensors)
     nan["fc1.weight"] = tensors["fc1.weight"].clone()
     nan["fc1.weight"][masks["fc1.weight"]] = float("nan")

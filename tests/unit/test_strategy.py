@@ -43,10 +43,7 @@ def test_per_base_aggregation_matches_hand_computation():
     assert len(messages) == 3
     fills = {11: 1.0, 12: 2.0, 13: 4.0}
     sizes = {11: 10, 12: 30, 13: 60}
-    replies = [
-        reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12)
-        for m in messages
-    ]
+    replies = [reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12) for m in messages]
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["valid"] == 3 and metrics["rejected"] == 0
 
@@ -78,10 +75,7 @@ def test_robust_per_base_aggregation_over_the_clients_that_trained_each_base(agg
     messages = list(strategy.configure_train(1, initial, None, None))
     fills = {11: 1.0, 12: 2.0, 13: 40.0}
     sizes = {11: 10, 12: 30, 13: 60}
-    replies = [
-        reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12)
-        for m in messages
-    ]
+    replies = [reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12) for m in messages]
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["valid"] == 3
     for key, array in new.items():

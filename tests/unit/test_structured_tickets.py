@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from models.blocks import routed
+from models.cnn import DigitCNN
+from models.preresnet import PreActResNet18
+from models.slice_channels import channel_graph, kept_channels, slice_channels
 from techniques.pruning import (
     apply_masks_,
     global_magnitude_prune,
@@ -16,10 +20,6 @@ from techniques.pruning import (
     regroup,
     sparsity_report,
 )
-from models.blocks import routed
-from models.cnn import DigitCNN
-from models.preresnet import PreActResNet18
-from models.slice_channels import channel_graph, kept_channels, slice_channels
 
 
 def _randomise_bn_(model: torch.nn.Module) -> None:
@@ -65,8 +65,7 @@ def test_imp_exact_sparsity_and_rewinding() -> None:
         seen_zeros.append(sum(int((m.get_parameter(n) == 0).sum()) for n in names))
         _train_fn(m, masks)
 
-    result = iterative_magnitude_pruning(model, train_and_count, rounds=3, rate=0.2,
-                                         rewind_state=checkpoint, final_train=False)
+    result = iterative_magnitude_pruning(model, train_and_count, rounds=3, rate=0.2, rewind_state=checkpoint, final_train=False)
     seen_zeros.append(sum(int((model.get_parameter(n) == 0).sum()) for n in names))
     remaining, expected = total, [0]
     for _ in range(3):
@@ -160,8 +159,7 @@ def test_sliced_model_equals_masked_model(k: int, dual: bool) -> None:
                 torch.testing.assert_close(sliced.forward_bases(x), model.forward_bases(x), atol=1e-5, rtol=1e-5)
         model.train(), sliced.train()  # batch statistics: a removed channel is constant, still unread
         torch.testing.assert_close(sliced(x), model(x), atol=1e-5, rtol=1e-5)
-    weights = sum(m.weight.numel() for m in sliced.modules() if hasattr(m, "weight") and m.weight is not None
-                  and m.weight.dim() >= 2)
+    weights = sum(m.weight.numel() for m in sliced.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() >= 2)
     assert weights == sum(int(m.sum()) for m in masks.values())  # sliced size = masked structure
     assert sliced.conv2.out_channels < model.conv2.out_channels
 

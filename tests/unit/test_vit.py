@@ -5,8 +5,6 @@ import pytest
 import torch
 
 import models.vit as vit  # registers "vit", "vit_attnscale", "vit_featscale"
-from splitmix.adversarial import PGDConfig
-from splitmix.data import ArrayData
 from clients.recipe import LocalTrainConfig, per_base_loss, train_bases
 from models import create_model
 from models.blocks import recompute_bn_stats, routed, set_route
@@ -22,6 +20,8 @@ from models.splitmix import (
     split_stacked_state,
     stack_base_states,
 )
+from splitmix.adversarial import PGDConfig
+from splitmix.data import ArrayData
 
 
 def _vit_params(dim: int, hidden: int, depth: int, tokens: int, patch_in: int, classes: int, dual: bool) -> int:
