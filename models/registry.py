@@ -48,4 +48,4 @@ def create_model(name: str, width: float = 1.0, **kwargs) -> StackedNet:
 
 def _import_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import cnn, preresnet, vit  # noqa: F401
+    from models import cnn, digit_model, preresnet, vit  # noqa: F401

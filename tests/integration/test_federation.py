@@ -46,3 +46,15 @@ def test_malformed_reply_is_rejected_and_the_round_goes_on(tmp_path, in_process_
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert [e["round"] for e in events] == [1, 2]
     assert all("partition 2" in e["problem"] and "NaN" in e["problem"] for e in events)
+
+
+def test_the_papers_digit_model_trains_through_a_round(tmp_path, in_process_grid, tiny_config):
+    """``model = "digit-cnn"`` is a registry entry like any other: bases of the paper's DigitModel
+    are assigned, trained, aggregated and served at every width."""
+    import json
+
+    cfg = tiny_config(f"model=digit-cnn num-rounds=1 out-dir='{tmp_path}' run-name=digit")
+    run = run_federation(in_process_grid(4), cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["widths"]) == ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875", "1.0"]
+    assert summary["widths"]["1.0"]["params"] == 8 * summary["widths"]["0.125"]["params"]

@@ -137,3 +137,23 @@ def test_folded_inference_model_computes_the_same_function(lam):
     x = torch.rand(9, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_digit_cnn_is_the_papers_digit_model():
+    """Table 6 of the Split-Mix paper (research/splitmix.md §6): DigitModel on 3×28×28 has
+    14.219 M params at width 1 and 0.224 M per 1/8-width base; stacking 8 bases = 8 × one base,
+    and a stacked base computes what the same base alone computes."""
+    full = create_model("digit-cnn", width=1.0, in_channels=3, image_size=28)
+    base = create_model("digit-cnn", width=0.125, in_channels=3, image_size=28)
+    bases = create_model("digit-cnn", width=0.125, num_bases=8, in_channels=3, image_size=28)
+    assert round(count_params(full) / 1e6, 3) == 14.219
+    assert round(count_params(base) / 1e6, 3) == 0.224
+    assert count_params(bases) == 8 * count_params(base)
+    torch.manual_seed(0)
+    stacked = create_model("digit-cnn", width=0.125, num_bases=2, image_size=8).eval()
+    single = create_model("digit-cnn", width=0.125, image_size=8).eval()
+    single.load_state_dict({k: v.chunk(2, 0)[1] if v.dim() else v for k, v in stacked.state_dict().items()})
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(stacked.forward_bases(x)[:, 1], single.forward_bases(x)[:, 0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        create_model("digit-cnn", image_size=30)
