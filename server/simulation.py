@@ -46,7 +46,13 @@ def backend_config(cfg: RunConfig) -> dict:
 
 def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
     """Run one simulation (or, with ``resume``, continue that run folder after its last
-    checkpoint); returns the run folder. Raises what the server loop raised."""
+    checkpoint); returns the run folder. Raises what the server loop raised, and
+    :class:`splitmix.data.DataError` (one line) before the Ray backend starts when the dataset
+    is missing or damaged (with ``download = true`` it is fetched here first, once)."""
+    from splitmix.data import check_data
+
+    check_data(cfg.data_config())  # fail fast, before the Ray backend starts
+
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app

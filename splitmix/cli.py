@@ -63,7 +63,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if reason is not None:
             _fail(f"cannot resume run '{args.resume}' exactly: {reason}, which the server does not checkpoint")
             return 2
-    run_dir = simulation.simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume)
+    from splitmix.data import DataError
+
+    try:
+        run_dir = simulation.simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume)
+    except DataError as exc:  # missing or damaged dataset: one line, before Ray starts
+        _fail(str(exc))
+        return 2
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     Console(width=120).print(_summary_table(summary))
     print(run_dir, flush=True)  # the last line of stdout: the run folder

@@ -81,9 +81,22 @@ class FederationConfig(Section):
 @dataclass(frozen=True)
 class DataSection(Section):
     dataset: str = option("digits", "`digits` is embedded; the others are read from data-root", choices=tuple(DATASETS))
-    data_root: str = option("", "folder of a non-embedded data set (nothing is downloaded)")
+    data_root: str = option("", "folder of a non-embedded data set (see `download`)")
+    download: bool = option(False, "fetch `mnist`, `svhn` or `cifar10` into data-root with torchvision if missing (needs internet)")
     partition: str = option("iid", "how training data is split over clients", choices=tuple(PARTITIONS))
     dirichlet_alpha: float = option(0.5, "concentration of the Dirichlet label partition", lo=0, lo_open=True)
+
+    def validate(self) -> None:
+        from splitmix.data import DOWNLOADABLE
+
+        if not self.download:
+            return
+        if self.dataset not in DOWNLOADABLE:
+            how = "its domains are placed in data-root by hand" if self.dataset == "digits5" else "it is embedded"
+            allowed = ", ".join(DOWNLOADABLE)
+            raise ConfigError(f"config key 'download' = true with dataset '{self.dataset}': {how}; download = true is allowed with dataset {allowed}")
+        if not self.data_root:
+            raise ConfigError("config key 'download' = true needs data-root: the folder to download into")
 
 
 @dataclass(frozen=True)
@@ -275,6 +288,7 @@ class RunConfig:
             num_partitions=self.federation.num_clients,
             alpha=self.data.dirichlet_alpha,
             seed=self.federation.seed,
+            download=self.data.download,
         )
 
     def pgd(self, steps: int | None = None) -> PGDConfig:

@@ -2,11 +2,18 @@
 
 - ``digits`` (default): scikit-learn's 8×8 digits, shipped inside the scikit-learn wheel, so it
   works offline. A fixed stratified 80/20 split gives the train and the centralized test set.
-- ``mnist``, ``cifar10``, ``svhn``: torchvision datasets read from a local folder in their
-  standard on-disk formats (nothing is downloaded).
+- ``mnist``, ``cifar10``, ``svhn``: read from ``root`` (the ``data-root`` key) in their standard
+  on-disk formats (MNIST IDX files, CIFAR-10 python batches, SVHN ``.mat`` files). With
+  ``download``, a split that is missing or unreadable there is fetched into that folder by
+  torchvision's own dataset classes (which verify the archives' checksums).
 - ``digits5``: the real Digits-5 domains (MNIST, SVHN, USPS, SynthDigits, MNIST-M) from a local
   folder, each resized to 3×28×28; with the ``domains`` partition every domain goes to its own
-  client group (``digits5_domains`` documents the folder layout).
+  client group (``digits5_domains`` documents the folder layout). They are placed by hand.
+
+Every reader checks what it reads (IDX magic numbers, image shapes, one label per image, labels
+within range) and raises :class:`DataError` with one line naming the dataset, the file or folder,
+what is wrong and the expected layout. :func:`check_data` loads both splits once, so that
+``splitmix simulate`` can fail before the Ray backend starts.
 
 Partitions come from flwr-datasets partitioners (IID, Dirichlet label shift with α) and a
 feature-shift ``domains`` scheme: five domains — for ``digits5`` the real ones, otherwise five
@@ -19,6 +26,9 @@ and then serves every client it simulates from memory.
 
 from __future__ import annotations
 
+import math
+import pickle
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+
+class DataError(ValueError):
+    """A dataset is missing or damaged (one line: dataset, file or folder, what is wrong, layout)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,18 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 10, 3, 32),
     "svhn": DatasetInfo("svhn", 10, 3, 32),
     "digits5": DatasetInfo("digits5", 10, 3, 28),
+}
+# Datasets that torchvision can fetch into data-root (``download = true``).
+DOWNLOADABLE = ("mnist", "svhn", "cifar10")
+# What each dataset's folder must hold (for error messages).
+LAYOUTS: dict[str, str] = {
+    "mnist": "<data-root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "cifar10": "<data-root>/cifar-10-batches-py/{data_batch_1..data_batch_5,test_batch}",
+    "svhn": "<data-root>/{train,test}_32x32.mat",
+    "digits5": (
+        "<data-root>/MNIST/raw/*-ubyte, SVHN/{train,test}_32x32.mat, USPS/usps{,.t}.bz2, SynthDigits/synth_{train,test}_32x32.mat, "
+        "MNIST_M/mnist_m_{train,test}/*.png + mnist_m_{train,test}_labels.txt, placed by hand (docs/configuration.md, Digits-5 data layout)"
+    ),
 }
 # The real Digits-5 domains (FedBN / Split-Mix order), each resized to 3×28×28.
 DIGITS5_DOMAINS = ("mnist", "svhn", "usps", "synthdigits", "mnistm")
@@ -75,27 +101,94 @@ class DataConfig:
     num_partitions: int = 50
     alpha: float = 0.5
     seed: int = 0
+    download: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset '{self.dataset}'; allowed: {', '.join(DATASETS)}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"unknown partition '{self.partition}'; allowed: {', '.join(PARTITIONS)}")
+        if self.download and self.dataset not in DOWNLOADABLE:
+            raise DataError(f"dataset '{self.dataset}' cannot be downloaded; download is allowed with: {', '.join(DOWNLOADABLE)}")
 
 
 # --------------------------------------------------------------------------- raw datasets
 @lru_cache(maxsize=8)
-def load_split(dataset: str, root: str, train: bool) -> ArrayData:
-    """The train or test split of ``dataset`` (cached per process)."""
+def load_split(dataset: str, root: str, train: bool, download: bool = False) -> ArrayData:
+    """The train or test split of ``dataset`` (cached per process); with ``download``, a split
+    that is missing or unreadable in ``root`` is fetched there by torchvision and read again.
+    Raises :class:`DataError` (one line)."""
+    return _read_split(dataset, root, train, download)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Load (with ``cfg.download``: download if needed) the train and test splits once, so that a
+    missing or damaged dataset stops a run before the Ray backend starts, with one line naming
+    the dataset, the file or folder and the expected layout (:class:`DataError`). The test split
+    stays cached (the server evaluates on it); the train split is read, checked and dropped."""
+    load_split(cfg.dataset, cfg.root, False, cfg.download)
+    _read_split(cfg.dataset, cfg.root, True, cfg.download, cached=False)
+
+
+def _read_split(dataset: str, root: str, train: bool, download: bool, cached: bool = True) -> ArrayData:
     if dataset == "digits":
         return _digits_split(train)
     if not root:
-        raise FileNotFoundError(f"dataset '{dataset}' is read from a local folder: set data-root to the folder that holds it (nothing is downloaded)")
+        raise DataError(_message(dataset, "", download, "data-root is not set (the folder that holds it)"))
+    if download and dataset not in DOWNLOADABLE:
+        raise DataError(_message(dataset, root, download, f"it cannot be downloaded; download is allowed with: {', '.join(DOWNLOADABLE)}"))
     if dataset == "digits5":
-        domains = digits5_domains(root, train)
+        domains = digits5_domains(root, train) if cached else _digits5_domains(root, train)
         return ArrayData(torch.cat([d.x for d in domains]), torch.cat([d.y for d in domains]))
-    loader = {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn}[dataset]
-    return loader(Path(root), train)
+    base, loader = Path(root), _LOADERS[dataset]
+    try:
+        try:  # what is already in place is used as it is (no network, no checksum pass)
+            if not base.is_dir():
+                raise DataError(f"folder '{root}' does not exist")
+            return loader(base, train)
+        except DataError:
+            if not download:
+                raise
+        _download(dataset, root, train)
+        return loader(base, train)
+    except DataError as err:
+        raise DataError(_message(dataset, root, download, str(err))) from None
+
+
+def _message(dataset: str, root: str, download: bool, problem: str) -> str:
+    """One line: dataset, folder, what is wrong, the expected layout and how to get the data."""
+    where = f" in data-root '{root}'" if root else ""
+    text = f"dataset '{dataset}'{where}: {problem}; expected {LAYOUTS[dataset]}"
+    if dataset in DOWNLOADABLE:
+        if download:
+            text += "; download = true keeps files already in place, so delete damaged ones to fetch them again"
+        else:
+            text += "; or set download = true (with data-root) to fetch it with torchvision (delete damaged files first)"
+    return " ".join(text.split())
+
+
+def _oneline(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _download(dataset: str, root: str, train: bool) -> None:
+    """Fetch one split with torchvision's own dataset class (checksums verified; files already
+    in place are kept). Needs internet; any failure becomes a one-line :class:`DataError`."""
+    from torchvision import datasets as tv
+
+    try:
+        if dataset == "mnist":
+            tv.MNIST(root, train=train, download=True)
+        elif dataset == "cifar10":
+            tv.CIFAR10(root, train=train, download=True)
+        elif dataset == "svhn":
+            tv.SVHN(root, split="train" if train else "test", download=True)
+        else:
+            raise DataError(f"'{dataset}' cannot be downloaded; allowed: {', '.join(DOWNLOADABLE)}")
+    except DataError:
+        raise
+    except Exception as err:  # network, checksum or disk: reported in one line
+        raise DataError(f"downloading into '{root}' with torchvision failed ({_oneline(err)})") from None
 
 
 def _digits_split(train: bool) -> ArrayData:
@@ -119,61 +212,130 @@ def _from_uint8(images: np.ndarray, labels, channels_last: bool) -> ArrayData:
     return ArrayData(x, torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
-def _mnist(root: Path, train: bool) -> ArrayData:
-    from torchvision.datasets import MNIST
+# --------------------------------------------------------------------------- checks
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"missing file '{path}'")
 
-    ds = MNIST(str(root), train=train, download=False)
-    return _from_uint8(ds.data.numpy(), ds.targets.numpy(), channels_last=False)
+
+def _check_images(path: Path, images: np.ndarray, shape: tuple[int, ...], text: str) -> None:
+    """``images`` is ``(N, *shape)`` uint8 with N ≥ 1 (``text`` describes ``shape`` in messages)."""
+    if images.dtype != np.uint8:
+        raise DataError(f"'{path}' holds {images.dtype} images, expected uint8")
+    if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape:
+        raise DataError(f"'{path}' holds images of shape {tuple(images.shape)}, expected N×{text}")
+    if images.shape[0] == 0:
+        raise DataError(f"'{path}' holds no images")
+
+
+def _check_labels(path: Path, labels: np.ndarray, count: int, hi: int, count_of: Path | None = None, note: str = "") -> np.ndarray:
+    """One integer label per image, each in [0, hi); returns them as int64."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != count:
+        images = f"but '{count_of}' has" if count_of is not None else "for"
+        raise DataError(f"'{path}' has {len(labels)} labels {images} {count} images")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+        raise DataError(f"'{path}' holds labels of type {labels.dtype}, expected integers")
+    out = labels.astype(np.int64)
+    bad = out[(out < 0) | (out >= hi)]
+    if len(bad):
+        raise DataError(f"'{path}' has label {bad[0]} outside [0, {hi}){note}")
+    return out
+
+
+# --------------------------------------------------------------------------- readers
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An uncompressed IDX file of unsigned bytes (MNIST: 2049 labels, 2051 images)."""
+    _require_file(path)
+    raw = bytearray(path.read_bytes())
+    kind = {2049: "labels", 2051: "images"}.get(magic, "data")
+    found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if found != magic:
+        raise DataError(f"'{path}' has IDX magic number {found}, expected {magic} (MNIST {kind}); is it compressed or another file?")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"'{path}' is truncated (IDX header of {ndim} dimensions incomplete)")
+    dims = struct.unpack(f">{ndim}I", bytes(raw[4:header]))
+    if len(raw) - header != math.prod(dims):
+        raise DataError(f"'{path}' holds {len(raw) - header} bytes of {kind}, its IDX header {dims} says {math.prod(dims)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _mnist(root: Path, train: bool) -> ArrayData:
+    """``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (torchvision's layout)."""
+    raw, prefix = root / "MNIST" / "raw", "train" if train else "t10k"
+    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images = _read_idx(images_path, 2051)
+    _check_images(images_path, images, (28, 28), "28×28")
+    labels = _check_labels(labels_path, _read_idx(labels_path, 2049), len(images), 10, count_of=images_path)
+    return _from_uint8(images, labels, channels_last=False)
 
 
 def _cifar10(root: Path, train: bool) -> ArrayData:
-    from torchvision.datasets import CIFAR10
-
-    class LocalCIFAR10(CIFAR10):
-        # torchvision checks MD5 sums of the official archive; accept any well-formed batches
-        # so that user-provided (or test) folders in the same format load.
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:  # class names only; no MD5 check for the same reason
-            self.classes = [str(i) for i in range(10)]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    ds = LocalCIFAR10(str(root), train=train, download=False)
-    return _from_uint8(ds.data, ds.targets, channels_last=True)
+    """``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``: pickled dicts with ``data``
+    (N×3072 uint8, channel-major 3×32×32) and ``labels`` (N ints in [0, 10))."""
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        _require_file(path)
+        try:
+            with open(path, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+        except Exception as err:  # damaged or not a pickle
+            raise DataError(f"'{path}' is not a readable CIFAR-10 python batch ({_oneline(err)})") from None
+        if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+            raise DataError(f"'{path}' is not a CIFAR-10 python batch (a dict with 'data' and 'labels')")
+        data = np.asarray(batch["data"])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"'{path}' holds data of shape {data.shape}, expected N×3072 (3×32×32 per image)")
+        images = data.reshape(-1, 3, 32, 32)
+        _check_images(path, images, (3, 32, 32), "3072 (3×32×32)")
+        xs.append(images)
+        ys.append(_check_labels(path, np.asarray(batch["labels"]), len(images), 10))
+    return _from_uint8(np.concatenate(xs), np.concatenate(ys), channels_last=False)
 
 
 def _svhn(root: Path, train: bool) -> ArrayData:
-    from torchvision.datasets import SVHN
-
-    class LocalSVHN(SVHN):
-        def _check_integrity(self) -> bool:
-            return (Path(self.root) / self.filename).is_file()
-
-    ds = LocalSVHN(str(root), split="train" if train else "test", download=False)
-    return _from_uint8(ds.data, ds.labels, channels_last=False)
+    return _svhn_like_mat(root / f"{'train' if train else 'test'}_32x32.mat")
 
 
 def _svhn_like_mat(path: Path) -> ArrayData:
     """SVHN's .mat layout (X: 32×32×3×N uint8, y: N×1, label 10 meaning digit 0)."""
     from scipy.io import loadmat
 
-    if not path.is_file():
-        raise FileNotFoundError(f"missing '{path}'")
-    mat = loadmat(str(path))
-    labels = mat["y"].reshape(-1).astype(np.int64) % 10
-    return _from_uint8(np.transpose(mat["X"], (3, 2, 0, 1)), labels, channels_last=False)
+    _require_file(path)
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:  # damaged, or not a MATLAB file
+        raise DataError(f"'{path}' is not a readable .mat file ({_oneline(err)})") from None
+    if "X" not in mat or "y" not in mat:
+        raise DataError(f"'{path}' lacks the variables X (32×32×3×N images) and y (N labels)")
+    x = np.asarray(mat["X"])
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataError(f"'{path}' holds X of shape {x.shape}, expected 32×32×3×N")
+    images = np.transpose(x, (3, 2, 0, 1))
+    _check_images(path, images, (3, 32, 32), "32×32×3")
+    labels = _check_labels(path, np.asarray(mat["y"]), len(images), 11, note=" (SVHN's labels are 1..10, 10 meaning digit 0)")
+    return _from_uint8(images, labels % 10, channels_last=False)
 
 
 def _usps(root: Path, train: bool) -> ArrayData:
+    """``usps.bz2`` / ``usps.t.bz2``: libsvm lines ``<label 1..10> 1:<v> … 256:<v>``, v in [-1, 1]."""
     from torchvision.datasets import USPS
 
-    name = "usps.bz2" if train else "usps.t.bz2"
-    if not (root / name).is_file():
-        raise FileNotFoundError(f"missing '{root / name}'")
-    ds = USPS(str(root), train=train, download=False)
-    return _from_uint8(ds.data, ds.targets, channels_last=False)
+    path = root / ("usps.bz2" if train else "usps.t.bz2")
+    _require_file(path)
+    try:
+        ds = USPS(str(root), train=train, download=False)
+    except Exception as err:  # damaged archive or malformed lines
+        raise DataError(f"'{path}' is not a readable USPS file ({_oneline(err)})") from None
+    images = np.asarray(ds.data)
+    _check_images(path, images, (16, 16), "16×16 (256 values per line)")
+    labels = _check_labels(path, np.asarray(ds.targets), len(images), 10, note=" (USPS's labels are 1..10)")
+    return _from_uint8(images, labels, channels_last=False)
 
 
 def _mnist_m(root: Path, train: bool) -> ArrayData:
@@ -183,11 +345,30 @@ def _mnist_m(root: Path, train: bool) -> ArrayData:
 
     split = "train" if train else "test"
     labels_file = root / f"mnist_m_{split}_labels.txt"
-    if not labels_file.is_file():
-        raise FileNotFoundError(f"missing '{labels_file}'")
+    _require_file(labels_file)
     entries = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
-    images = np.stack([np.asarray(Image.open(root / f"mnist_m_{split}" / name).convert("RGB")) for name, _ in entries])
-    return _from_uint8(images, [int(label) for _, label in entries], channels_last=True)
+    for number, entry in enumerate(entries, 1):
+        if len(entry) != 2 or not entry[1].lstrip("-").isdigit():
+            raise DataError(f"'{labels_file}' line {number} is not '<file>.png <label>'")
+    if not entries:
+        raise DataError(f"'{labels_file}' lists no images")
+    images: list[np.ndarray] = []
+    for name, _ in entries:
+        path = root / f"mnist_m_{split}" / name
+        _require_file(path)
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("RGB"))
+        except Exception as err:  # damaged or not an image
+            raise DataError(f"'{path}' is not a readable image ({_oneline(err)})") from None
+        if images and image.shape != images[0].shape:
+            raise DataError(f"'{path}' is {image.shape[1]}×{image.shape[0]}, the other MNIST-M images {images[0].shape[1]}×{images[0].shape[0]}")
+        images.append(image)
+    labels = _check_labels(labels_file, np.array([int(label) for _, label in entries]), len(images), 10)
+    return _from_uint8(np.stack(images), labels, channels_last=True)
+
+
+_LOADERS: dict[str, Callable[[Path, bool], ArrayData]] = {"mnist": _mnist, "cifar10": _cifar10, "svhn": _svhn}
 
 
 def _to_digits5_format(data: ArrayData) -> ArrayData:
@@ -198,10 +379,7 @@ def _to_digits5_format(data: ArrayData) -> ArrayData:
     return ArrayData(x.contiguous(), data.y)
 
 
-@lru_cache(maxsize=4)
-def digits5_domains(root: str, train: bool) -> tuple[ArrayData, ...]:
-    """The five real digit domains from ``root``: ``MNIST/raw`` (IDX), ``SVHN/{train,test}_32x32.mat``,
-    ``USPS/usps{,.t}.bz2``, ``SynthDigits/synth_{train,test}_32x32.mat``, ``MNIST_M/`` (PNG + labels)."""
+def _digits5_domains(root: str, train: bool) -> tuple[ArrayData, ...]:
     base, split = Path(root), "train" if train else "test"
     loaders = {
         "mnist": lambda: _mnist(base, train),
@@ -210,7 +388,20 @@ def digits5_domains(root: str, train: bool) -> tuple[ArrayData, ...]:
         "synthdigits": lambda: _svhn_like_mat(base / "SynthDigits" / f"synth_{split}_32x32.mat"),
         "mnistm": lambda: _mnist_m(base / "MNIST_M", train),
     }
-    return tuple(_to_digits5_format(loaders[name]()) for name in DIGITS5_DOMAINS)
+    try:
+        if not base.is_dir():
+            raise DataError(f"folder '{root}' does not exist")
+        return tuple(_to_digits5_format(loaders[name]()) for name in DIGITS5_DOMAINS)
+    except DataError as err:
+        raise DataError(_message("digits5", root, False, str(err))) from None
+
+
+@lru_cache(maxsize=4)
+def digits5_domains(root: str, train: bool) -> tuple[ArrayData, ...]:
+    """The five real digit domains from ``root``: ``MNIST/raw`` (IDX), ``SVHN/{train,test}_32x32.mat``,
+    ``USPS/usps{,.t}.bz2``, ``SynthDigits/synth_{train,test}_32x32.mat``, ``MNIST_M/`` (PNG + labels).
+    They cannot be downloaded: place them by hand. Raises :class:`DataError` (one line)."""
+    return _digits5_domains(root, train)
 
 
 # --------------------------------------------------------------------------- domains
@@ -245,7 +436,7 @@ def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    labels = load_split(cfg.dataset, cfg.root, True).y.numpy()
+    labels = load_split(cfg.dataset, cfg.root, True, cfg.download).y.numpy()
     order = np.random.default_rng(cfg.seed).permutation(len(labels))
 
     def split(idx: np.ndarray, n: int, scheme: str, labels: np.ndarray = labels) -> list[np.ndarray]:
@@ -288,7 +479,7 @@ def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
     indices = partition_indices(cfg)[partition_id]
     if cfg.partition == "domains" and cfg.dataset == "digits5":
         return digits5_domains(cfg.root, True)[domain_of_client(partition_id, cfg.num_partitions)].subset(indices)
-    data = load_split(cfg.dataset, cfg.root, True).subset(indices)
+    data = load_split(cfg.dataset, cfg.root, True, cfg.download).subset(indices)
     if cfg.partition == "domains":
         domain = DOMAINS[domain_of_client(partition_id, cfg.num_partitions)]
         data = ArrayData(DOMAIN_TRANSFORMS[domain](data.x), data.y)
@@ -297,7 +488,7 @@ def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
 
 def test_data(cfg: DataConfig) -> ArrayData:
     """The centralized test set (all domains concatenated for the 'domains' partition)."""
-    test = load_split(cfg.dataset, cfg.root, False)
+    test = load_split(cfg.dataset, cfg.root, False, cfg.download)
     if cfg.partition != "domains" or cfg.dataset == "digits5":  # digits5: the five real test sets
         return test
     return ArrayData(

@@ -1,14 +1,17 @@
 """Data: digits splits, flwr-datasets partitions, domains, and the real on-disk loaders on tiny
-files written in MNIST's IDX, CIFAR-10's python-batch and SVHN's .mat formats."""
+files written in MNIST's IDX, CIFAR-10's python-batch and SVHN's .mat formats: what they read,
+the one-line errors on damaged or missing files, ``download = true`` (torchvision monkeypatched:
+no network) and the pre-flight check of ``splitmix simulate``."""
 
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from splitmix.data import DOMAINS, DataConfig, client_train_data, load_split, partition_indices
+from splitmix.data import DOMAINS, DataConfig, DataError, check_data, client_train_data, load_split, partition_indices
 from splitmix.data import test_data as central_test_set
 
 
@@ -53,7 +56,7 @@ def test_out_of_range_partition_is_rejected():
 
 
 def test_real_loaders_need_a_folder():
-    with pytest.raises(FileNotFoundError, match="data-root"):
+    with pytest.raises(DataError, match="data-root is not set.*download = true"):
         load_split("mnist", "", True)
 
 
@@ -63,13 +66,46 @@ def _write_idx(path, array, magic):
         fh.write(array.astype(np.uint8).tobytes())
 
 
-def test_mnist_loader_reads_idx_files(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+def _write_mnist(root, splits=("train", "test"), sizes=(6, 4)):
+    """MNIST's IDX files in torchvision's layout (``MNIST/raw``), labels 0, 1, 2, …"""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 6), ("t10k", 4)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049)
+    for split, n in zip(("train", "test"), sizes):
+        if split in splits:
+            prefix = "train" if split == "train" else "t10k"
+            _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
+            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049)
+
+
+def _write_cifar10(root, splits=("train", "test")):
+    """CIFAR-10's python batches, two images (labels 1 and 7) in each."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = ([f"data_batch_{i}" for i in range(1, 6)] if "train" in splits else []) + (["test_batch"] if "test" in splits else [])
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 7]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+
+
+def _write_svhn(root, splits=("train", "test")):
+    """SVHN's .mat files (X 32×32×3×N, y N×1 with 10 meaning digit 0): 5 train, 3 test images."""
+    from scipy.io import savemat
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("test", 3)):
+        if split in splits:
+            savemat(
+                root / f"{split}_32x32.mat",
+                {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10], [1], [2], [3], [4]][:n])},
+            )
+
+
+def test_mnist_loader_reads_idx_files(tmp_path):
+    _write_mnist(tmp_path)
     train = load_split("mnist", str(tmp_path), True)
     assert train.x.shape == (6, 1, 28, 28) and train.y.tolist() == [0, 1, 2, 3, 4, 5]
     assert 0 <= train.x.min() and train.x.max() <= 1
@@ -77,13 +113,8 @@ def test_mnist_loader_reads_idx_files(tmp_path):
 
 
 def test_cifar10_loader_reads_python_batches(tmp_path):
+    _write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 7]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
     train = load_split("cifar10", str(tmp_path), True)
     assert train.x.shape == (10, 3, 32, 32) and train.y.tolist() == [1, 7] * 5
     first = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())["data"][0].tobytes(), np.uint8)
@@ -91,17 +122,241 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
 
 
 def test_svhn_loader_reads_mat_files(tmp_path):
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("test", 3)):
-        savemat(
-            tmp_path / f"{split}_32x32.mat",
-            {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10], [1], [2], [3], [4]][:n])},
-        )
+    _write_svhn(tmp_path)
     train = load_split("svhn", str(tmp_path), True)
     assert train.x.shape == (5, 3, 32, 32) and train.y.tolist() == [0, 1, 2, 3, 4]  # label 10 means digit 0
     assert len(load_split("svhn", str(tmp_path), False)) == 3
+
+
+def _svhn_mat(path, x_shape=(32, 32, 3, 5), labels=(10, 1, 2, 3, 4)):
+    from scipy.io import savemat
+
+    savemat(path, {"X": np.zeros(x_shape, dtype=np.uint8), "y": np.array(labels).reshape(-1, 1)})
+
+
+def _cifar_batch(path, data_shape=(2, 3072), labels=(1, 7)):
+    path.write_bytes(pickle.dumps({"data": np.zeros(data_shape, dtype=np.uint8), "labels": list(labels)}))
+
+
+MNIST_RAW = "MNIST/raw"
+DAMAGES = {  # name: (dataset, writer, damage, the file named, what the message says)
+    "mnist-labels-magic": (
+        "mnist",
+        _write_mnist,
+        lambda r: _write_idx(r / MNIST_RAW / "train-labels-idx1-ubyte", np.arange(6) % 10, 2051),
+        f"{MNIST_RAW}/train-labels-idx1-ubyte",
+        "IDX magic number 2051, expected 2049",
+    ),
+    "mnist-images-magic": (
+        "mnist",
+        _write_mnist,
+        lambda r: (r / MNIST_RAW / "t10k-images-idx3-ubyte").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100)),  # still gzipped
+        f"{MNIST_RAW}/t10k-images-idx3-ubyte",
+        "IDX magic number 529205248, expected 2051",
+    ),
+    "mnist-label-count": (
+        "mnist",
+        _write_mnist,
+        lambda r: _write_idx(r / MNIST_RAW / "train-labels-idx1-ubyte", np.arange(5), 2049),
+        f"{MNIST_RAW}/train-labels-idx1-ubyte",
+        "has 5 labels but",
+    ),
+    "mnist-label-range": (
+        "mnist",
+        _write_mnist,
+        lambda r: _write_idx(r / MNIST_RAW / "train-labels-idx1-ubyte", np.array([0, 1, 2, 12, 4, 5]), 2049),
+        f"{MNIST_RAW}/train-labels-idx1-ubyte",
+        "label 12 outside [0, 10)",
+    ),
+    "mnist-image-shape": (
+        "mnist",
+        _write_mnist,
+        lambda r: _write_idx(r / MNIST_RAW / "train-images-idx3-ubyte", np.zeros((6, 32, 32)), 2051),
+        f"{MNIST_RAW}/train-images-idx3-ubyte",
+        "expected N×28×28",
+    ),
+    "mnist-truncated": (
+        "mnist",
+        _write_mnist,
+        lambda r: (r / MNIST_RAW / "t10k-images-idx3-ubyte").write_bytes((r / MNIST_RAW / "t10k-images-idx3-ubyte").read_bytes()[:-10]),
+        f"{MNIST_RAW}/t10k-images-idx3-ubyte",
+        "its IDX header (4, 28, 28) says 3136",
+    ),
+    "mnist-missing-file": (
+        "mnist",
+        _write_mnist,
+        lambda r: (r / MNIST_RAW / "t10k-labels-idx1-ubyte").unlink(),
+        f"{MNIST_RAW}/t10k-labels-idx1-ubyte",
+        "missing file",
+    ),
+    "cifar10-shape": (
+        "cifar10",
+        _write_cifar10,
+        lambda r: _cifar_batch(r / "cifar-10-batches-py" / "data_batch_3", data_shape=(2, 3000)),
+        "cifar-10-batches-py/data_batch_3",
+        "expected N×3072",
+    ),
+    "cifar10-label-count": (
+        "cifar10",
+        _write_cifar10,
+        lambda r: _cifar_batch(r / "cifar-10-batches-py" / "test_batch", labels=(1,)),
+        "cifar-10-batches-py/test_batch",
+        "has 1 labels for 2 images",
+    ),
+    "cifar10-label-range": (
+        "cifar10",
+        _write_cifar10,
+        lambda r: _cifar_batch(r / "cifar-10-batches-py" / "data_batch_5", labels=(1, 10)),
+        "cifar-10-batches-py/data_batch_5",
+        "label 10 outside [0, 10)",
+    ),
+    "cifar10-damaged": (
+        "cifar10",
+        _write_cifar10,
+        lambda r: (r / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle"),
+        "cifar-10-batches-py/data_batch_2",
+        "not a readable CIFAR-10 python batch",
+    ),
+    "svhn-label-count": (
+        "svhn",
+        _write_svhn,
+        lambda r: _svhn_mat(r / "train_32x32.mat", labels=(1, 2, 3, 4)),
+        "train_32x32.mat",
+        "has 4 labels for 5 images",
+    ),
+    "svhn-label-range": (
+        "svhn",
+        _write_svhn,
+        lambda r: _svhn_mat(r / "test_32x32.mat", (32, 32, 3, 2), (11, 1)),
+        "test_32x32.mat",
+        "label 11 outside",
+    ),
+    "svhn-shape": ("svhn", _write_svhn, lambda r: _svhn_mat(r / "train_32x32.mat", x_shape=(28, 28, 3, 5)), "train_32x32.mat", "expected 32×32×3×N"),
+    "svhn-damaged": (
+        "svhn",
+        _write_svhn,
+        lambda r: (r / "test_32x32.mat").write_bytes(b"garbage" * 30),
+        "test_32x32.mat",
+        "not a readable .mat file",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGES)
+def test_damaged_files_give_one_line_naming_the_file(tmp_path, name):
+    dataset, write, damage, named, says = DAMAGES[name]
+    write(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DataError) as info:
+        check_data(DataConfig(dataset=dataset, root=str(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message and f"dataset '{dataset}' in data-root '{tmp_path}'" in message
+    assert f"'{tmp_path / named}'" in message and says in message
+    assert "download = true" in message  # how to get the data
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "svhn"])
+def test_missing_folder_gives_one_line_with_layout_and_download(tmp_path, dataset):
+    from splitmix.data import LAYOUTS
+
+    folder = tmp_path / "nowhere"
+    with pytest.raises(DataError) as info:
+        check_data(DataConfig(dataset=dataset, root=str(folder)))
+    message = str(info.value)
+    assert "\n" not in message and f"folder '{folder}' does not exist" in message
+    assert LAYOUTS[dataset] in message and "download = true" in message
+
+
+def test_check_data_passes_on_good_files(tmp_path):
+    _write_mnist(tmp_path)
+    check_data(DataConfig(dataset="mnist", root=str(tmp_path)))
+    check_data(DataConfig())  # the embedded digits
+
+
+WRITERS = {"mnist": ("MNIST", _write_mnist), "cifar10": ("CIFAR10", _write_cifar10), "svhn": ("SVHN", _write_svhn)}
+
+
+@pytest.mark.parametrize("dataset", WRITERS)
+def test_download_true_fetches_missing_splits_with_torchvision(tmp_path, monkeypatch, dataset):
+    import torchvision.datasets
+
+    cls_name, write = WRITERS[dataset]
+    calls = []
+
+    class FakeTorchvisionDataset:  # what torchvision would download, written in its on-disk format
+        def __init__(self, root, **kwargs):
+            calls.append((root, kwargs))
+            split = kwargs.get("split") or ("train" if kwargs["train"] else "test")
+            write(Path(root), splits=(split,))
+
+    monkeypatch.setattr(torchvision.datasets, cls_name, FakeTorchvisionDataset)
+    root = tmp_path / "fresh"
+    check_data(DataConfig(dataset=dataset, root=str(root), download=True))
+    if dataset == "svhn":
+        assert calls == [(str(root), {"split": "test", "download": True}), (str(root), {"split": "train", "download": True})]
+    else:
+        assert calls == [(str(root), {"train": False, "download": True}), (str(root), {"train": True, "download": True})]
+    assert len(load_split(dataset, str(root), True, True)) > 0  # now in place: read, not fetched again
+    assert len(calls) == 2
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://…, got:\n<urlopen error [Errno -3]>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DataError) as info:
+        check_data(DataConfig(dataset="mnist", root=str(tmp_path), download=True))
+    message = str(info.value)
+    assert "\n" not in message and f"downloading into '{tmp_path}' with torchvision failed" in message and "urlopen error" in message
+
+
+def test_download_key_reaches_the_data_config_and_stays_hashable():
+    from splitmix.config import load_config
+
+    cfg = load_config(overrides="dataset=mnist data-root=/data download=true").data_config()
+    assert cfg.download is True and cfg.root == "/data" and hash(cfg) == hash(DataConfig(dataset="mnist", root="/data", download=True))
+    assert load_config().data_config().download is False
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            "dataset=digits5 data-root=/data download=true",
+            "placed in data-root by hand; download = true is allowed with dataset mnist, svhn, cifar10",
+        ),
+        ("dataset=digits download=true", "embedded"),
+        ("dataset=mnist download=true", "needs data-root"),
+    ],
+)
+def test_download_is_a_config_error_where_it_cannot_work(overrides, says):
+    from splitmix.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="config key 'download' = true") as info:
+        load_config(overrides=overrides)
+    assert says in str(info.value)
+    with pytest.raises(DataError, match="cannot be downloaded"):
+        DataConfig(dataset="digits5", root="/data", download=True)
+
+
+def test_cli_simulate_with_missing_data_exits_2_before_ray(capsys, monkeypatch):
+    import flwr.simulation
+
+    from splitmix.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the simulation engine (Ray) was started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", no_ray)
+    assert main(["simulate", "--run-config", "dataset=mnist data-root=/nonexistent"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "dataset 'mnist'" in lines[0] and "folder '/nonexistent' does not exist" in lines[0] and "download = true" in lines[0]
+    assert captured.out == ""
 
 
 def _write_digits5(root):
@@ -113,11 +368,7 @@ def _write_digits5(root):
     from scipy.io import savemat
 
     rng = np.random.default_rng(0)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n in (("train", 4), ("t10k", 2)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 2051)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 2049)
+    _write_mnist(root, sizes=(4, 2))
     for folder, stem in (("SVHN", "{}_32x32.mat"), ("SynthDigits", "synth_{}_32x32.mat")):
         (root / folder).mkdir()
         for split, n in (("train", 4), ("test", 2)):
@@ -150,3 +401,15 @@ def test_digits5_domains_load_from_their_real_formats(tmp_path):
     for client in range(5):  # one client per domain gets that domain's whole train set
         assert torch.equal(client_train_data(cfg, client).x.sort(0).values, train[client].x.sort(0).values)
     assert len(central_test_set(cfg)) == 10
+
+
+def test_digits5_errors_name_the_file_and_say_it_is_placed_by_hand(tmp_path):
+    _write_digits5(tmp_path)
+    missing = tmp_path / "MNIST_M" / "mnist_m_test" / "00000001.png"
+    missing.unlink()
+    with pytest.raises(DataError) as info:
+        check_data(DataConfig(dataset="digits5", root=str(tmp_path), partition="domains", num_partitions=5))
+    message = str(info.value)
+    assert "\n" not in message and f"missing file '{missing}'" in message and "placed by hand" in message
+    with pytest.raises(DataError, match=f"folder '{tmp_path / 'none'}' does not exist"):
+        check_data(DataConfig(dataset="digits5", root=str(tmp_path / "none")))
