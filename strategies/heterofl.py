@@ -1,11 +1,11 @@
-"""HeteroFL and SHeteroFL: one network, nested width slices.
+"""HeteroFL: one network, nested width slices — the strategy, the method and its client step.
 
 A client of width w gets the leading w-fraction of the channels of every layer (the leading block
 of every tensor, ``models/slicing.py``), trains it, and sends it back; each entry of the global
-model is reduced (example-weighted mean, or a robust rule: ``strategies/aggregation.py``) over
-exactly the clients whose slice holds it, and entries no client held keep their value. SHeteroFL is the same with static batch norm (no running
-statistics in training; the server re-estimates them on data before evaluating). FedAvg and FedBN
-(``strategies/fedavg.py``) are the full-width special cases.
+model is reduced (example-weighted mean, or a robust rule: ``strategies/aggregation.py`` with the
+``leading_slice`` placement) over exactly the clients whose slice holds it, and entries no client
+held keep their value. SHeteroFL (``sheterofl.py``), FedAvg (``fedavg.py``) and FedBN
+(``fedbn.py``) subclass :class:`HeteroFL`.
 """
 
 from __future__ import annotations

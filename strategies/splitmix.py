@@ -1,5 +1,6 @@
-"""The Split-Mix strategy: assign bases by budget, send only those bases, average each base over
-exactly the clients that trained it.
+"""Split-Mix: the strategy (assign bases by budget, send only those bases, reduce each base over
+exactly the clients that trained it), the method (initial bases, served mixtures) and its client
+step (stack the received bases, train, split them back).
 
 Base assignment: a client that affords k bases gets its first base from a shuffled cycle over all
 N bases (as in the authors' code) and the k − 1 bases that follow it (mod N). Two departures,
