@@ -234,3 +234,63 @@ def test_flying_bird_plus_clients_hold_out_data_and_record_their_votes(tmp_path,
         if key.startswith("sparse.")
     ]
     assert observed and all(len(t.gaps) >= 1 and len(t.gaps) == len(t.losses) for t in observed)
+
+
+def test_flying_bird_client_drops_and_regrows_during_its_round(technique_round):
+    """Through the technique's own hooks (as the ClientApp calls them): with ΔT = 1 each step
+    changes the unit's mask away from the common start, keeps its size, and the weights trained
+    and uploaded follow the new mask."""
+    model = SplitMixSpec().build(1)
+    hooks, rnd, _ = technique_round("sparse-method=dynamic sparsity=0.8 sparse-update-every=1 num-rounds=5", model, ["base0"])
+    start = {n: m.clone() for n, m in hooks.masks["base0"].mask.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        hooks.after_step(optimizer)
+    hooks.after_training(rnd, None)
+    final = hooks.masks["base0"].mask
+    assert any(not torch.equal(start[n], final[n]) for n in start)  # drop-and-regrow happened
+    assert all(int(start[n].sum()) == int(final[n].sum()) for n in start)  # same count per layer
+    for name, mask in final.items():
+        assert torch.equal(rnd.masks[f"base0.{name}"], mask)  # the upload follows the new mask
+        assert bool((dict(model.named_parameters())[name].detach()[~mask] == 0).all())
+
+
+def test_pruned_weights_stay_zero_through_optimizer_steps(technique_round):
+    """Random pruning at init: after every step the hooks put the weights back on the mask, so
+    momentum cannot revive a pruned weight."""
+    model = SplitMixSpec().build(1)
+    hooks, rnd, _ = technique_round("sparse-method=random sparsity=0.8", model, ["base0"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        hooks.after_step(optimizer)
+    params = dict(model.named_parameters())
+    for name, mask in hooks.masks["base0"].mask.items():
+        assert bool((params[name].detach()[~mask] == 0).all()) and bool((params[name].detach()[mask] != 0).any())
+
+
+def test_structured_run_serves_whole_channel_sparse_bases():
+    """The server hook of ``structured``: the served model is each base pruned to whole
+    channels at the target sparsity (what the clients end at), not the dense aggregate."""
+    from splitmix.config import load_config
+    from techniques.base import ServerContext
+
+    run = load_config(overrides="sparse-method=structured sparsity=0.5")
+    (technique,) = [t for t in run.active_techniques() if t.name == "structured"]
+    method = run.make_method()
+    state = method.initial_state(0)
+    served = technique.served_state(state, ServerContext(run, method, set(prunable_parameters(method.single_unit_model()))))
+    for base in range(8):
+        conv2 = served[f"base{base}.conv2.weight"]
+        rows = conv2.flatten(1).any(dim=1)
+        assert abs((1.0 - rows.float().mean().item()) - 0.5) <= 1.0 / conv2.shape[0] + 1e-6  # half the channels gone
+        assert bool(conv2[rows].flatten(1).any(dim=1).all())  # and the kept ones are not emptied

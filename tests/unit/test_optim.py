@@ -162,3 +162,25 @@ def test_cli_evaluate_writes_curves(artifacts: Path, tmp_path: Path) -> None:
     assert {"sgd", "adam", *LEARNED, "teacher:rmsprop"} <= set(results)
     bad = parser.parse_args(["l2o", "evaluate", "--artifacts", str(tmp_path / "none"), "--out", str(out)])
     assert bad.func(bad) == 2
+
+
+def test_learned_optimizer_state_is_kept_in_the_node_context_between_rounds():
+    """The optimizer technique's hooks: a round stores the optimizer's state in the node's
+    Context; the next round on the same units gets exactly that state back."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from techniques.optimizers import LearnedOptimizer, OptimizerSection
+
+    technique = LearnedOptimizer(OptimizerSection(optimizer="adam"))
+    context = SimpleNamespace(state=RecordDict())
+    rnd = SimpleNamespace(units=["base1", "base2"], context=context, optimizer_state="unset")
+    hooks = technique.client_round(rnd)
+    hooks.before_training(rnd)
+    assert rnd.optimizer_state is None  # a node's first round: nothing kept yet
+    kept = {"w/exp_avg": torch.arange(4.0), "w/step": torch.tensor(3.0)}
+    hooks.after_training(rnd, SimpleNamespace(optimizer_state=kept))
+    again = SimpleNamespace(units=["base1", "base2"], context=context, optimizer_state=None)
+    technique.client_round(again).before_training(again)
+    assert set(again.optimizer_state) == set(kept) and all(torch.equal(again.optimizer_state[k].reshape(kept[k].shape), kept[k]) for k in kept)  # codec sends 0-d as 1-d
