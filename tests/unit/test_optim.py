@@ -183,4 +183,6 @@ def test_learned_optimizer_state_is_kept_in_the_node_context_between_rounds():
     hooks.after_training(rnd, SimpleNamespace(optimizer_state=kept))
     again = SimpleNamespace(units=["base1", "base2"], context=context, optimizer_state=None)
     technique.client_round(again).before_training(again)
-    assert set(again.optimizer_state) == set(kept) and all(torch.equal(again.optimizer_state[k].reshape(kept[k].shape), kept[k]) for k in kept)  # codec sends 0-d as 1-d
+    assert set(again.optimizer_state) == set(kept)
+    # the codec sends a 0-d tensor as 1-d: compare values at the kept shape
+    assert all(torch.equal(again.optimizer_state[k].reshape(kept[k].shape), kept[k]) for k in kept)
