@@ -45,6 +45,7 @@ class ClientTask:
     def from_run(cls, run: RunConfig, spec: SplitMixSpec) -> ClientTask:
         t = run.training
         optimizer = cast("OptimizerSection", run.techniques["optimizer"])
+        active = run.active_techniques()
         task = cls(
             data=run.data_config(),
             spec=spec,
@@ -64,10 +65,10 @@ class ClientTask:
             device=run.system.device,
             torch_threads=run.system.torch_threads,
             num_rounds=run.federation.num_rounds,
-            active=tuple(t.name for t in run.active_techniques()),
+            active=tuple(technique.name for technique in active),
             techniques={name: asdict(section) for name, section in run.techniques.items()},  # type: ignore[call-overload]
         )
-        for technique in run.active_techniques():
+        for technique in active:
             task = technique.prepare_task(task, run)
         return task
 
@@ -79,8 +80,10 @@ class ClientTask:
         return self.section("sparse").fraction if any(issubclass(_technique(n), SparseTechnique) for n in self.active) else 0.0
 
     def section(self, name: str) -> Any:
-        """A technique's config section, as the dataclass."""
-        return _section(self.to_json(), name)
+        """A technique's config section, as the dataclass (built from the values carried)."""
+        from techniques import SECTIONS
+
+        return SECTIONS[name](**self.techniques[name])
 
     def techniques_on(self) -> list[Technique]:
         """This run's techniques, each with its section."""
@@ -105,13 +108,6 @@ def _technique(name: str) -> type[Technique]:
     from techniques import TECHNIQUES
 
     return TECHNIQUES[name]
-
-
-@lru_cache(maxsize=64)
-def _section(task_json: str, name: str) -> Any:
-    from techniques import SECTIONS
-
-    return SECTIONS[name](**json.loads(task_json)["techniques"][name])
 
 
 @lru_cache(maxsize=16)
