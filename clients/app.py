@@ -14,15 +14,17 @@ once and then serves many virtual clients from the same process.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import node_state
 from clients.recipe import per_base_loss, train_bases
 from models.blocks import frozen_bn_stats, per_base_inputs, routed
+from models.bn_moments import collect_moments
 from models.splitmix import SplitMixSpec
 from splitmix import protocol
-from splitmix.data import client_train_data
+from splitmix.adversarial import pgd_linf
+from splitmix.data import client_splits, client_train_data
 from splitmix.node_config import validate_node_config
 from splitmix.profiles import profile_of_node
 from splitmix.protocol import ARRAYS, CONFIG, Instruction, NodeProfile
@@ -102,9 +104,53 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_round(msg: Message, context: Context, task: ClientTask, profile: NodeProfile, instruction: Instruction) -> Message:
-    """One round of local training: method's client step + technique hooks + the recipe."""
+    """One round of local training: every model the method gives this client (one, or FedAvg's
+    one per width), each trained by the method's client step + technique hooks + the recipe."""
     method: Method = method_class(instruction.method)(task.spec)
     received = to_tensors(msg.content.array_records[ARRAYS])
+    tensors: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float | int] = {}
+    totals = {"loss": 0.0, "clean-loss": 0.0, "adv-loss": 0.0, "diversity-loss": 0.0, "steps": 0, "seconds": 0.0}
+    jobs = method.client_jobs(received, instruction)
+    num_examples = 0
+    for prefix, state, job in jobs:
+        trained, rnd, result = _train_one(method, state, job, context, task, profile, lambda p=prefix: _strip(received, p))
+        tensors.update({prefix + k: v for k, v in trained.items()})
+        masks.update({prefix + k: v for k, v in rnd.masks.items()})
+        metrics.update(rnd.metrics)
+        num_examples = result.num_examples
+        for key, value in (
+            ("loss", result.loss),
+            ("clean-loss", result.clean_loss),
+            ("adv-loss", result.adv_loss),
+            ("diversity-loss", result.diversity_loss),
+        ):
+            totals[key] += value / len(jobs)
+        totals["steps"] += result.steps
+        totals["seconds"] += result.seconds
+    arrays = to_sparse_record(tensors, masks) if masks else to_record(tensors)
+    reply = {
+        protocol.NUM_EXAMPLES: num_examples,
+        protocol.LOSS: totals["loss"],
+        "clean-loss": totals["clean-loss"],
+        "adv-loss": totals["adv-loss"],
+        "diversity-loss": totals["diversity-loss"],
+        "steps": int(totals["steps"]),
+        protocol.TRAIN_TIME: totals["seconds"],
+        "partition-id": profile.partition_id,
+        "adversarial": int(profile.adversarial),
+        **metrics,
+    }
+    return protocol.reply_message(msg, arrays, reply)
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _train_one(method: Method, received, instruction: Instruction, context: Context, task: ClientTask, profile: NodeProfile, sent):
+    """One model: the method's client step, the techniques' hooks and the recipe."""
     model, units = method.client_model(received, instruction, context)
     device = resolve_device(task.device)
     rnd = ClientRound(
@@ -119,7 +165,8 @@ def train_round(msg: Message, context: Context, task: ClientTask, profile: NodeP
         server_round=instruction.server_round,
         single_unit=method.client_unit_builder(instruction),
     )
-    hooks = [h for h in (t.client_round(rnd) for t in task.techniques_on()) if h is not None]
+    hooks = method.client_hooks(rnd, instruction)
+    hooks += [h for h in (t.client_round(rnd) for t in task.techniques_on()) if h is not None]
     for hook in hooks:
         hook.before_training(rnd)
     result = train_bases(
@@ -137,18 +184,74 @@ def train_round(msg: Message, context: Context, task: ClientTask, profile: NodeP
         hook.after_training(rnd, result)
     tensors = method.client_tensors(model, instruction, profile, context)
     for hook in hooks:
-        tensors = hook.before_upload(tensors, lambda: to_tensors(msg.content.array_records[ARRAYS]))
-    arrays = to_sparse_record(tensors, rnd.masks) if rnd.masks else to_record(tensors)
-    metrics = {
-        protocol.NUM_EXAMPLES: result.num_examples,
-        protocol.LOSS: result.loss,
-        "clean-loss": result.clean_loss,
-        "adv-loss": result.adv_loss,
-        "diversity-loss": result.diversity_loss,
-        "steps": result.steps,
-        protocol.TRAIN_TIME: result.seconds,
-        "partition-id": profile.partition_id,
-        "adversarial": int(profile.adversarial),
-        **rnd.metrics,
-    }
-    return protocol.reply_message(msg, arrays, metrics)
+        tensors = hook.before_upload(tensors, sent)
+    return tensors, rnd, result
+
+
+# --------------------------------------------------------------------------- evaluation
+@app.query("bn_stats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    """Static BN: the moments of every BN's inputs over this node's training split, for each of
+    the method's statistics models (``models/bn_moments.py``)."""
+    config = msg.content.config_records[CONFIG]
+    task = ClientTask.from_json(str(config[protocol.TASK]))
+    torch.set_num_threads(task.torch_threads)
+    profile = node_profile(task, context)
+    method: Method = method_class(str(config[protocol.METHOD]))(task.spec)
+    state = to_tensors(msg.content.array_records[ARRAYS])
+    data = client_train_data(task.data, profile.partition_id)
+    device = resolve_device(task.device)
+    adv = _adversarial_inputs(task) if profile.adversarial else None
+    out: dict[str, torch.Tensor] = {}
+    for tag, model in method.stats_models(state).items():
+        moments = collect_moments(model.to(device), data.x.to(device), data.y.to(device), adv, task.train.batch_size)
+        out.update({f"{tag}/{k}": v for k, v in moments.items()})
+    return protocol.reply_message(msg, to_record(out), {protocol.NUM_EXAMPLES: len(data)})
+
+
+def _adversarial_inputs(task: ClientTask):
+    """PGD examples for the adversarial BN path's statistics (an adversarially training node)."""
+    gen = torch.Generator().manual_seed(task.seed)
+
+    def make(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad(), frozen_bn_stats(model):
+            return pgd_linf(lambda z: torch.nn.functional.cross_entropy(model(z), y), x, task.train.pgd, gen)
+
+    return make
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the served model at each width and λ on this node's own validation and test
+    splits (with robust accuracy when asked), as correct-prediction counts."""
+    config = msg.content.config_records[CONFIG]
+    task = ClientTask.from_json(str(config[protocol.TASK]))
+    torch.set_num_threads(task.torch_threads)
+    profile = node_profile(task, context)
+    method: Method = method_class(str(config[protocol.METHOD]))(task.spec)
+    state = to_tensors(msg.content.array_records[ARRAYS])
+    splits = client_splits(task.data, profile.partition_id)
+    device = resolve_device(task.device)
+    robust = bool(config[protocol.ROBUST])
+    metrics: dict[str, int | float | list[int] | list[float]] = {protocol.split_size_key(s): len(getattr(splits, s)) for s in protocol.SPLITS}
+    gen = torch.Generator().manual_seed(task.seed + profile.partition_id)
+    for width in [float(w) for w in config[protocol.WIDTHS]]:  # type: ignore[union-attr]
+        own = method.client_eval_state(state, width, context)
+        if own is None:  # no model of this width on this node (FedBN: it never trained one)
+            continue
+        for lam in [float(v) for v in config[protocol.LAMBDAS]]:  # type: ignore[union-attr]
+            model = method.eval_model(own, width, lam).to(device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for split in protocol.SPLITS:
+                data = getattr(splits, split)
+                if len(data) == 0:
+                    continue
+                x, y = data.x.to(device), data.y.to(device)
+                with torch.no_grad():
+                    metrics[protocol.eval_key(split, "correct", width, lam)] = int((model(x).argmax(-1) == y).sum())
+                if robust and split == "test":
+                    x_adv = pgd_linf(lambda z: torch.nn.functional.cross_entropy(model(z), y), x, task.eval_pgd, gen)  # noqa: B023
+                    with torch.no_grad():
+                        metrics[protocol.eval_key(split, "robust", width, lam)] = int((model(x_adv).argmax(-1) == y).sum())
+    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)

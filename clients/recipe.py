@@ -39,6 +39,7 @@ class LocalTrainConfig:
     pgd: PGDConfig = PGDConfig()
     optimizer: str = "sgd"  # techniques/optimizers.py: sgd, adam or a learned optimizer
     l2o_artifacts: str = ""  # learned optimizers' artifact folder ("" = the per-user cache)
+    masked_loss: bool = False  # HeteroFL: logits of classes absent from the client's data set to 0
 
 
 @dataclass
@@ -53,10 +54,27 @@ class TrainResult:
     optimizer_state: dict | None = None  # per-parameter state worth keeping (techniques/optimizers.py)
 
 
-def per_base_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum over bases of each base's mean cross-entropy; logits are ``(B, k, classes)``."""
+def per_base_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over bases of each base's mean cross-entropy; logits are ``(B, k, classes)``.
+    ``present`` (a class mask): HeteroFL's masked cross-entropy, absent classes' logits set to 0."""
     k = logits.shape[1]
+    if present is not None:
+        logits = logits.masked_fill(~present.to(logits.device), 0.0)
     return F.cross_entropy(logits.transpose(1, 2), y.unsqueeze(1).expand(-1, k)) * k
+
+
+def class_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of ``(B, classes)`` logits, masked as :func:`per_base_loss`."""
+    if present is not None:
+        logits = logits.masked_fill(~present.to(logits.device), 0.0)
+    return F.cross_entropy(logits, y)
+
+
+def present_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean mask of the classes that occur in ``y`` (HeteroFL's label split)."""
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=y.device)
+    mask[y.unique()] = True
+    return mask
 
 
 def train_bases(
@@ -90,6 +108,8 @@ def train_bases(
     n, k = len(data), model.num_bases
     totals = {"loss": 0.0, "clean": 0.0, "adv": 0.0, "diversity": 0.0}
     forward = next((h.forward for h in hooks if h.forward is not None), None)
+    extra_losses = [h.extra_loss for h in hooks if h.extra_loss is not None]
+    present = present_classes(y_all, model.num_classes) if cfg.masked_loss else None
     steps = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -101,18 +121,20 @@ def train_bases(
             with routed(model, "clean"):
                 if forward is not None:  # e.g. ViT diversity terms on the clean pass's tokens
                     logits, div = forward(model, xb)
-                    clean = per_base_loss(logits, yb)
+                    clean = per_base_loss(logits, yb, present)
                     totals["diversity"] += float(div)
                 else:
-                    clean, div = per_base_loss(model.forward_bases(xb), yb), 0.0
+                    clean, div = per_base_loss(model.forward_bases(xb), yb, present), 0.0
+                for extra in extra_losses:  # e.g. SHeteroFL's narrower widths on the same batch
+                    clean = clean + extra(model, xb, yb)
             loss = clean + div
             if adversarial:
                 with routed(model, "adv"):
                     per_base_x = per_base_inputs(xb, k)
                     with frozen_bn_stats(model):
                         # B023: pgd_linf calls the loss right away, within this iteration
-                        x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb), per_base_x, cfg.pgd, gen)  # noqa: B023
-                    adv = per_base_loss(model.forward_bases(x_adv), yb)
+                        x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb, present), per_base_x, cfg.pgd, gen)  # noqa: B023
+                    adv = per_base_loss(model.forward_bases(x_adv), yb, present)
                 loss = (1.0 - cfg.adv_lambda) * clean + cfg.adv_lambda * adv + div
                 totals["adv"] += adv.item()
             optimizer.zero_grad(set_to_none=True)

@@ -157,9 +157,11 @@ def build_mixture(
     global_state: dict[str, torch.Tensor],
     indices: Sequence[int],
     robustness: float = 0.0,
+    allow_missing_stats: bool = False,
 ) -> StackedNet:
-    """The width-``len(indices)·r`` model: the chosen bases stacked, in eval mode, λ set."""
-    model = load_stacked(spec.build(len(indices)), select_bases(global_state, indices))
+    """The width-``len(indices)·r`` model: the chosen bases stacked, in eval mode, λ set
+    (``allow_missing_stats``: a BN path without statistics keeps mean 0, variance 1)."""
+    model = load_stacked(spec.build(len(indices)), select_bases(global_state, indices), allow_missing_stats)
     if spec.dual_bn:
         set_route(model, float(robustness))
     elif robustness != 0.0:

@@ -23,12 +23,12 @@ from flwr.serverapp import Grid
 
 from clients.app import resolve_device
 from models.cost import count_macs, count_params
-from server.evaluate import Evaluator, WidthScores
+from server.evaluate import Evaluator, WidthScores, evaluate_on_clients, gather_bn_stats
 from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
 from splitmix.config import RunConfig
-from splitmix.data import test_data, train_sample
+from splitmix.data import ArrayData, client_splits, test_data, train_sample
 from splitmix.protocol.codec import to_record, to_tensors
 from strategies.registry import Method
 from strategies.splitmix import cosine_lr
@@ -46,12 +46,29 @@ def width_key(width: float) -> str:
 
 
 def _score_columns(scores: WidthScores) -> dict[str, float]:
+    """Metrics-row columns: pooled ``acc``/``racc``, client means ``cacc`` (test) and ``vacc``
+    (validation), per width and λ."""
     row: dict[str, float] = {}
     for kind, table in (("acc", scores.accuracy), ("racc", scores.robust)):
         for lam, values in table.items():
             for width, value in zip(scores.widths, values):
                 row[f"{kind}-w{width_key(width)}-l{lam}"] = value
+    for kind, stats in (("cacc", scores.client), ("vacc", scores.val_client)):
+        for lam, entries in stats.items():
+            for width, stat in zip(scores.widths, entries):
+                row[f"{kind}-w{width_key(width)}-l{lam}"] = stat.mean
+    if scores.val_client:
+        row["val-score"] = scores.validation_score()
     return row
+
+
+def _width_numbers(scores: WidthScores, i: int) -> dict[str, Any]:
+    """The λ = 0 numbers of ``scores.widths[i]``: pooled and per-client accuracy."""
+    out: dict[str, Any] = {"accuracy": scores.accuracy[0.0][i]}
+    if scores.client:
+        out["client_accuracy"] = scores.client[0.0][i].as_dict()
+        out["val_client_accuracy"] = scores.val_client[0.0][i].as_dict()
+    return out
 
 
 def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: dict) -> dict:
@@ -68,12 +85,16 @@ def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: di
         model = method.cost_model(width)
         by_lambda = {}
         for lam in cfg.lambdas:
-            entry: dict[str, float | None] = {"accuracy": scores.accuracy[lam][i]}
+            entry: dict[str, Any] = {"accuracy": scores.accuracy[lam][i]}
             entry["robust_accuracy"] = scores.robust[lam][i] if scores.robust else None
+            if scores.client:
+                entry["client_accuracy"] = scores.client[lam][i].as_dict()
+            if scores.robust_client:
+                entry["robust_client_accuracy"] = scores.robust_client[lam][i].as_dict()
             by_lambda[str(lam)] = entry
         widths[width_key(width)] = {
             "bases": model.num_bases,
-            "accuracy": scores.accuracy[0.0][i],
+            **_width_numbers(scores, i),
             "robust_accuracy": scores.robust[robust_lambda][i] if scores.robust else None,
             "params": count_params(model),
             "macs": count_macs(model, (spec.in_channels, spec.image_size, spec.image_size)),
@@ -85,9 +106,13 @@ def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: di
             row["train_robust_accuracy"] = train_scores.robust[robust_lambda][i] if train_scores.robust else None
             if row["train_robust_accuracy"] is not None and row["robust_accuracy"] is not None:
                 row["robust_gap"] = row["train_robust_accuracy"] - row["robust_accuracy"]
+    best: dict | None = extra.pop("best", None)
     return {
         "method": method.name,
         "widths": widths,
+        "best": best,
+        "budget_respecting_widths": [width_key(w) for w in scores.widths if method.respects_budgets(w)],
+        "lr": cfg.training.lr,
         "robust_lambda": robust_lambda,
         "atom_width": spec.atom_width,
         "num_bases": spec.num_bases,
@@ -116,6 +141,14 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> None:
 
 CLIENT_STATE = "client-state"  # run-folder subfolder of the nodes' saved Context state (simulation)
 DEPLOYMENT_GRIDS = ("HttpGrid", "GrpcGrid")  # grids of a SuperLink deployment (nodes on other machines)
+
+
+def pooled_validation(cfg: RunConfig) -> ArrayData:
+    """Every client's validation split together (a simulation's server can read them; what
+    ranks Split-Mix bases for ``query --select best``)."""
+    data = cfg.data_config()
+    parts = [client_splits(data, p).val for p in range(data.num_partitions)]
+    return ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
 def stateful_clients(cfg: RunConfig) -> str | None:
@@ -183,9 +216,8 @@ class Federation:
             task = task.with_state_dir(str(store.root / CLIENT_STATE))
         self.task_json = task.to_json()
         self.device = resolve_device(cfg.system.device)
-        self.evaluator = Evaluator(
-            self.method, test_data(cfg.data_config()), cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), self.device
-        )
+        self.best: dict | None = None  # the evaluated round with the best validation score
+        self._served: tuple[int, dict[str, torch.Tensor]] | None = None
         fed = cfg.federation
         self.lr_at = (
             (lambda r: cosine_lr(cfg.training.lr, r, fed.num_rounds)) if cfg.training.lr_schedule == "cosine" else (lambda r: cfg.training.lr)
@@ -201,10 +233,32 @@ class Federation:
         return state
 
     def served(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The model evaluated and finally stored (e.g. the sparse one when every client is sparse)."""
+        """The model evaluated and finally stored: the techniques' served model (e.g. the sparse
+        one when every client is sparse) and, for static BN, the statistics gathered from the
+        clients' training data (asked once per state)."""
+        if self._served is not None and self._served[0] == id(state):
+            return self._served[1]
+        served = state
         for technique in self.techniques:
-            state = technique.served_state(state, self.context)
-        return state
+            served = technique.served_state(served, self.context)
+        if self.method.needs_bn_stats:
+            stats = gather_bn_stats(self.grid, self.nodes(), self.method, served, self.task_json, self.cfg.federation.round_timeout)
+            served = self.method.with_bn_stats(served, stats)
+        self._served = (id(state), served)
+        return served
+
+    def nodes(self) -> list:
+        """Every connected node with a known profile (evaluation asks them all)."""
+        strategy = self.strategy
+        return sorted(
+            (p for p in strategy.profiles.values() if strategy.online is None or p.node_id in strategy.online), key=lambda p: p.partition_id
+        )
+
+    def evaluate(self, state: dict[str, torch.Tensor], robust: bool) -> WidthScores:
+        """The served model on every client's own validation and test splits."""
+        return evaluate_on_clients(
+            self.grid, self.nodes(), self.method, self.served(state), self.task_json, self.cfg.lambdas, robust, self.cfg.federation.round_timeout
+        )
 
     def discover(self) -> float:
         """Profiles of the connected nodes; returns the start-up seconds."""
@@ -248,30 +302,39 @@ class Federation:
         if not (final or rnd % ev.eval_every == 0):
             return None
         robust = ev.eval_pgd_steps > 0 and (final or (ev.eval_robust_every > 0 and rnd % ev.eval_robust_every == 0))
-        scores = self.evaluator.evaluate(self.served(state), robust)
+        scores = self.evaluate(state, robust)
         row.update(_score_columns(scores))
+        score = scores.validation_score()
+        if self.best is None or (score == score and score > self.best["score"]):  # NaN never wins
+            self.best = {
+                "round": rnd,
+                "score": score,
+                "criterion": "mean over widths of validation client accuracy (λ = 0)",
+                "widths": {width_key(w): _width_numbers(scores, i) for i, w in enumerate(scores.widths)},
+            }
         return scores
 
     def finish(self, state: dict[str, torch.Tensor], scores: WidthScores | None, totals: dict, startup: float) -> Path:
         """Final model, summary, CSV and plots."""
         cfg, store, method, device = self.cfg, self.store, self.method, self.device
         if scores is None:  # resumed after the last round's checkpoint: evaluate the final model again
-            scores = self.evaluator.evaluate(self.served(state), cfg.evaluation.eval_pgd_steps > 0)
+            scores = self.evaluate(state, cfg.evaluation.eval_pgd_steps > 0)
         state = self.served(state)
         sparse = cfg.techniques["sparse"]
         sparsity = sparse.sparsity if sparse.method != "none" else 0.0  # type: ignore[attr-defined]
         store.save_weights(state, {"round": str(cfg.federation.num_rounds), "sparsity": str(sparsity)})
-        if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases
-            test = self.evaluator.test
-            totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, test.x.to(device), test.y.to(device))
-        extra_summary: dict = {}
+        if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases (by validation data)
+            val = pooled_validation(cfg)
+            totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, val.x.to(device), val.y.to(device))
+        extra_summary: dict = {"best": self.best}
+        calibration = train_sample(cfg.data_config(), 2048, cfg.seed).x if method.local_norms else None
         if cfg.evaluation.eval_train_examples > 0:  # robust generalisation gap: the same evaluation on training data
             sample = train_sample(cfg.data_config(), cfg.evaluation.eval_train_examples, cfg.seed)
-            evaluator = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), device)
+            evaluator = Evaluator(method, sample, cfg.lambdas, cfg.pgd(max(cfg.evaluation.eval_pgd_steps, 1)), device, calibration=calibration)
             extra_summary["train_scores"] = evaluator.evaluate(state, cfg.evaluation.eval_pgd_steps > 0)
         if cfg.model.is_vit:  # patch-token similarity per block of the widest model (AttnScale/FeatScale study)
-            test = self.evaluator.test
-            extra_summary["oversmoothing"] = oversmoothing_profile(method, {k: v.to(device) for k, v in state.items()}, test.x[:256], test.x)
+            test = test_data(cfg.data_config())
+            extra_summary["oversmoothing"] = oversmoothing_profile(method, {k: v.to(device) for k, v in state.items()}, test.x[:256], calibration)
         rows = store.rounds()
         for technique in self.techniques:
             extra_summary.update(technique.summary(rows, cfg))
@@ -338,6 +401,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, r
         arrays, state = to_record(weights), weights
         strategy.load_state_dict(saved["strategy"])
         totals.values.update(saved["totals"])
+        fed.best = saved.get("best")
         first = int(saved["round"]) + 1
         store.truncate(first - 1)
         _set_rng_states(extra_tensors, saved["rng"])
@@ -354,10 +418,11 @@ def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, r
         store.append_events(rnd, strategy.last_round.problems)
         totals.add_round(row, train_s, eval_s)
         rng_tensors, rng_state = _rng_states()
-        store.save_checkpoint(state, rng_tensors, {"round": rnd, "strategy": strategy.state_dict(), "totals": totals.values, "rng": rng_state})
+        saved = {"round": rnd, "strategy": strategy.state_dict(), "totals": totals.values, "rng": rng_state, "best": fed.best}
+        store.save_checkpoint(state, rng_tensors, saved)
         accuracy = (
-            f"acc@{scores.widths[-1]:g} {scores.accuracy[0.0][-1]:.3f}  acc@{scores.widths[0]:g} {scores.accuracy[0.0][0]:.3f}"
-            if scores is not None and f"acc-w{width_key(scores.widths[0])}-l0.0" in row
+            f"client acc@{scores.widths[-1]:g} {scores.client[0.0][-1].mean:.3f}  @{scores.widths[0]:g} {scores.client[0.0][0].mean:.3f}"
+            if scores is not None and scores.client and f"cacc-w{width_key(scores.widths[0])}-l0.0" in row
             else "(not evaluated)"
         )
         say(

@@ -14,7 +14,7 @@ from models.vit import VisionTransformer, high_frequency_ratio, patch_similarity
 from strategies.registry import Method
 
 
-def oversmoothing_profile(method: Method, state: dict[str, torch.Tensor], x: torch.Tensor, calibration: torch.Tensor) -> dict | None:
+def oversmoothing_profile(method: Method, state: dict[str, torch.Tensor], x: torch.Tensor, calibration: torch.Tensor | None = None) -> dict | None:
     """``{"width", "patch_similarity": [per block], "high_frequency_ratio": [per block]}`` of the
     widest clean (λ = 0) model on ``x``; None for a model that is not a ViT."""
     width = max(method.widths())

@@ -23,6 +23,7 @@ from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference
 from models.splitmix import SplitMixSpec
 from server.store import WEIGHTS, load_weights
+from splitmix.config import RunConfig
 from strategies.registry import make_method
 
 
@@ -54,7 +55,11 @@ class Run:
         self.summary = json.loads((self.folder / "summary.json").read_text())
         self.spec = SplitMixSpec(**self.config["spec"])
         self.method_name = self.config.get("method", "splitmix")
-        self.method = make_method(self.method_name, self.spec)
+        self.method = (
+            RunConfig.from_mapping(self.config["run_config"]).make_method()
+            if "run_config" in self.config
+            else make_method(self.method_name, self.spec)
+        )
         self.state = load_weights(self.folder / WEIGHTS)  # raises ValueError on a damaged file
         self.input_shape = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
         self._base_order = self._bases_by_accuracy()
@@ -130,11 +135,13 @@ class Run:
         return self.served(width, robustness, select).model
 
     def _calibration_inputs(self) -> torch.Tensor:
-        """Unlabelled inputs for re-estimating BN statistics (static-BN runs): the run's test inputs."""
+        """Training inputs for re-estimating BN statistics where the run holds none of its own
+        (FedBN's norms stay on the clients); never test data."""
         from splitmix.config import RunConfig
-        from splitmix.data import test_data
+        from splitmix.data import train_sample
 
-        return test_data(RunConfig.from_mapping(self.config["run_config"]).data_config()).x
+        cfg = RunConfig.from_mapping(self.config["run_config"])
+        return train_sample(cfg.data_config(), 2048, cfg.seed).x
 
     def _bases_by_accuracy(self) -> list[int]:
         """Bases ordered by their own accuracy (λ = 0) as recorded at the end of the run."""

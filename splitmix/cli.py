@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -85,12 +86,21 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         experiment = load_experiment(args.experiment)
         extra = parse_overrides(args.run_config) if args.run_config else None
         if extra:
-            for method in experiment.methods:
-                experiment.config_for(method, experiment.seeds[0], args.out_dir, extra)
+            experiment.check_extra(extra, Path(args.out_dir))
     except ConfigError as exc:
         _fail(f"config error: {exc}")
         return 2
-    root = run_experiment(experiment, args.out_dir, extra, report=lambda text: err.print(text, highlight=False))
+    command = ["splitmix", "experiment", args.experiment, "--out-dir", str(args.out_dir)]
+    command += ["--run-config", args.run_config] if args.run_config else []
+    command += ["--results", str(args.results)] if args.results else []
+    root = run_experiment(
+        experiment,
+        args.out_dir,
+        extra,
+        report=lambda text: err.print(text, highlight=False),
+        results_dir=args.results,
+        command=shlex.join(command),
+    )
     print((root / "comparison.md").read_text())
     print(root, flush=True)  # the last line of stdout: the experiment folder
     return 0
@@ -170,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("experiment", help="experiment name (configs/<name>.toml) or path to its TOML file")
     exp.add_argument("--out-dir", default="experiments", help="where experiment folders go")
     exp.add_argument("--run-config", default="", help="overrides applied to every run (e.g. for a quick check)")
+    exp.add_argument("--results", type=Path, default=None, metavar="DIR", help="also copy comparison.json to DIR/<name>.json (e.g. results/)")
     exp.set_defaults(func=cmd_experiment)
     models = sub.add_parser("models", help="list the models a finished run can serve")
     models.add_argument("run", help="a run folder written by `splitmix simulate`")

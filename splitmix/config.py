@@ -85,6 +85,13 @@ class DataSection(Section):
     download: bool = option(False, "fetch `mnist`, `svhn` or `cifar10` into data-root with torchvision if missing (needs internet)")
     partition: str = option("iid", "how training data is split over clients", choices=tuple(PARTITIONS))
     dirichlet_alpha: float = option(0.5, "concentration of the Dirichlet label partition", lo=0, lo_open=True)
+    val_ratio: float = option(
+        0.2,
+        "fraction of each client's training share held out as its validation split (checkpoint and learning-rate selection)",
+        lo=0,
+        hi=1,
+        hi_open=True,
+    )
 
     def validate(self) -> None:
         from splitmix.data import DOWNLOADABLE
@@ -105,7 +112,8 @@ class ModelConfig(Section):
     atom_width: float = option(0.125, "width of one base r (N = 1/r bases)", lo=0, hi=1, lo_open=True)
     bn_stats: str = option(
         "tracked",
-        "`tracked` running BN statistics, or `static` (none in training; estimated before evaluation)",
+        "Split-Mix and FedAvg: `tracked` running BN statistics, or `static` (none in training; gathered from the clients' "
+        "training data before evaluation). HeteroFL/SHeteroFL are always static, FedBN always tracked",
         choices=("tracked", "static"),
     )
     vit_depth: int = option(4, "ViT: transformer blocks", lo=1)
@@ -131,6 +139,7 @@ class TrainingConfig(Section):
     batch_size: int = option(32, "local batch size", lo=2)
     lr: float = option(0.05, "learning rate", lo=0, lo_open=True)
     lr_schedule: str = option("cosine", "learning rate over rounds", choices=("cosine", "constant"))
+    masked_loss: bool = option(False, "HeteroFL's masked cross-entropy: logits of classes absent from a client's data set to 0 in its loss")
     momentum: float = option(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
     weight_decay: float = option(0.0005, "weight decay", lo=0)
     adv_lambda: float = option(0.5, "adversarial clients' loss (1−λ)·clean + λ·adversarial", lo=0, hi=1)
@@ -289,6 +298,7 @@ class RunConfig:
             alpha=self.data.dirichlet_alpha,
             seed=self.federation.seed,
             download=self.data.download,
+            val_ratio=self.data.val_ratio,
         )
 
     def pgd(self, steps: int | None = None) -> PGDConfig:
@@ -298,7 +308,12 @@ class RunConfig:
     def make_method(self) -> Method:
         from strategies.registry import make_method
 
-        return make_method(self.federation.method, self.spec(), fedavg_all_clients=self.federation.fedavg_clients == "all")
+        return make_method(
+            self.federation.method,
+            self.spec(),
+            fedavg_all_clients=self.federation.fedavg_clients == "all",
+            budgets=parse_budgets(self.federation.budgets),
+        )
 
     def client_task(self, spec: SplitMixSpec | None = None) -> ClientTask:
         """What clients are told; ``spec`` is the method's model spec (e.g. static BN)."""

@@ -20,6 +20,16 @@ feature-shift ``domains`` scheme: five domains — for ``digits5`` the real ones
 transformed copies of the data (original, inverted, rotated 90°, Gaussian noise σ 0.2, 3×3 blur
 with halved contrast) — each split over its own contiguous group of clients.
 
+Every client has train / validation / test splits of its own data (:func:`client_splits`), as in
+the Split-Mix authors' code: its training share is split into a validation part (a seeded
+``val-ratio`` fraction, for checkpoint and learning-rate selection) and the train part it trains
+on (:func:`client_train_data`); its test part is its share of the dataset's test split,
+partitioned by the same scheme (``iid``: an even seeded split over all clients; ``domains``: each
+domain's test set split over that domain's client group; ``dirichlet``: the same partitioner,
+label proportions drawn independently of the training ones). For ``iid`` and ``domains`` the
+pooled test set (:func:`test_data`) is the concatenation of the clients' test splits, so pooled
+accuracy equals the example-weighted accuracy over the clients' test splits.
+
 Everything is cached per process: a Ray actor loads a dataset and computes the partitions once
 and then serves every client it simulates from memory.
 """
@@ -102,8 +112,11 @@ class DataConfig:
     alpha: float = 0.5
     seed: int = 0
     download: bool = False
+    val_ratio: float = 0.2
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ValueError(f"val-ratio {self.val_ratio} is outside the allowed range [0, 1)")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset '{self.dataset}'; allowed: {', '.join(DATASETS)}")
         if self.partition not in PARTITIONS:
@@ -430,77 +443,178 @@ def domain_of_client(partition_id: int, num_partitions: int) -> int:
 
 
 # --------------------------------------------------------------------------- partitions
+# Seed streams: a client's validation draw and the test-set partitions use seeds of their own
+# (derived from the run seed), so neither repeats the draws of the training partition.
+_VAL_STREAM, _TEST_STREAM = 1, 2
+
+
+def _split_seed(cfg: DataConfig, train: bool) -> int:
+    """``cfg.seed`` for the training partition (as it always was); a seed derived from it for the test one."""
+    return cfg.seed if train else int(np.random.SeedSequence([_TEST_STREAM, cfg.seed]).generate_state(1)[0])
+
+
+def _domain_clients(cfg: DataConfig, domain: int) -> list[int]:
+    """The contiguous group of clients that hold ``domain`` (``domains`` partition)."""
+    return [p for p in range(cfg.num_partitions) if domain_of_client(p, cfg.num_partitions) == domain]
+
+
 @lru_cache(maxsize=8)
-def partition_indices(cfg: DataConfig) -> tuple[np.ndarray, ...]:
-    """Train-set indices of every client (deterministic in ``cfg``; cached per process)."""
+def partition_indices(cfg: DataConfig, train: bool = True) -> tuple[np.ndarray, ...]:
+    """Every client's indices into the train (``train``) or the test split, by one scheme
+    (deterministic in ``cfg``; cached per process):
+
+    - ``iid``: a seeded shuffle of the split, sharded evenly over all clients;
+    - ``dirichlet``: flwr-datasets' :class:`DirichletPartitioner` (α, self-balancing). The test
+      split is partitioned with the same settings but its own seed, so a client's test label
+      proportions are drawn independently of its training ones (as the Split-Mix code does
+      without ``--con_test_cls``); there a test share may be empty (``min_partition_size`` 0);
+    - ``domains``: indices into domain ``d``'s own data, split IID over that domain's contiguous
+      client group (:func:`domain_of_client`). ``digits5``: the real domain's train or test set.
+      Synthetic domains: the train split is dealt into five disjoint shares (``order[d::5]``),
+      while every domain's test set is the whole (transformed) test split.
+
+    The training indices (``train = True``) are each client's whole training share: its
+    validation and train parts (:func:`client_splits`) are drawn from them."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    labels = load_split(cfg.dataset, cfg.root, True, cfg.download).y.numpy()
-    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+    seed = _split_seed(cfg, train)
 
-    def split(idx: np.ndarray, n: int, scheme: str, labels: np.ndarray = labels) -> list[np.ndarray]:
+    def split(idx: np.ndarray, n: int, scheme: str, labels: np.ndarray) -> list[np.ndarray]:
         table = Dataset.from_dict({"idx": idx, "label": labels[idx]})
         if scheme == "dirichlet":
             part = DirichletPartitioner(
                 num_partitions=n,
                 partition_by="label",
                 alpha=cfg.alpha,
-                min_partition_size=1,
+                min_partition_size=1 if train else 0,
                 self_balancing=True,
-                seed=cfg.seed,
+                seed=seed,
             )
         else:  # IID: the table is already shuffled, the partitioner shards it
             part = IidPartitioner(num_partitions=n)
         part.dataset = table
         return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(n)]
 
-    if cfg.partition != "domains":
-        return tuple(split(order, cfg.num_partitions, cfg.partition))
-    if cfg.num_partitions < len(DOMAINS):
+    if cfg.partition == "domains" and cfg.num_partitions < len(DOMAINS):
         raise ValueError(f"the 'domains' partition needs at least {len(DOMAINS)} clients")
+    if cfg.partition != "domains" or (train and cfg.dataset != "digits5"):
+        labels = load_split(cfg.dataset, cfg.root, train, cfg.download).y.numpy()
+        order = np.random.default_rng(seed).permutation(len(labels))
+        if cfg.partition != "domains":
+            return tuple(split(order, cfg.num_partitions, cfg.partition, labels))
+        # synthetic domains, train: disjoint shares of the one train set
+        return tuple(part for d in range(len(DOMAINS)) for part in split(order[d :: len(DOMAINS)], len(_domain_clients(cfg, d)), "iid", labels))
     out: list[np.ndarray] = []
-    for d in range(len(DOMAINS)):
-        clients = [p for p in range(cfg.num_partitions) if domain_of_client(p, cfg.num_partitions) == d]
-        if cfg.dataset == "digits5":  # real domains: indices into that domain's own train set
-            domain_labels = digits5_domains(cfg.root, True)[d].y.numpy()
-            shuffled = np.random.default_rng(cfg.seed + d).permutation(len(domain_labels))
-            out.extend(split(shuffled, len(clients), "iid", domain_labels))
-        else:  # synthetic domains: disjoint shares of the one train set
-            out.extend(split(order[d :: len(DOMAINS)], len(clients), "iid"))
+    for d in range(len(DOMAINS)):  # digits5 (train and test), synthetic domains (test)
+        domain_labels = _domain_labels(cfg, d, train)
+        shuffled = np.random.default_rng(seed + d).permutation(len(domain_labels))
+        out.extend(split(shuffled, len(_domain_clients(cfg, d)), "iid", domain_labels))
     return tuple(out)
 
 
-@lru_cache(maxsize=4096)
-def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
-    """The training data of client ``partition_id`` (with its domain transform applied)."""
+def _domain_labels(cfg: DataConfig, domain: int, train: bool) -> np.ndarray:
+    if cfg.dataset == "digits5":
+        return digits5_domains(cfg.root, train)[domain].y.numpy()
+    return load_split(cfg.dataset, cfg.root, train, cfg.download).y.numpy()
+
+
+def _domain_test_set(cfg: DataConfig, domain: int) -> ArrayData:
+    """Domain ``domain``'s whole test set: the real one (``digits5``) or the test split with the
+    domain's transform applied to it as a whole (so every client and the pooled set see the
+    same pixels: the noise of ``noisy`` depends on the batch it is drawn for)."""
+    if cfg.dataset == "digits5":
+        return digits5_domains(cfg.root, False)[domain]
+    test = load_split(cfg.dataset, cfg.root, False, cfg.download)
+    return ArrayData(DOMAIN_TRANSFORMS[DOMAINS[domain]](test.x), test.y)
+
+
+@dataclass(frozen=True)
+class ClientSplits:
+    """One client's own data: ``train`` (what it trains on), ``val`` (held out from its training
+    share: checkpoint and learning-rate selection) and ``test`` (its share of the test split)."""
+
+    train: ArrayData
+    val: ArrayData
+    test: ArrayData
+
+
+def _check_partition_id(cfg: DataConfig, partition_id: int) -> None:
     if not 0 <= partition_id < cfg.num_partitions:
         raise ValueError(f"partition-id {partition_id} is out of range [0, {cfg.num_partitions})")
-    indices = partition_indices(cfg)[partition_id]
+
+
+def val_count(size: int, val_ratio: float) -> int:
+    """Validation examples of a training share of ``size``: ``floor(val_ratio · size)``, at least
+    1 when ``val_ratio > 0`` and ``size ≥ 2``, and never the whole share (0 when ``size < 2``)."""
+    if val_ratio <= 0 or size < 2:
+        return 0
+    return min(size - 1, max(1, math.floor(val_ratio * size + 1e-9)))
+
+
+@lru_cache(maxsize=4096)
+def _train_val(cfg: DataConfig, partition_id: int) -> tuple[ArrayData, ArrayData]:
+    _check_partition_id(cfg, partition_id)
+    indices = partition_indices(cfg, True)[partition_id]
+    domain = domain_of_client(partition_id, cfg.num_partitions)
     if cfg.partition == "domains" and cfg.dataset == "digits5":
-        return digits5_domains(cfg.root, True)[domain_of_client(partition_id, cfg.num_partitions)].subset(indices)
-    data = load_split(cfg.dataset, cfg.root, True, cfg.download).subset(indices)
+        share = digits5_domains(cfg.root, True)[domain].subset(indices)
+    else:
+        share = load_split(cfg.dataset, cfg.root, True, cfg.download).subset(indices)
+        if cfg.partition == "domains":
+            share = ArrayData(DOMAIN_TRANSFORMS[DOMAINS[domain]](share.x), share.y)
+    rng = np.random.default_rng([_VAL_STREAM, cfg.seed, partition_id])
+    held = np.sort(rng.permutation(len(share))[: val_count(len(share), cfg.val_ratio)]).astype(np.int64)
+    kept = np.setdiff1d(np.arange(len(share), dtype=np.int64), held)
+    return share.subset(kept), share.subset(held)
+
+
+def _client_test(cfg: DataConfig, partition_id: int) -> ArrayData:
+    _check_partition_id(cfg, partition_id)
+    indices = partition_indices(cfg, False)[partition_id]
     if cfg.partition == "domains":
-        domain = DOMAINS[domain_of_client(partition_id, cfg.num_partitions)]
-        data = ArrayData(DOMAIN_TRANSFORMS[domain](data.x), data.y)
-    return data
+        return _domain_test_set(cfg, domain_of_client(partition_id, cfg.num_partitions)).subset(indices)
+    return load_split(cfg.dataset, cfg.root, False, cfg.download).subset(indices)
+
+
+@lru_cache(maxsize=4096)
+def client_splits(cfg: DataConfig, partition_id: int) -> ClientSplits:
+    """Client ``partition_id``'s train / validation / test splits (cached per process).
+
+    Its training share (``partition_indices(cfg, True)``, with its domain transform) is split
+    into ``val``: :func:`val_count` examples drawn with the seed ``[1, cfg.seed, partition_id]``
+    (kept in share order), and ``train``: the rest, in share order. ``test`` is its share of the
+    test split (``partition_indices(cfg, False)``), partitioned by the same scheme."""
+    train, val = _train_val(cfg, partition_id)
+    return ClientSplits(train, val, _client_test(cfg, partition_id))
+
+
+def client_train_data(cfg: DataConfig, partition_id: int) -> ArrayData:
+    """What client ``partition_id`` trains on: the train part of :func:`client_splits` (its
+    training share less its validation split; domain transform applied)."""
+    return _train_val(cfg, partition_id)[0]
 
 
 def test_data(cfg: DataConfig) -> ArrayData:
-    """The centralized test set (all domains concatenated for the 'domains' partition)."""
-    test = load_split(cfg.dataset, cfg.root, False, cfg.download)
-    if cfg.partition != "domains" or cfg.dataset == "digits5":  # digits5: the five real test sets
-        return test
-    return ArrayData(
-        torch.cat([DOMAIN_TRANSFORMS[d](test.x) for d in DOMAINS]),
-        test.y.repeat(len(DOMAINS)),
-    )
+    """The pooled test set. For ``iid`` and ``domains`` it is the concatenation of every client's
+    test split in partition order (a reordering of the test split; for ``domains`` of the five
+    domain test sets, each transformed for synthetic domains), so accuracy over the pooled set is
+    the example-weighted accuracy over the clients' test splits. For ``dirichlet`` it is the test
+    split as stored; the clients' test splits partition it (each example in exactly one)."""
+    if cfg.partition == "dirichlet":
+        return load_split(cfg.dataset, cfg.root, False, cfg.download)
+    parts = partition_indices(cfg, False)
+    if cfg.partition == "iid":
+        return load_split(cfg.dataset, cfg.root, False, cfg.download).subset(np.concatenate(parts))
+    pieces = [_domain_test_set(cfg, d).subset(np.concatenate([parts[p] for p in _domain_clients(cfg, d)])) for d in range(len(DOMAINS))]
+    return ArrayData(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces]))
 
 
 def train_sample(cfg: DataConfig, count: int, seed: int) -> ArrayData:
-    """A seeded sample of ``count`` training examples from the union of all client partitions
-    (as the clients see them, domain transforms included): the server's view of "training data"
-    for the generalisation gap. In a deployment the server has no such data; simulations do."""
+    """A seeded sample of ``count`` training examples from the union of all clients' train parts
+    (as the clients see them, domain transforms included, validation splits excluded): the
+    server's view of "training data" for the generalisation gap. In a deployment the server has
+    no such data; simulations do."""
     parts = [client_train_data(cfg, i) for i in range(cfg.num_partitions)]
     union = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
     order = np.random.default_rng(seed + 31337).permutation(len(union))[: min(count, len(union))]

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
-from models.blocks import StackedNet, recompute_bn_stats, set_route
+from models.blocks import StackedNet
 from models.splitmix import (
     SplitMixSpec,
     base_key,
@@ -160,44 +160,57 @@ class SplitMix(Method):
     def single_unit_model(self) -> nn.Module:
         return self.spec.build(1)
 
-    def _served(self, state: State, num_bases: int, robustness: float, calibration: torch.Tensor) -> StackedNet:
-        """The first ``num_bases`` bases mixed; with static BN, statistics re-estimated on data."""
+    def _served(self, state: State, num_bases: int, robustness: float) -> StackedNet:
+        """The first ``num_bases`` bases mixed. Static BN: the state carries the statistics the
+        clients gathered on their training data (:meth:`with_bn_stats`)."""
         indices = list(range(num_bases))
-        if self.spec.track_stats:
-            return build_mixture(self.spec, state, indices, robustness)
-        model = replace(self.spec, track_stats=True).build(num_bases)
-        load_stacked(model, select_bases(state, indices), allow_missing_stats=True)
-        recompute_bn_stats(model, calibration)
-        set_route(model, float(robustness))
-        return model.eval()
+        if not self.spec.track_stats and f"base0.{_first_bn(self.spec)}.running_mean" not in state:
+            raise KeyError("static BN: the served state has no BN statistics (gather them from the clients first)")
+        return build_mixture(replace(self.spec, track_stats=True), state, indices, robustness, allow_missing_stats=not self.spec.track_stats)
 
-    def eval_model(self, state: State, width: float, robustness: float, calibration: torch.Tensor) -> StackedNet:
-        return self._served(state, self.spec.bases_for_width(width), robustness, calibration)
+    def eval_model(self, state: State, width: float, robustness: float, calibration: torch.Tensor | None = None) -> StackedNet:
+        return self._served(state, self.spec.bases_for_width(width), robustness)
+
+    def stats_models(self, state: State) -> dict[str, StackedNet]:
+        """Static BN: all N bases stacked (each base's BN channels are its own, so one pass gives
+        every base the statistics it has in any mixture)."""
+        n = self.spec.num_bases
+        model = self.spec.build(n)
+        load_stacked(model, select_bases(state, list(range(n))), allow_missing_stats=True)
+        return {"bases": model}
+
+    def with_bn_stats(self, state: State, stats: dict[str, State]) -> State:
+        """Each base's statistics under its own keys (``base3.bn1.running_mean``), as tracked BN."""
+        if "bases" not in stats:
+            return state
+        n = self.spec.num_bases
+        per_base = split_stacked_state(stats["bases"], n)
+        return {**state, **{base_key(i, name): tensor for i, table in enumerate(per_base) for name, tensor in table.items()}}
 
     selectable_bases = True
 
     @property
     def mixes_on_demand(self) -> bool:
-        return self.spec.track_stats
+        return True  # every base carries its own statistics (tracked, or gathered for static BN)
 
     def served_model(self, state: State, width: float, robustness: float, bases: list[int], calibration: Callable[[], torch.Tensor]) -> StackedNet:
-        """Any k bases mixed on demand (tracked BN); static BN needs statistics for the mixture."""
-        if self.mixes_on_demand:
-            return build_mixture(self.spec, state, bases, robustness)
-        return self.eval_model(state, width, robustness, calibration())
+        """Any k bases mixed on demand."""
+        return build_mixture(replace(self.spec, track_stats=True), state, bases, robustness, allow_missing_stats=not self.spec.track_stats)
 
     @torch.no_grad()
     def base_accuracy(self, state: State, x: torch.Tensor, y: torch.Tensor) -> list[float]:
         """Each base's own accuracy (λ = 0): what `query --select best` ranks bases by."""
-        logits = self._served(state, self.spec.num_bases, 0.0, x).to(x.device).forward_bases(x)
+        logits = self._served(state, self.spec.num_bases, 0.0).to(x.device).forward_bases(x)
         return (logits.argmax(-1) == y.unsqueeze(1)).float().mean(0).tolist()
 
     @torch.no_grad()
-    def clean_accuracy(self, state: State, x: torch.Tensor, y: torch.Tensor, robustness: float) -> list[float]:
+    def clean_accuracy(
+        self, state: State, x: torch.Tensor, y: torch.Tensor, robustness: float, calibration: torch.Tensor | None = None
+    ) -> list[float]:
         """All widths from one pass: every base's logits once, width k = mean of the first k
         (per-channel BN statistics are per base, so re-estimating them on all N bases at once
         gives each base the same statistics as in any smaller mixture)."""
-        model = self._served(state, self.spec.num_bases, robustness, x).to(x.device)
+        model = self._served(state, self.spec.num_bases, robustness).to(x.device)
         logits = model.forward_bases(x)  # (B, N, C)
         n = self.spec.num_bases
         mixed = logits.cumsum(dim=1) / torch.arange(1, n + 1, device=x.device).view(1, n, 1)
@@ -221,3 +234,10 @@ class SplitMix(Method):
             for name, tensor in state.items()
             if profile.adversarial or not is_adversarial_tensor(name)
         }
+
+
+@functools.cache
+def _first_bn(spec: SplitMixSpec) -> str:
+    """Module path of the first batch norm of a base (to test a state for statistics)."""
+    model = replace(spec, track_stats=True).build(1)
+    return next(name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))

@@ -101,6 +101,9 @@ class RoundHooks:
     forward: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]] | None = None
     """If set: the clean forward pass of training, returning (logits, extra loss)."""
 
+    extra_loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | float] | None = None
+    """If set: a loss added on every batch ``(model, x, y)`` (SHeteroFL's narrower widths)."""
+
     def before_training(self, rnd: ClientRound) -> None:
         """After the model holds the received weights, before the first step."""
 

@@ -24,6 +24,18 @@ def _set_task_identity() -> None:
 _set_task_identity()
 
 
+def client_handler(message_type: str) -> Callable[[Message, Context], Message]:
+    """The ClientApp function Flower routes a message of this type to."""
+    from clients import app as client_app
+
+    return {
+        "train": client_app.train,
+        "query": client_app.query,
+        "query.bn_stats": client_app.bn_stats,
+        "evaluate": client_app.evaluate,
+    }[message_type]
+
+
 class InProcessGrid(Grid):
     """Delivers each message to ``clients.app`` handlers for node ``1000 + partition-id``.
 
@@ -59,14 +71,13 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from clients import app as client_app
 
         replies = []
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             ctx = self.contexts[node]
-            handler = {"train": client_app.train, "query": client_app.query}[msg.metadata.message_type]
+            handler = client_handler(msg.metadata.message_type)
             reply = handler(msg, ctx)
             if self.tamper is not None:
                 reply = self.tamper(node, reply)

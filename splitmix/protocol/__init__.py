@@ -9,6 +9,14 @@ A round, as messages (Flower Message API):
 - ``train`` (server → node): ``arrays`` (the tensors the node trains) and ``config`` (:class:`Instruction`).
   Reply: ``arrays`` (trained tensors; a sparse client sends kept entries,
   ``splitmix/protocol/sparse_codec.py``) and ``metrics`` (:data:`REQUIRED_METRICS` and more).
+- ``query.bn_stats`` (server → node, static-BN methods, before an evaluation): ``arrays`` (the
+  served state) and ``config`` (task, method). Reply: ``arrays`` with, per statistics model tag
+  and BN, the sum, sum of squares and count of the BN's inputs over the node's *training* split
+  (``models/bn_moments.py``).
+- ``evaluate`` (server → node): ``arrays`` (the served state) and ``config`` (task, method,
+  widths, λs, whether to attack). Reply: ``metrics`` with correct-prediction counts per split
+  (``val``, ``test``), kind (``correct``, ``robust``), width and λ (:func:`eval_key`) and the
+  split sizes (``val/n``, ``test/n``).
 
 Tensor codecs: ``splitmix/protocol/codec.py`` (dense), ``sparse_codec.py`` (sparse entries).
 """
@@ -25,6 +33,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 # ----------------------------------------------------------------------------- message types
 QUERY = "query"
 TRAIN = "train"
+BN_STATS_QUERY = "query.bn_stats"
+EVALUATE = "evaluate"
 
 # ----------------------------------------------------------------------------- record names
 CONFIG = "config"  # ConfigRecord of an instruction
@@ -40,6 +50,10 @@ SEED = "seed"
 METHOD = "method"  # which method's client step trains the arrays (strategies/registry.py)
 BASES = "bases"  # Split-Mix: indices of the bases sent, in stacking order
 WIDTH = "width"  # width methods: the slice's width
+SLIM_WIDTHS = "slim-widths"  # SHeteroFL: every width trained on each batch
+WIDTHS = "widths"  # evaluate: the widths to evaluate
+LAMBDAS = "lambdas"  # evaluate: the robustness levels λ
+ROBUST = "robust"  # evaluate: 1 = also PGD accuracy
 LOCAL_NORM = "local-bn"  # FedBN: normalisation layers stay on the node
 
 # ----------------------------------------------------------------------------- reply metrics
@@ -156,6 +170,28 @@ def train_message(arrays: Any, instruction: Instruction, node_id: int) -> Messag
 
 def reply_message(msg: Message, arrays: Any, metrics: Mapping[str, float | int]) -> Message:
     return Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord(dict(metrics))}), reply_to=msg)
+
+
+def bn_stats_message(arrays: Any, task_json: str, method: str, node_id: int) -> Message:
+    config = ConfigRecord({TASK: task_json, METHOD: method})
+    return Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node_id, message_type=BN_STATS_QUERY)
+
+
+def evaluate_message(arrays: Any, task_json: str, method: str, widths: list[float], lambdas: list[float], robust: bool, node_id: int) -> Message:
+    config = ConfigRecord({TASK: task_json, METHOD: method, WIDTHS: list(widths), LAMBDAS: list(lambdas), ROBUST: int(robust)})
+    return Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node_id, message_type=EVALUATE)
+
+
+SPLITS = ("val", "test")  # a client's evaluation splits
+
+
+def eval_key(split: str, kind: str, width: float, lam: float) -> str:
+    """Metric key of an evaluate reply: ``test/correct/w0.125/l0``, ``val/robust/w1/l0.5``."""
+    return f"{split}/{kind}/w{round(width, 6):g}/l{round(lam, 6):g}"
+
+
+def split_size_key(split: str) -> str:
+    return f"{split}/n"
 
 
 def profile_reply(msg: Message, profile: NodeProfile) -> Message:

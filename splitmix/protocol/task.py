@@ -40,6 +40,7 @@ class ClientTask:
     techniques: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field values
     fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
     state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)
+    eval_pgd: PGDConfig = PGDConfig()  # the attack of robust evaluation (eval-pgd-steps)
 
     @classmethod
     def from_run(cls, run: RunConfig, spec: SplitMixSpec) -> ClientTask:
@@ -58,7 +59,9 @@ class ClientTask:
                 pgd=run.pgd(),
                 optimizer=optimizer.optimizer,
                 l2o_artifacts=optimizer.l2o_artifacts,
+                masked_loss=t.masked_loss,
             ),
+            eval_pgd=run.pgd(max(run.evaluation.eval_pgd_steps, 1)),
             budgets=run.federation.budgets,
             adv_fraction=run.federation.adv_fraction,
             seed=run.seed,
@@ -129,4 +132,5 @@ def _parse(text: str) -> ClientTask:
         techniques=raw["techniques"],
         fault_delay=raw["fault_delay"],
         state_dir=raw["state_dir"],
+        eval_pgd=PGDConfig(**raw["eval_pgd"]),
     )

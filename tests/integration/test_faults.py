@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import InProcessGrid
+from conftest import InProcessGrid, client_handler
 from flwr.app import Error, Message
 
 from server.federation import run_federation
@@ -34,13 +34,11 @@ class FaultyGrid(InProcessGrid):
         self.drop_partition = drop_partition  # reference runs: this partition's reply is an error
 
     def send_and_receive(self, messages, *, timeout=None):
-        from clients import app as client_app
-
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             kind = msg.metadata.message_type
-            handler = {"train": client_app.train, "query": client_app.query}[kind]
+            handler = client_handler(kind)
             start = time.monotonic()
             try:
                 reply = handler(msg, self.contexts[node])

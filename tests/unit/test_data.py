@@ -39,7 +39,7 @@ def test_dirichlet_partition_skews_labels():
 
 
 def test_domains_partition_transforms_each_group():
-    cfg = DataConfig(partition="domains", num_partitions=10)
+    cfg = DataConfig(partition="domains", num_partitions=10, val_ratio=0.0)  # the whole share trains
     raw = load_split("digits", "", True)
     first, inverted = client_train_data(cfg, 0), client_train_data(cfg, 2)  # domains 0 and 1
     idx0, idx2 = partition_indices(cfg)[0], partition_indices(cfg)[2]
@@ -397,7 +397,7 @@ def test_digits5_domains_load_from_their_real_formats(tmp_path):
     assert all(d.x.shape[1:] == (3, 28, 28) and 0 <= d.x.min() and d.x.max() <= 1 for d in train)
     assert train[1].y.tolist() == [1, 2, 3, 4]  # SVHN labels 1..4 (10 would mean 0)
     assert train[2].y.tolist() == [0, 1, 2, 3]  # USPS labels 1..10 → 0..9
-    cfg = DataConfig(dataset="digits5", root=str(tmp_path), partition="domains", num_partitions=5)
+    cfg = DataConfig(dataset="digits5", root=str(tmp_path), partition="domains", num_partitions=5, val_ratio=0.0)
     for client in range(5):  # one client per domain gets that domain's whole train set
         assert torch.equal(client_train_data(cfg, client).x.sort(0).values, train[client].x.sort(0).values)
     assert len(central_test_set(cfg)) == 10
