@@ -14,7 +14,7 @@ once and then serves many virtual clients from the same process.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import node_state
@@ -189,16 +189,21 @@ def _train_one(method: Method, received, instruction: Instruction, context: Cont
 
 
 # --------------------------------------------------------------------------- evaluation
+def _request(msg: Message, context: Context) -> tuple[ConfigRecord, ClientTask, NodeProfile, Method, dict[str, torch.Tensor]]:
+    """What a bn-stats or evaluate message carries: its config, the task, this node's profile,
+    the method and the served state."""
+    config = msg.content.config_records[CONFIG]
+    task = ClientTask.from_json(str(config[protocol.TASK]))
+    torch.set_num_threads(task.torch_threads)
+    method: Method = method_class(str(config[protocol.METHOD]))(task.spec)
+    return config, task, node_profile(task, context), method, to_tensors(msg.content.array_records[ARRAYS])
+
+
 @app.query("bn_stats")
 def bn_stats(msg: Message, context: Context) -> Message:
     """Static BN: the moments of every BN's inputs over this node's training split, for each of
     the method's statistics models (``models/bn_moments.py``)."""
-    config = msg.content.config_records[CONFIG]
-    task = ClientTask.from_json(str(config[protocol.TASK]))
-    torch.set_num_threads(task.torch_threads)
-    profile = node_profile(task, context)
-    method: Method = method_class(str(config[protocol.METHOD]))(task.spec)
-    state = to_tensors(msg.content.array_records[ARRAYS])
+    config, task, profile, method, state = _request(msg, context)
     data = client_train_data(task.data, profile.partition_id)
     device = resolve_device(task.device)
     adv = _adversarial_inputs(task) if profile.adversarial else None
@@ -224,12 +229,7 @@ def _adversarial_inputs(task: ClientTask):
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the served model at each width and λ on this node's own validation and test
     splits (with robust accuracy when asked), as correct-prediction counts."""
-    config = msg.content.config_records[CONFIG]
-    task = ClientTask.from_json(str(config[protocol.TASK]))
-    torch.set_num_threads(task.torch_threads)
-    profile = node_profile(task, context)
-    method: Method = method_class(str(config[protocol.METHOD]))(task.spec)
-    state = to_tensors(msg.content.array_records[ARRAYS])
+    config, task, profile, method, state = _request(msg, context)
     splits = client_splits(task.data, profile.partition_id)
     device = resolve_device(task.device)
     robust = bool(config[protocol.ROBUST])

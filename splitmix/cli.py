@@ -25,15 +25,16 @@ def _fail(message: str) -> None:
 def _summary_table(summary: dict) -> Table:
     lam = summary["robust_lambda"]
     table = Table(title=f"{summary['method']} per width ({summary['dataset']}, {summary['model']}, {summary['rounds']} rounds)")
-    for column in ("width", "bases", "params", "MACs", "accuracy (λ=0)", f"robust acc (λ={lam:g})"):
+    for column in ("width", "bases", "params", "MACs", "client acc (λ=0)", "pooled acc", f"robust acc (λ={lam:g})"):
         table.add_column(column, justify="right")
     for width, row in summary["widths"].items():
-        robust = row["robust_accuracy"]
+        robust, client = row["robust_accuracy"], row.get("client_accuracy")
         table.add_row(
             width,
             str(row["bases"]),
             f"{row['params']:,}",
             f"{row['macs']:,}",
+            "-" if client is None else f"{client['mean']:.4f} ± {client['std']:.4f}",
             f"{row['accuracy']:.4f}",
             "-" if robust is None else f"{robust:.4f}",
         )

@@ -54,7 +54,7 @@ class FederationConfig(Section):
     method: str = option("splitmix", "federated method (docs/methods.md)", choices=tuple(METHODS))
     fedavg_clients: str = option(
         "capable",
-        "FedAvg/FedBN: only clients whose budget affords full width (`capable`, as in the paper), or `all`",
+        "FedAvg/FedBN: each width model trained by the clients that afford it (`capable`, as in the paper), or by `all` (budget-violating)",
         choices=("capable", "all"),
     )
     seed: int = option(0, "seed of everything (same config and seed: same weights)", lo=0)

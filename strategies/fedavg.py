@@ -13,14 +13,14 @@ over its trainers. Batch-norm statistics follow the run's ``bn-stats`` (tracked 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from models.blocks import StackedNet, norm_state_keys
 from splitmix.protocol import WIDTH, Instruction, NodeProfile
 from strategies.heterofl import HeteroFL, WidthOf, WidthSliceStrategy
-from strategies.registry import LrSchedule, State, register_method, width_tag
+from strategies.registry import State, register_method, width_tag
 
 
 class PerWidthStrategy(WidthSliceStrategy):
@@ -91,20 +91,10 @@ class FedAvg(HeteroFL):
     def width_of(self) -> WidthOf:
         return trainable_width(self.widths(), self.fedavg_all_clients)
 
-    def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> PerWidthStrategy:
-        return PerWidthStrategy(
-            self.spec,
-            task_json,
-            fraction,
-            min_clients,
-            seed,
-            lr_at,
-            width_of=self.width_of(),
-            local_keys=self.local_keys(),
-            method=self.name,
-            count_clients=self.count_clients,
-            model_widths=self.widths(),
-        )
+    strategy_class = PerWidthStrategy
+
+    def strategy_options(self) -> dict[str, Any]:
+        return {"model_widths": self.widths()}
 
     def client_model(self, received: State, instruction: Instruction, context: object) -> tuple[StackedNet, list[str]]:
         """The width model, as its own unit (``w0.5``): per-unit technique state (masks, optimizer

@@ -151,8 +151,14 @@ class HeteroFL(Method):
     def width_of(self) -> WidthOf:
         return budget_width
 
+    strategy_class: ClassVar[type[WidthSliceStrategy]] = WidthSliceStrategy
+
+    def strategy_options(self) -> dict[str, Any]:
+        """More keyword arguments of ``strategy_class`` (FedAvg: its model widths)."""
+        return {}
+
     def strategy(self, task_json: str, fraction: float, min_clients: int, seed: int, lr_at: LrSchedule) -> WidthSliceStrategy:
-        return WidthSliceStrategy(
+        return self.strategy_class(
             self.spec,
             task_json,
             fraction,
@@ -163,6 +169,7 @@ class HeteroFL(Method):
             local_keys=self.local_keys(),
             method=self.name,
             count_clients=self.count_clients,
+            **self.strategy_options(),
         )
 
     def cost_model(self, width: float) -> StackedNet:

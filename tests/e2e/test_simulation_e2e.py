@@ -20,7 +20,7 @@ def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
     stdout = capsys.readouterr().out
     run = tmp_path / "e2e"
     assert stdout.strip().splitlines()[-1] == str(run)
-    assert "accuracy (λ=0)" in stdout  # the per-width table
+    assert "client acc (λ=0)" in stdout  # the per-width table
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "summary.json", "accuracy_per_width.png", "robustness.png"):
         assert (run / name).stat().st_size > 0, name
 
@@ -33,9 +33,14 @@ def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
 
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["widths"]) == ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875", "1.0"]
-    for _, row in summary["widths"].items():
-        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["robust_accuracy"] <= 1.0
+    for width, row in summary["widths"].items():  # the final round's evaluation, by all 6 clients
+        assert row["client_accuracy"]["n"] == 6 and row["val_client_accuracy"]["n"] == 6
+        assert row["client_accuracy"]["mean"] == rounds[-1][f"cacc-w{width}-l0.0"]
+        assert row["accuracy"] == rounds[-1][f"acc-w{width}-l0.0"] and row["robust_accuracy"] is not None
         assert row["params"] > 0 and row["macs"] > 0
+    assert summary["best"]["round"] in (1, 2)
+    best = rounds[summary["best"]["round"] - 1]
+    assert summary["best"]["score"] == best["val-score"] == max(r["val-score"] for r in rounds)
     assert summary["widths"]["1.0"]["params"] == 8 * summary["widths"]["0.125"]["params"]
 
     weights = load_weights(run / "model.safetensors")
