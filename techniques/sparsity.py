@@ -707,15 +707,15 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
         )
     was_training = model.training
     model.eval()
-    try:
-        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    try:  # two inputs: a static-BN model (no running statistics) normalises with batch statistics
+        x = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
         with counter:
             model(x)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return flops
+    return {w: f // 2 for w, f in flops.items()}
 
 
 def flops_fraction(model: nn.Module, masks: Masks, input_shape: tuple[int, ...], update_every: int | None = None) -> float:

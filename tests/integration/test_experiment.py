@@ -9,6 +9,7 @@ are known functions of method, seed, width and lr; two slow tests run the real f
 import json
 import math
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,8 @@ def test_comparison_numbers_by_hand(tmp_path):
         assert p["command"] == "splitmix experiment plain" and p["wall_s"] >= 0 and p["date"].endswith("+00:00")
         assert p["versions"]["torch"] and p["versions"]["numpy"] and p["versions"]["python"] and "flwr-datasets" in p["versions"]
         assert p["machine"]["cpu_count"] >= 1 and p["machine"]["platform"]
-        assert len(p["commit"]) == 40 or p["commit"] == "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+        assert p["commit"] == head  # the project's own checkout (CI runs in a clone)
     assert comparison["splitmix"]["provenance"] == comparison["fedbn"]["provenance"]
     table = (root / "comparison.md").read_text()
     s = comparison["splitmix"]["client_accuracy"]["0.125"]

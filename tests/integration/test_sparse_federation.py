@@ -163,7 +163,7 @@ def test_heterofl_with_sparse_clients_respects_masks(tmp_path, in_process_grid, 
     rows = _rounds(run)
     assert all(r["sparse-replies"] == r["valid"] > 0 for r in rows)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["widths"]["1.0"]["accuracy"] >= 0.0 and summary["sparse"]["sparsity"] == 0.8
+    assert summary["widths"]["1.0"]["client_accuracy"]["n"] == 4 and summary["sparse"]["sparsity"] == 0.8
 
 
 def test_random_pruning_at_init_keeps_each_layer_at_1_minus_p_and_rescales():
