@@ -217,7 +217,7 @@ class Federation:
         self.task_json = task.to_json()
         self.device = resolve_device(cfg.system.device)
         self.best: dict | None = None  # the evaluated round with the best validation score
-        self._served: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._served: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (state, served)
         fed = cfg.federation
         self.lr_at = (
             (lambda r: cosine_lr(cfg.training.lr, r, fed.num_rounds)) if cfg.training.lr_schedule == "cosine" else (lambda r: cfg.training.lr)
@@ -236,7 +236,7 @@ class Federation:
         """The model evaluated and finally stored: the techniques' served model (e.g. the sparse
         one when every client is sparse) and, for static BN, the statistics gathered from the
         clients' training data (asked once per state)."""
-        if self._served is not None and self._served[0] == id(state):
+        if self._served is not None and self._served[0] is state:
             return self._served[1]
         served = state
         for technique in self.techniques:
@@ -244,7 +244,7 @@ class Federation:
         if self.method.needs_bn_stats:
             stats = gather_bn_stats(self.grid, self.nodes(), self.method, served, self.task_json, self.cfg.federation.round_timeout)
             served = self.method.with_bn_stats(served, stats)
-        self._served = (id(state), served)
+        self._served = (state, served)
         return served
 
     def nodes(self) -> list:

@@ -10,7 +10,7 @@ aggregation are HeteroFL's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,10 +30,8 @@ class SlimmableTraining(RoundHooks):
     """Adds, on each batch, the loss of every narrower width (a leading slice of the trained
     parameters, run through that width's own static-BN network)."""
 
-    model: nn.Module
     narrower: Sequence[tuple[float, nn.Module]]
     present: torch.Tensor | None = None  # masked cross-entropy: the client's classes
-    widths_trained: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.extra_loss = self._narrower_losses
@@ -71,4 +69,4 @@ class SHeteroFL(HeteroFL):
         widths = [float(w) for w in instruction.extra.get(SLIM_WIDTHS, [width])]  # type: ignore[union-attr]
         narrower = [(w, cached_slice_model(self.spec, w, self.scaler)) for w in widths if w < width - 1e-9]
         present = present_classes(rnd.data.y, self.spec.num_classes) if rnd.task.train.masked_loss else None
-        return [SlimmableTraining(rnd.model, narrower, present, widths)]
+        return [SlimmableTraining(narrower, present)]

@@ -113,7 +113,7 @@ def test_sheterofl_adds_the_loss_of_every_narrower_width_on_the_shared_slices():
     model = cached_slice_model(method.spec, 0.5, True)
     model.train()
     narrow = cached_slice_model(method.spec, 0.25, True)
-    hook = SlimmableTraining(model, [(0.25, narrow)])
+    hook = SlimmableTraining([(0.25, narrow)])
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = hook.extra_loss(model, x, y)
     # By hand: the width-0.25 network holding the leading slices of the width-0.5 parameters.
