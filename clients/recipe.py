@@ -54,13 +54,18 @@ class TrainResult:
     optimizer_state: dict | None = None  # per-parameter state worth keeping (techniques/optimizers.py)
 
 
-def per_base_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over bases of each base's mean cross-entropy; logits are ``(B, k, classes)``.
+def per_base_losses(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Each base's mean cross-entropy, shape ``(k,)``; logits are ``(B, k, classes)``.
     ``present`` (a class mask): HeteroFL's masked cross-entropy, absent classes' logits set to 0."""
     k = logits.shape[1]
     if present is not None:
         logits = logits.masked_fill(~present.to(logits.device), 0.0)
-    return F.cross_entropy(logits.transpose(1, 2), y.unsqueeze(1).expand(-1, k)) * k
+    return F.cross_entropy(logits.transpose(1, 2), y.unsqueeze(1).expand(-1, k), reduction="none").mean(0)
+
+
+def per_base_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over bases of each base's mean cross-entropy (:func:`per_base_losses`)."""
+    return per_base_losses(logits, y, present).sum()
 
 
 def class_loss(logits: torch.Tensor, y: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +80,17 @@ def present_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     mask = torch.zeros(num_classes, dtype=torch.bool, device=y.device)
     mask[y.unique()] = True
     return mask
+
+
+def _adversarial_share(shares: list, k: int, device: torch.device | str) -> torch.Tensor | None:
+    """Product of the hooks' per-base adversarial shares (None: every base adversarial)."""
+    out = None
+    for share in shares:
+        value = share()
+        if value is not None:
+            value = value.to(device=device, dtype=torch.float32).reshape(k)
+            out = value if out is None else out * value
+    return out
 
 
 def train_bases(
@@ -110,6 +126,7 @@ def train_bases(
     forward = next((h.forward for h in hooks if h.forward is not None), None)
     extra_losses = [h.extra_loss for h in hooks if h.extra_loss is not None]
     present = present_classes(y_all, model.num_classes) if cfg.masked_loss else None
+    shares = [h.adversarial_share for h in hooks if h.adversarial_share is not None]
     steps = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -121,22 +138,25 @@ def train_bases(
             with routed(model, "clean"):
                 if forward is not None:  # e.g. ViT diversity terms on the clean pass's tokens
                     logits, div = forward(model, xb)
-                    clean = per_base_loss(logits, yb, present)
                     totals["diversity"] += float(div)
                 else:
-                    clean, div = per_base_loss(model.forward_bases(xb), yb, present), 0.0
-                for extra in extra_losses:  # e.g. SHeteroFL's narrower widths on the same batch
-                    clean = clean + extra(model, xb, yb)
+                    logits, div = model.forward_bases(xb), 0.0
+                clean_per_base = per_base_losses(logits, yb, present)
+                extras = sum((extra(model, xb, yb) for extra in extra_losses), torch.zeros((), device=device))  # e.g. SHeteroFL's narrower widths
+                clean = clean_per_base.sum() + extras
             loss = clean + div
-            if adversarial:
+            # per base: 1 = train adversarially, 0 = clean only (Robust Bird's units still searching)
+            share = _adversarial_share(shares, k, device) if adversarial else None
+            if adversarial and (share is None or bool(share.any())):
                 with routed(model, "adv"):
                     per_base_x = per_base_inputs(xb, k)
                     with frozen_bn_stats(model):
                         # B023: pgd_linf calls the loss right away, within this iteration
                         x_adv = pgd_linf(lambda z: per_base_loss(model.forward_bases(z), yb, present), per_base_x, cfg.pgd, gen)  # noqa: B023
-                    adv = per_base_loss(model.forward_bases(x_adv), yb, present)
-                loss = (1.0 - cfg.adv_lambda) * clean + cfg.adv_lambda * adv + div
-                totals["adv"] += adv.item()
+                    adv_per_base = per_base_losses(model.forward_bases(x_adv), yb, present)
+                lam = cfg.adv_lambda * (share if share is not None else torch.ones(k, device=device))
+                loss = ((1.0 - lam) * clean_per_base).sum() + (1.0 - lam.mean()) * extras + (lam * adv_per_base).sum() + div
+                totals["adv"] += adv_per_base.sum().item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -295,6 +295,7 @@ class Federation:
         new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
         train_s = time.perf_counter() - t0
         row = {"round": rnd, "lr": self.lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
+        self.context.rows.append(row)  # server hooks see the round (e.g. Flying Bird+'s unit densities)
         return (arrays if new_arrays is None else new_arrays), row, train_s
 
     def evaluate_round(self, rnd: int, state: dict[str, torch.Tensor], row: dict) -> WidthScores | None:
@@ -404,6 +405,7 @@ def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, r
         fed.best = saved.get("best")
         first = int(saved["round"]) + 1
         store.truncate(first - 1)
+        fed.context.rows = store.rounds()
         _set_rng_states(extra_tensors, saved["rng"])
         say(f"resuming {store.root} after round {first - 1}/{cfg.federation.num_rounds}")
     for rnd in range(first, cfg.federation.num_rounds + 1):

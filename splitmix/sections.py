@@ -5,7 +5,7 @@ Why here and not in ``splitmix/config.py``: technique plugins (``techniques/``) 
 sections, and the run config collects them from the technique registry; keeping the machinery
 in a module that imports nothing of the project lets both sides import it without a cycle.
 
-A run-config key is flat and hyphenated (``num-clients``, ``sparse-update-every``) so that
+A run-config key is flat and hyphenated (``num-clients``, ``sparse-updates-per-round``) so that
 ``pyproject.toml``, ``--config`` files and ``--run-config`` overrides stay one list of keys; the
 section a key belongs to is where its field is declared.
 """

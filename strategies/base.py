@@ -175,12 +175,34 @@ def reply_num_examples(msg: Message, limit: int | None = None) -> int:
             value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
+    for key, value in metrics.items():  # technique metrics forwarded into the round's row
+        if key.startswith((protocol.SUM_PREFIX, protocol.MEAN_PREFIX)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number >= 0")
+            if key.split(":", 1)[1].startswith("density") and value > 1:
+                raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
     value = cast(float, metrics[protocol.NUM_EXAMPLES])  # a finite number: checked with REQUIRED_METRICS above
     if value <= 0 or value != int(value):
         raise ReplyRejected(f"'num-examples' = {value!r} is not a positive integer")
     if limit is not None and value > limit:
         raise ReplyRejected(f"'num-examples' = {int(value)} exceeds the {limit} examples the node reported")
     return int(value)
+
+
+def forwarded_metrics(replies: Iterable[MetricRecord]) -> dict[str, float]:
+    """Technique metrics for the round's row: ``sum:<key>`` summed over the replies (e.g. how many
+    Robust Bird masks froze), ``mean:<key>`` averaged over the replies that carry it (e.g. the
+    density a unit's Flying Bird+ clients reached); the row key drops the prefix."""
+    sums: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
+    for metrics in replies:
+        for key, value in metrics.items():
+            if key.startswith(protocol.SUM_PREFIX):
+                name = key[len(protocol.SUM_PREFIX) :]
+                sums[name] = sums.get(name, 0.0) + float(cast(float, value))
+            elif key.startswith(protocol.MEAN_PREFIX):
+                means.setdefault(key[len(protocol.MEAN_PREFIX) :], []).append(float(cast(float, value)))
+    return {**sums, **{name: sum(values) / len(values) for name, values in means.items()}}
 
 
 def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
@@ -251,7 +273,8 @@ class FederatedStrategy(Strategy):
         stats.client_time = sum(as_float(m["train-time"]) for _, _, _, m in valid)
         stats.flops_fraction = sum(as_float(m.get("flops-fraction", 1.0)) * n for _, _, n, m in valid) / stats.examples
         new = self.combine([(tensors, float(n)) for _, tensors, n, _ in valid])
-        return new, MetricRecord({**stats.as_metrics(), "valid": len(valid), "round-failed": 0})
+        forwarded = forwarded_metrics([m for _, _, _, m in valid])
+        return new, MetricRecord({**stats.as_metrics(), **forwarded, "valid": len(valid), "round-failed": 0})
 
     # ------------------------------------------------------------------ profiles
     def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:

@@ -68,6 +68,15 @@ class ServerContext:
     run: RunConfig
     method: Any  # strategies.registry.Method
     prunable: set[str] = field(default_factory=set)  # conv/linear weight names of one unit
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the run's round rows so far (metrics.jsonl)
+
+    def latest(self, prefix: str) -> dict[str, float]:
+        """``{name: value}`` of the newest row value of every row key ``<prefix><name>`` (e.g. the
+        density each unit's clients last reported)."""
+        out: dict[str, float] = {}
+        for row in self.rows:
+            out.update({k[len(prefix) :]: float(v) for k, v in row.items() if k.startswith(prefix)})
+        return out
 
 
 @dataclass
@@ -103,6 +112,10 @@ class RoundHooks:
 
     extra_loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | float] | None = None
     """If set: a loss added on every batch ``(model, x, y)`` (SHeteroFL's narrower widths)."""
+
+    adversarial_share: Callable[[], torch.Tensor | None] | None = None
+    """If set: per stacked unit, the weight of the adversarial loss on an adversarial client
+    (1 = as its profile says, 0 = clean training for that unit now: Robust Bird's search)."""
 
     def before_training(self, rnd: ClientRound) -> None:
         """After the model holds the received weights, before the first step."""

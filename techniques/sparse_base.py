@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.blocks import StackedNet
-from splitmix.protocol import as_bytes, as_int
+from splitmix.protocol import MEAN_PREFIX, as_bytes, as_int
 from splitmix.sections import ConfigError, Section, option
 from techniques.base import TECHNIQUES, ClientRound, ConfigT, RoundHooks, ServerContext, State, Technique, register_section
 from techniques.sparsity import Masks, global_magnitude_mask, layer_flops, masks_from_bytes, masks_to_bytes, prunable_parameters, random_mask, remask_
@@ -36,6 +36,9 @@ from techniques.sparsity import Masks, global_magnitude_mask, layer_flops, masks
 if TYPE_CHECKING:
     from clients.recipe import TrainResult
     from splitmix.config import RunConfig
+
+
+UNIT_DENSITY = "density."  # round-row key prefix: the mean density the unit's clients trained at
 
 
 def sparse_methods() -> tuple[str, ...]:
@@ -67,10 +70,6 @@ class UnitMask:
 
     def after_step(self, weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> bool:
         """After an optimizer step; True if the mask changed."""
-        return False
-
-    def after_epoch(self, weights: dict[str, torch.Tensor]) -> bool:
-        """After a local epoch; True if the mask changed."""
         return False
 
     def to_config(self) -> ConfigRecord:
@@ -254,14 +253,6 @@ class SparseRound(RoundHooks):
         update_share = (1.0 - self._step_share) / 3.0 if changed else 0.0  # RigL's dense-gradient count
         self.flops_used += self._step_share + update_share
 
-    def after_epoch(self) -> None:
-        changed = False
-        for j, unit in enumerate(self.units):
-            changed |= self.masks[unit].after_epoch(self.views(j))
-        if changed:
-            self._refresh()
-            remask_(self.rnd.model, self.stacked)
-
     def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         """Save every unit's state; hand the masks of the upload and the round's metrics over."""
         kept = total = 0
@@ -270,10 +261,13 @@ class SparseRound(RoundHooks):
             self.state[f"sparse.{unit}"] = unit_mask.to_config()
             if unit_mask.mask is None:
                 continue
+            unit_kept = unit_total = 0
             for name, mask in unit_mask.mask.items():
                 rnd.masks[rnd.upload_key(unit, name)] = mask.cpu()
-                kept += int(mask.sum())
-                total += mask.numel()
+                unit_kept += int(mask.sum())
+                unit_total += mask.numel()
+            rnd.metrics[MEAN_PREFIX + UNIT_DENSITY + unit] = unit_kept / unit_total if unit_total else 1.0
+            kept, total = kept + unit_kept, total + unit_total
         rnd.metrics.update(
             {
                 "density": kept / total if total else 1.0,
@@ -294,23 +288,30 @@ def initial_unit_mask(params: dict[str, torch.Tensor], sparsity: float, run_seed
 
 
 def group_prunable(state: dict[str, torch.Tensor], prunable_names: set[str]) -> dict[str, dict[str, str]]:
-    """``{unit: {param name: state key}}``: ``base{i}.<name>`` keys group by base, plain keys
-    form the single unit ``"width"``; only conv/linear weights (``prunable_names``) count."""
+    """``{unit: {param name: state key}}``: ``base{i}.<name>`` keys group by base, FedAvg's
+    ``w0.5/<name>`` keys by width model (unit ``w0.5``), other plain keys form the single unit
+    ``"width"``; only conv/linear weights (``prunable_names``) count. The units are the clients'."""
     groups: dict[str, dict[str, str]] = {}
     for key in state:
         is_base = key.startswith("base") and key.split(".", 1)[0][4:].isdigit()
-        unit, _, name = key.partition(".") if is_base else ("width", "", key)
+        if is_base:
+            unit, _, name = key.partition(".")
+        elif "/" in key:
+            unit, _, name = key.partition("/")
+        else:
+            unit, name = "width", key
         if name in prunable_names:
             groups.setdefault(unit, {})[name] = key
     return groups
 
 
-def prune_state(state: dict[str, torch.Tensor], prunable_names: set[str], sparsity: float) -> dict[str, torch.Tensor]:
-    """Each unit's conv/linear weights magnitude-pruned (globally within the unit) to ``sparsity``."""
+def prune_state(state: State, prunable_names: set[str], sparsity: float, per_unit: dict[str, float] | None = None) -> State:
+    """Each unit's conv/linear weights magnitude-pruned (globally within the unit) to ``sparsity``,
+    or to ``per_unit[unit]`` where given (Flying Bird+'s adapted sparsity)."""
     out = dict(state)
-    for _, names in group_prunable(state, prunable_names).items():
+    for unit, names in group_prunable(state, prunable_names).items():
         params = {name: state[key] for name, key in names.items()}
-        masks = global_magnitude_mask(params, sparsity)
+        masks = global_magnitude_mask(params, (per_unit or {}).get(unit, sparsity))
         for name, key in names.items():
             out[key] = state[key] * masks[name].to(state[key].device)
     return out

@@ -109,10 +109,13 @@ def tiny_vit() -> dict:
     return dict(TINY_VIT)
 
 
-def _technique_round(overrides: str, model, units: list[str], data=None, *, adversarial: bool = False, server_round: int = 1, seed: int = 0):
+def _technique_round(
+    overrides: str, model, units: list[str], data=None, *, adversarial: bool = False, server_round: int = 1, seed: int = 0, state=None
+):
     """One client's round of the sparse technique that ``overrides`` turns on, as the ClientApp
     builds it (task from the run config, technique from the registry, hooks from the technique),
-    with ``before_training`` already called: ``(hooks, round, Context state)``."""
+    with ``before_training`` already called: ``(hooks, round, Context state)``. Pass the returned
+    ``state`` back in for the node's next round."""
     from types import SimpleNamespace
 
     import torch
@@ -127,7 +130,7 @@ def _technique_round(overrides: str, model, units: list[str], data=None, *, adve
     technique = next(t for t in task.techniques_on() if isinstance(t, SparseTechnique))
     if data is None:
         data = ArrayData(torch.zeros(160, 1, 8, 8), torch.zeros(160, dtype=torch.long))
-    state = RecordDict()
+    state = RecordDict() if state is None else state
     rnd = ClientRound(
         model=model,
         units=units,

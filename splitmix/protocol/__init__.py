@@ -62,6 +62,8 @@ LOSS = "loss"
 TRAIN_TIME = "train-time"
 REQUIRED_METRICS = (NUM_EXAMPLES, LOSS, TRAIN_TIME)
 FRACTION_METRICS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
+SUM_PREFIX = "sum:"  # a client metric summed over the round's valid replies into the round's row (key without the prefix)
+MEAN_PREFIX = "mean:"  # a client metric averaged over the valid replies that carry it (e.g. a unit's density)
 
 
 # ----------------------------------------------------------------------------- the profile

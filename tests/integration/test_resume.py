@@ -172,7 +172,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "variant", ["sparse-method=dynamic sparsity=0.8 sparse-update-every=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"]
+    "variant", ["sparse-method=dynamic sparsity=0.8 sparse-updates-per-round=2", "optimizer=adam lr=0.003", "method=fedbn fedavg-clients=all"]
 )
 def test_stateful_clients_resume_from_their_saved_node_state(variant, tmp_path, monkeypatch):
     """Sparse masks, optimizer moments and FedBN's local BN live in each node's Context; in

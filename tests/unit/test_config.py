@@ -103,8 +103,8 @@ def test_every_key_belongs_to_exactly_one_section_and_round_trips():
     index = key_index()  # raises when two sections declare one key
     assert set(index) == set(RunConfig().to_run_config())
     assert {section for section, _, _ in index.values()} == set(all_sections())
-    cfg = load_config(overrides="sparse-method=dynamic sparse-update-every=7 num-clients=9 vit-depth=3")
-    assert cfg.techniques["dynamic"].update_every == 7 and cfg.federation.num_clients == 9 and cfg.model.vit_depth == 3
+    cfg = load_config(overrides="sparse-method=dynamic sparse-updates-per-round=7 num-clients=9 vit-depth=3")
+    assert cfg.techniques["dynamic"].updates_per_round == 7 and cfg.federation.num_clients == 9 and cfg.model.vit_depth == 3
     assert RunConfig.from_mapping(cfg.to_run_config()) == cfg
 
 
