@@ -470,7 +470,27 @@ def summarize_method(run_dirs: list[Path], lr: float | None = None) -> dict[str,
         out["patch_similarity"] = np.mean([s["oversmoothing"]["patch_similarity"] for s in summaries], axis=0).tolist()
     if all("sparse" in s for s in summaries):
         out["train_flops_fraction"] = _mean_std([s["sparse"]["train_flops_fraction"] for s in summaries])
+    if all("robust_bird" in s.get("sparse", {}) for s in summaries):
+        out["mask_freeze"] = mask_freeze([s["sparse"]["robust_bird"] for s in summaries])
     return out
+
+
+def mask_freeze(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Robust Bird over seeds: masks (client × base) frozen per round, summed, with the median and
+    quartiles of the freeze round over all freeze events, and per seed how many froze and how
+    many bases were still searching in the last round."""
+    counts: dict[int, int] = {}
+    for record in records:
+        for rnd, n in record["freeze_rounds"].items():
+            counts[int(rnd)] = counts.get(int(rnd), 0) + int(n)
+    events = np.repeat(sorted(counts), [counts[r] for r in sorted(counts)])
+    quartiles = np.percentile(events, [25, 50, 75]).tolist() if len(events) else None
+    return {
+        "freeze_rounds": {str(r): counts[r] for r in sorted(counts)},
+        "quartiles": quartiles,
+        "frozen": [int(r["frozen"]) for r in records],
+        "searching_last_round": [int(r["searching_last_round"]) for r in records],
+    }
 
 
 def _run_commits(dirs: list[Path]) -> list[str]:

@@ -75,10 +75,42 @@ def _provenance_line(comparison: dict[str, Any]) -> str | None:
     return f"{record.get('date', '?')} · commit `{commit}`{dirty} · {hardware} · `{record.get('command', '?')}`"
 
 
+def _freeze_cell(freeze: dict[str, Any] | None) -> str:
+    if not freeze:
+        return "—"
+    if not freeze.get("quartiles"):
+        return "none froze"
+    q1, median, q3 = freeze["quartiles"]
+    return f"{median:g} ({q1:g}–{q3:g})"
+
+
+def _table_cell(cell: Any) -> str:
+    if isinstance(cell, dict) and "mean" in cell:
+        return _cell(cell)
+    if isinstance(cell, float):
+        return f"{cell:.3f}"
+    return "—" if cell is None else str(cell)
+
+
+def generic_table_markdown(record: dict[str, Any]) -> str:
+    """A ``{"kind": "table", "caption", "columns", "rows", "notes", "provenance"}`` record (a study
+    that is not a per-width comparison): caption, table (cells: text, numbers, {mean, std}), notes."""
+    head = "| " + " | ".join(record["columns"]) + " |\n|" + "---|" * len(record["columns"]) + "\n"
+    body = "\n".join("| " + " | ".join(_table_cell(c) for c in row) + " |" for row in record["rows"])
+    notes = list(record.get("notes", []))
+    line = _provenance_line({"study": record})
+    if line:
+        notes.append(f"Provenance: {line}.")
+    return f"{record['caption']}\n\n" + head + body + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
 def table_markdown(results_json: dict[str, Any], name: str) -> str:
-    """The headline table of an experiment's ``comparison.json``: per width and method, the mean
+    """The table of a results record: :func:`generic_table_markdown` for ``"kind": "table"``,
+    else the headline table of an experiment's ``comparison.json``: per width and method, the mean
     client test accuracy (the paper's metric) at the round with the best validation client
     accuracy, mean ± std over seeds; then lr, communication, storage and the optional rows."""
+    if results_json.get("kind") == "table":
+        return generic_table_markdown(results_json)
     comparison = results_json
     methods = list(comparison)
     widths = served_widths(comparison)
@@ -129,6 +161,15 @@ def table_markdown(results_json: dict[str, Any], name: str) -> str:
         fmt = lambda m, i: f"{comparison[m]['patch_similarity'][i]:.3f}" if "patch_similarity" in comparison[m] else "—"
         rows.append("| patch similarity, block 1 | " + " | ".join(fmt(m, 0) for m in methods) + " |")
         rows.append("| patch similarity, last block | " + " | ".join(fmt(m, -1) for m in methods) + " |")
+    if any("mask_freeze" in comparison[m] for m in methods):
+        rows.append("| mask freeze round, median (IQR) | " + " | ".join(_freeze_cell(comparison[m].get("mask_freeze")) for m in methods) + " |")
+        rows.append(
+            "| masks frozen / still searching | "
+            + " | ".join(
+                f"{sum(f['frozen'])} / {sum(f['searching_last_round'])}" if (f := comparison[m].get("mask_freeze")) else "—" for m in methods
+            )
+            + " |"
+        )
     rows.append("| wall s/run | " + " | ".join(f"{comparison[m]['wall_s']:.0f}" if comparison[m].get("wall_s") else "—" for m in methods) + " |")
     notes = ["— : the method does not serve this width."]
     if missing_client:

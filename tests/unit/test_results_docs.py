@@ -90,3 +90,34 @@ def test_repository_docs_match_committed_results():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     problems = [p for doc in docs for p in check_docs(doc, ROOT / "results")]
     assert problems == [], "\n".join(problems)
+
+
+def test_generic_table_record_renders_cells_notes_and_provenance():
+    record = {
+        "kind": "table",
+        "caption": "demo study: test accuracy, mean ± std over 3 seeds",
+        "columns": ["ticket", "accuracy", "speed-up"],
+        "rows": [["found", {"mean": 0.91234, "std": 0.0101, "n": 3}, 1.5], ["random", {"mean": 0.8, "std": 0.02, "n": 3}, None]],
+        "notes": ["speed-up: dense / sliced CPU time"],
+        "provenance": {"commit": "fedcba9876543210", "dirty": False, "date": "2026-01-02T03:04:05+00:00", "command": "python -m tools.x"},
+    }
+    table = table_markdown(record, "demo")
+    assert table.startswith("demo study: test accuracy, mean ± std over 3 seeds\n\n| ticket | accuracy | speed-up |\n|---|---|---|\n")
+    assert "| found | 0.912 ± 0.010 | 1.500 |" in table and "| random | 0.800 ± 0.020 | — |" in table
+    assert "- speed-up: dense / sliced CPU time" in table and "commit `fedcba9`" in table and "`python -m tools.x`" in table
+
+
+def test_mask_freeze_row_shows_the_median_round_and_counts():
+    from tools.experiment import mask_freeze
+
+    freeze = mask_freeze(
+        [
+            {"freeze_rounds": {"5": 2, "7": 1}, "frozen": 3, "searching_last_round": 4},
+            {"freeze_rounds": {"6": 1}, "frozen": 1, "searching_last_round": 0},
+        ]
+    )
+    assert freeze["freeze_rounds"] == {"5": 2, "6": 1, "7": 1} and freeze["quartiles"] == [5.0, 5.5, 6.25]  # events 5, 5, 6, 7
+    entry = comparison_entry({"1.0": 0.5}, 0.1)
+    table = table_markdown({"static": {**entry, "mask_freeze": freeze}, "dense": entry}, "demo")
+    assert "| mask freeze round, median (IQR) | 5.5 (5–6.25) | — |" in table
+    assert "| masks frozen / still searching | 4 / 4 | — |" in table
