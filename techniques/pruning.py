@@ -333,12 +333,15 @@ def iterative_magnitude_pruning(
     per_base: bool = True,
     rows_per_group: int = 8,
     final_train: bool = True,
+    trained: bool = False,
 ) -> IMPResult:
     """IMP with weight rewinding: ``rounds`` × (train → prune ``rate`` of the survivors →
     refill/regroup → rewind survivors to ``rewind_state``), then one last training of the ticket.
 
     ``rewind_state``: the early checkpoint (default: the model's state now, i.e. rewinding to
     initialisation). ``train_fn(model, masks)`` trains in place and keeps the masks applied.
+    ``trained``: the model arrives trained (e.g. a finished federated run that passed through
+    ``rewind_state``), so round 1 prunes it as is and only later rounds train.
     """
     if structure not in ("none", "refill", "regroup"):
         raise ValueError(f"structure must be 'none', 'refill' or 'regroup', got {structure!r}")
@@ -347,7 +350,8 @@ def iterative_magnitude_pruning(
     prune_names = list(masks)
     history: list[dict] = []
     for r in range(1, rounds + 1):
-        train_fn(model, masks)
+        if r > 1 or not trained:
+            train_fn(model, masks)
         masks = global_magnitude_prune(model, masks, rate, prune_names, per_base)
         extra: dict = {}
         if structure == "refill":
