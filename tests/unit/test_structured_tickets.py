@@ -1,4 +1,4 @@
-"""Structured lottery tickets: IMP sparsity and rewinding, refill, regroup, physical slicing."""
+"""Structured lottery tickets: IMP sparsity and rewinding, refill, greedy row grouping (mask only), physical slicing."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from models.slice_channels import channel_graph, kept_channels, slice_channels
 from techniques.pruning import (
     apply_masks_,
     global_magnitude_prune,
+    greedy_row_grouping,
     init_masks,
     iterative_magnitude_pruning,
     prunable_names,
     refill,
-    regroup,
     sparsity_report,
 )
 
@@ -123,10 +123,10 @@ def test_refill_to_channel_sparsity_counts() -> None:
     assert report["layers"]["fc1.weight"]["channels_per_base"] == [32] * 4
 
 
-def test_regroup_keeps_sparsity_in_dense_blocks() -> None:
+def test_greedy_row_grouping_keeps_sparsity_in_dense_blocks() -> None:
     model = _cnn(k=2)
     masks = global_magnitude_prune(model, init_masks(model), 0.6)
-    grouped, report = regroup(model, masks, rows_per_group=4)
+    grouped, report = greedy_row_grouping(model, masks, rows_per_group=4)
     for name, layer in report.layers.items():
         mask, old = grouped[name], masks[name]
         out = mask.shape[0] // 2
