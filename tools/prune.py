@@ -24,8 +24,9 @@ physically sliced into a smaller dense model of the same family:
    sparsities stay IMP's up to that factor — they are not all S. Within a layer the channels IMP
    kept come first; if a layer grows, the removed channels with the largest trained |w| come
    back. Then rewind to the early checkpoint and fine-tune the ticket (E epochs).
-   ``--random-control`` also trains a random structured ticket with the same channels per layer,
-   rewound and fine-tuned identically, and reports its accuracy (the lottery-ticket control).
+   ``--random-control`` also trains two random structured controls, rewound and fine-tuned
+   identically (same rewind point, epochs, rate and batch order), and reports their accuracy:
+   random channels at the ticket's count per layer, and random channels at S in every layer.
    ``--rewind final`` rewinds to the trained weights instead (prune and fine-tune; for runs
    without ``rewind.safetensors``); the default refuses such runs.
 3. **Slice** (:func:`models.slice_channels.slice_channels`): the removed channels are deleted
@@ -272,6 +273,17 @@ def random_channel_masks(model: nn.Module, kept: dict[str, int], seed: int) -> M
             rows[b, torch.randperm(out, generator=gen)[: kept[node.producer]]] = True
         keep[node.producer] = rows.view(-1)
     return channel_masks(model, keep)
+
+
+def _random_control(dense: nn.Module, kept: dict[str, int], checkpoint: dict[str, torch.Tensor], tuner, kind: str, order_seed: int) -> dict[str, Any]:
+    """Random channels at ``kept`` per layer, rewound to ``checkpoint`` and fine-tuned by ``tuner``
+    with the ticket's batch order: the ticket's lottery-ticket control."""
+    model = copy.deepcopy(dense).train()
+    masks = random_channel_masks(model, kept, tuner.settings.seed)
+    rewind_(model, checkpoint, masks)
+    tuner.stage_name, tuner.order_seed = f"random-{kind}", order_seed
+    tuner(model, masks)
+    return {"accuracy": tuner.history[-1]["accuracy"], "accuracy_before_fine_tune": tuner.history[-1]["accuracy_before"], "kept_per_base": kept}
 
 
 def _kept_per_base(model: nn.Module, masks: Masks) -> dict[str, int]:
@@ -589,20 +601,11 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     tuner.stage_name = "final"
     tuner(model, masks)
     model.eval()
-    control: dict[str, Any] | None = None
-    if s.random_control:  # the same channel counts, drawn at random, rewound and fine-tuned identically
-        random_model = copy.deepcopy(dense).train()
-        random_masks = random_channel_masks(random_model, kept, s.seed)
-        rewind_(random_model, checkpoint, random_masks)
-        random_tuner = _FineTuner(train, test, s, sim, say)
-        random_tuner.stage_name, random_tuner.order_seed = "random-control", tuner.last_order_seed
-        random_tuner(random_model, random_masks)
-        control = {
-            "accuracy": random_tuner.history[-1]["accuracy"],
-            "accuracy_before_fine_tune": random_tuner.history[-1]["accuracy_before"],
-            "kept_per_base": _kept_per_base(random_model, random_masks),
-            "note": "random channels, the ticket's count per layer and base; same rewind point, epochs, lr and batch order",
-        }
+    controls: dict[str, dict[str, Any]] = {}
+    if s.random_control:  # random channels, rewound and fine-tuned exactly as the ticket
+        uniform = imp_allocation(dense_channels, dense_channels, s.channel_sparsity)  # every layer at S, same global count
+        for kind, counts in (("same_counts", kept), ("uniform", uniform)):
+            controls[kind] = _random_control(dense, counts, checkpoint, _FineTuner(train, test, s, sim, say), kind, tuner.last_order_seed)
     # ---- slice, check, measure
     sliced = slice_channels(model, kept_channels(model, masks)).eval()
     for m in (model, sliced):
@@ -649,8 +652,15 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
         "weight_sparsity_sliced": 1.0 - conv_linear(sliced) / conv_linear(dense),
         "params": {**params, "ratio": params["sliced"] / params["dense"]},
         "macs": {**macs, "ratio": macs["sliced"] / macs["dense"]},
-        "accuracy": {"dense": acc_dense, "masked": acc_masked, "sliced": acc_sliced, **({"random_control": control["accuracy"]} if control else {})},
-        "random_control": control,
+        "accuracy": {"dense": acc_dense, "masked": acc_masked, "sliced": acc_sliced, **{f"random_{k}": c["accuracy"] for k, c in controls.items()}},
+        "random_control": {
+            **controls,
+            "note": "same_counts: the ticket's kept count per layer and base, channels drawn at random; uniform: every layer at the "
+            "requested sparsity (same global count), channels drawn at random; both rewound to the ticket's rewind point and "
+            "fine-tuned with its epochs, rate and batch order",
+        }
+        if controls
+        else None,
         "max_abs_logit_diff_masked_vs_sliced": max_diff,
         "inference_cpu": {
             "batch": s.timing_batch,
@@ -803,8 +813,10 @@ def card_table(card: dict[str, Any]):
         f"{inf['eager']['sliced_ms']:.2f}",
         f"{inf['fused']['sliced_ms']:.2f}",
     )
-    if card.get("random_control"):
-        table.add_row("random control", kept_ch, "(same counts)", "", f"{card['random_control']['accuracy']:.4f}", "-", "-")
+    for kind, control in (card.get("random_control") or {}).items():
+        if kind != "note":
+            counts = "-".join(str(c) for c in control["kept_per_base"].values())
+            table.add_row(f"random ({kind.replace('_', ' ')})", counts, "", "", f"{control['accuracy']:.4f}", "-", "-")
     table.add_row(
         "sliced/dense",
         "",
@@ -893,7 +905,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="IMP rewinds to the run's rewind.safetensors (early; default) or to the trained weights (final: prune and fine-tune)",
     )
     parser.add_argument(
-        "--random-control", action="store_true", help="also fine-tune random channels at the ticket's per-layer counts and report their accuracy"
+        "--random-control",
+        action="store_true",
+        help="also fine-tune random channels (at the ticket's per-layer counts; at S in every layer) and report their accuracy",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (median, batch 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for fine-tuning and timing (default: torch's)")
