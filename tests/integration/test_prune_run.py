@@ -173,11 +173,17 @@ def test_cli_prints_table_and_folder_last(run_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     code = prune.main(
         [str(run_dir), "--width", "0.125", "--channel-sparsity", "0.5", "--imp-rounds", "0", "--epochs", "1", "--repeats", "1", "--out", str(out)]
+        + ["--random-control"]
     )
     stdout = capsys.readouterr().out
     assert code == 0
     assert stdout.strip().splitlines()[-1] == str(out.resolve())
     assert "sliced" in stdout and (out / "model_card.json").is_file()
+    assert "random (same counts)" in stdout and "random (uniform)" in stdout
+    card = json.loads((out / "model_card.json").read_text())
+    # no IMP rounds: IMP's allocation is the dense one, so the ticket's counts are the uniform ones, 4-8-16-32
+    assert card["random_control"]["same_counts"]["kept_per_base"] == card["random_control"]["uniform"]["kept_per_base"]
+    assert list(card["random_control"]["uniform"]["kept_per_base"].values()) == [4, 8, 16, 32]
     parser = argparse.ArgumentParser(prog="splitmix")
     prune.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prune", str(run_dir), "--width", "1", "--channel-sparsity", "0.5"])
