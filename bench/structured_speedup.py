@@ -1,106 +1,95 @@
-"""Real CPU inference speedup of refilled (channel-sparse) tickets once they are physically sliced.
+"""CPU inference speed-up of a structured lottery ticket found by ``splitmix prune`` on a trained run.
 
-    python bench/structured_speedup.py [--image-size 28] [--batch 128] [--threads 1] [--repeats 7]
-                                       [--sparsities 0.5,0.7,0.9] [--fused]
+    python bench/structured_speedup.py [--run DIR] [--width 1.0] [--channel-sparsity 0.7]
+                                       [--imp-rounds 2] [--epochs 1] [--batch 256] [--threads 1] [--repeats 7]
 
-A full-width DigitCNN (64-128-256 channels, 512 hidden, dual BN, eval at λ = 0) is refilled to each
-channel sparsity (``one_shot_refill``: every layer keeps the channels with the largest |w| sum;
-weights are random, timing does not depend on their values), masked, and sliced into a smaller
-dense DigitCNN; the sliced model is checked against the masked one (allclose 1e-5). The masked
-model runs at dense cost — masks alone buy nothing — so the reference is the dense model. Dense
-and sliced models are timed interleaved, one forward each per repeat, and the median is reported.
-The last line is ``structured_speedup: X`` = dense / sliced time at channel sparsity 0.7 (eager;
-``--fused`` adds BN-folded channels-last timings as extra columns).
+Without ``--run`` it first trains a small federation in-process (embedded digits, ``cnn``, 8
+clients, 6 rounds, no adversarial clients, ``rewind-round=2``; about a minute on one core) into a
+temporary folder. The ticket is what ``splitmix prune`` finds: IMP with refill and rewinding to the
+run's ``rewind.safetensors``, IMP's per-layer channel allocation at the requested global channel
+sparsity, fine-tuned and physically sliced (:func:`tools.prune.run_pruning`). Timed: the dense
+parent (the served mixture at ``--width``) and the sliced ticket, eager and BN-folded channels-last
+(``models/fuse.py``, as ``splitmix query``/``serve`` serve models), interleaved, median of
+``--repeats`` forwards of one batch in inference mode. The masked ticket is not timed: it runs at
+dense cost. The last line is ``structured_speedup: X`` = dense / sliced time, eager.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from models.cnn import DigitCNN
-from models.cost import count_macs, count_params
-from models.fuse import fuse_for_inference
-from models.slice_channels import kept_channels, slice_channels
-from techniques.pruning import apply_masks_, one_shot_refill, sparsity_report
+SMALL_RUN = (
+    "num-clients=8 num-rounds=6 rewind-round=2 local-epochs=1 adv-fraction=0 pgd-steps=1 eval-pgd-steps=0 eval-lambdas='0' "
+    "model='cnn' dataset='digits'"
+)
 
 
-def _time_once(model: torch.nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
+def train_small_run(out_dir: Path) -> Path:
+    """A small trained run (``SMALL_RUN``) on the in-process grid; returns its folder."""
+    from server.federation import run_federation
+    from server.local_grid import InProcessGrid
+    from splitmix.config import load_config
+
+    cfg = load_config(overrides=f"{SMALL_RUN} out-dir='{out_dir}' run-name=bench")
+    return run_federation(InProcessGrid(cfg.federation.num_clients), cfg)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--run", default=None, help="a finished run folder with rewind.safetensors (default: train a small one)")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--channel-sparsity", type=float, default=0.7)
+    parser.add_argument("--imp-rounds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sparsities", default="0.5,0.7,0.9")
-    parser.add_argument("--fused", action="store_true", help="also time BN-folded channels-last copies")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    if 0.7 not in sparsities:
-        sparsities.append(0.7)
+    from tools.prune import PruneSettings, run_pruning
 
-    torch.manual_seed(0)
-    dense = DigitCNN(width=1.0, in_channels=1, image_size=args.image_size, dual_bn=True).eval()
-    shape = (1, args.image_size, args.image_size)
-    x = torch.rand(args.batch, *shape)
-    models: dict[str, torch.nn.Module] = {"dense": dense}
-    rows: dict[str, dict] = {"dense": {"sparsity": 0.0, "weight_sparsity": 0.0, "channels": (64, 128, 256, 512)}}
-    with torch.inference_mode():
-        for s in sparsities:
-            masks = one_shot_refill(dense, s)
-            masked = apply_masks_(copy.deepcopy(dense), masks)
-            sliced = slice_channels(masked, kept_channels(masked, masks)).eval()
-            torch.testing.assert_close(sliced(x[:16]), masked(x[:16]), atol=1e-5, rtol=1e-5)
-            key = f"{s:g}"
-            models[key] = sliced
-            rows[key] = {
-                "sparsity": s,
-                "weight_sparsity": sparsity_report(dense, masks)["weight_sparsity"],
-                "channels": (sliced.conv1.out_channels, sliced.conv2.out_channels, sliced.conv3.out_channels, sliced.fc1.out_per_base),
-            }
-        if args.fused:
-            for key in list(models):
-                models[f"{key}/fused"] = fuse_for_inference(models[key])
-        for model in models.values():  # warm-up
-            model(x)
-            model(x)
-        times: dict[str, list[float]] = {key: [] for key in models}
-        for _ in range(args.repeats):
-            for key, model in models.items():
-                times[key].append(_time_once(model, x))
-    median = {key: statistics.median(t) for key, t in times.items()}
-
-    print(
-        f"DigitCNN full width, input {shape}, batch {args.batch}, {args.threads} thread(s), "
-        f"median of {args.repeats} interleaved forwards (eval, inference_mode)"
-    )
-    header = f"{'channel sp.':>11} {'channels':>17} {'weight sp.':>10} {'params':>10} {'MACs':>12} {'ms/batch':>9} {'speedup':>8} {'MAC ratio':>9}"
-    if args.fused:
-        header += f" {'fused ms':>9} {'fused x':>8}"
-    print(header)
-    dense_macs = count_macs(dense, shape)
-    for key, row in rows.items():
-        model = models[key]
-        macs = count_macs(model, shape)
-        line = (
-            f"{row['sparsity']:>11.2f} {'-'.join(map(str, row['channels'])):>17} {row['weight_sparsity']:>10.3f} "
-            f"{count_params(model):>10,} {macs:>12,} {median[key] * 1e3:>9.1f} "
-            f"{median['dense'] / median[key]:>8.2f} {dense_macs / macs:>9.2f}"
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run = Path(args.run) if args.run else train_small_run(Path(tmp))
+        trained_s = time.perf_counter() - start
+        settings = PruneSettings(
+            width=args.width,
+            channel_sparsity=args.channel_sparsity,
+            imp_rounds=args.imp_rounds,
+            epochs=args.epochs,
+            timing_repeats=args.repeats,
+            timing_batch=args.batch,
         )
-        if args.fused:
-            line += f" {median[key + '/fused'] * 1e3:>9.1f} {median['dense/fused'] / median[key + '/fused']:>8.2f}"
-        print(line)
-    print(f"structured_speedup: {median['dense'] / median['0.7']:.2f}")
+        result = run_pruning(run, settings, out=Path(tmp) / "ticket")
+    card = result.card
+    cs, inf, acc = card["channel_sparsity"], card["inference_cpu"], card["accuracy"]
+    channels = cs["channels_per_base"]
+    print(
+        f"run {'(trained here, ' + format(trained_s, '.0f') + ' s)' if not args.run else args.run}: {card['method']} {card['model']} "
+        f"width {card['width']:g}, {len(card['bases'] or [0])} base(s); rewind: {card['imp']['rewind']}"
+    )
+    print(
+        f"ticket: IMP {card['imp']['rounds']} rounds, global channel sparsity {cs['global']:.3f} (requested {cs['requested']:g}); "
+        f"channels per base {'-'.join(str(c['dense']) for c in channels.values())} → {'-'.join(str(c['kept']) for c in channels.values())}; "
+        f"weight sparsity {card['weight_sparsity']:.3f}"
+    )
+    diff = card["max_abs_logit_diff_masked_vs_sliced"]
+    print(f"test accuracy: dense {acc['dense']:.4f}, ticket {acc['sliced']:.4f} (sliced = masked, max |Δlogit| {diff:.1e})")
+    params, macs = card["params"], card["macs"]
+    print(
+        f"params {params['dense']:,} → {params['sliced']:,} ({params['ratio']:.3f}); "
+        f"MACs {macs['dense']:,} → {macs['sliced']:,} ({macs['ratio']:.3f})"
+    )
+    print(f"CPU, batch {inf['batch']}, {inf['threads']} thread(s), median of {inf['repeats']} interleaved forwards:")
+    for kind in ("eager", "fused"):
+        t = inf[kind]
+        print(f"  {kind:>5}: dense {t['dense_ms']:.2f} ms, sliced ticket {t['sliced_ms']:.2f} ms → {t['speedup']:.2f}×")
+    print(f"structured_speedup: {inf['eager']['speedup']:.2f}")
 
 
 if __name__ == "__main__":

@@ -415,6 +415,8 @@ def run_federation(grid: Grid, cfg: RunConfig, report: Reporter | None = None, r
         t1 = time.perf_counter()
         scores = fed.evaluate_round(rnd, state, row) or scores
         eval_s = time.perf_counter() - t1
+        if rnd == cfg.federation.rewind_round:  # IMP's rewinding point for `splitmix prune`
+            store.save_rewind(fed.served(state), rnd)
         row["eval-seconds"] = eval_s
         store.append_round(row)
         store.append_events(rnd, strategy.last_round.problems)

@@ -118,17 +118,27 @@ class Run:
     # B019: the cache is intended (built mixtures are kept, nothing is rebuilt per request)
     @lru_cache(maxsize=64)  # noqa: B019
     def _served(self, width: float, robustness: float, select: str) -> ServedModel:
-        bases = self.bases_for(width, select)
-        if select != "first" and not self.method.mixes_on_demand:
-            raise QueryError("base selection applies to Split-Mix runs (with tracked BN statistics) only")
-        model = self.method.served_model(self.state, width, robustness, bases, self._calibration_inputs)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
+        bases, model = self._build(self.state, width, robustness, select)
         served = fuse_for_inference(model)
         if self.compile:
             served = cast(nn.Module, torch.compile(served, dynamic=True))  # an OptimizedModule; the stub says Callable
         return ServedModel(width, robustness, bases, served, model)
+
+    def _build(self, state: dict[str, torch.Tensor], width: float, robustness: float, select: str) -> tuple[list[int], nn.Module]:
+        bases = self.bases_for(width, select)
+        if select != "first" and not self.method.mixes_on_demand:
+            raise QueryError("base selection applies to Split-Mix runs (with tracked BN statistics) only")
+        model = self.method.served_model(state, width, robustness, bases, self._calibration_inputs)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return bases, model.eval()
+
+    def module_from(self, state: dict[str, torch.Tensor], width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
+        """The unfused model at ``width`` and λ built from another served ``state`` of this run (e.g.
+        ``rewind.safetensors``, an early round) by the same path as the run's own model, with the
+        same bases: its tensors line up one to one with ``served(...).module``'s."""
+        width, robustness = self.check(width, robustness)
+        return self._build(state, width, robustness, select)[1]
 
     def model(self, width: float, robustness: float = 0.0, select: str = "first") -> nn.Module:
         """The served ``nn.Module`` at ``width`` and λ = ``robustness`` (eval mode)."""

@@ -10,6 +10,8 @@ runs/<name>/
   summary.json         per-width accuracy / robust accuracy / params / MACs
   checkpoint.safetensors  the last completed round: global weights, strategy state, RNG states
                        (one file, replaced atomically each round; `splitmix simulate --resume`)
+  rewind.safetensors   the served weights after round `rewind-round` (early training; IMP in
+                       `splitmix prune` rewinds to them), written once; none when rewind-round = 0
   accuracy_per_width.png, robustness.png
 ```
 JSON, CSV and weights are written via a temporary file and ``os.replace`` (fsynced), so a crash
@@ -31,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
+REWIND = "rewind.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "splitmix-checkpoint-1"
 
@@ -183,4 +186,11 @@ class RunStore:
     def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
         path = self.root / WEIGHTS
         save_weights(path, state, metadata)
+        return path
+
+    def save_rewind(self, served: dict[str, torch.Tensor], server_round: int) -> Path:
+        """The early-training weights IMP rewinds to (``rewind.safetensors``): the *served* state,
+        as ``model.safetensors`` holds it at the end, so both build the same model."""
+        path = self.root / REWIND
+        save_weights(path, served, {"round": str(server_round), "kind": "rewind"})
         return path

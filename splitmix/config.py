@@ -62,6 +62,9 @@ class FederationConfig(Section):
     fraction_train: float = option(1.0, "share of clients sampled each round", lo=0, hi=1, lo_open=True)
     min_train_clients: int = option(2, "fewest valid replies for a round to update the model", lo=1)
     num_rounds: int = option(40, "federated rounds", lo=1)
+    rewind_round: int = option(
+        2, "keep the served weights after this round as `rewind.safetensors`: `splitmix prune`'s IMP rewinds to them (0 = none)", lo=0
+    )
     budgets: str = option("8-4-2-1", "budget levels (N = width 1/N, `NdM` = M/N) over equal contiguous client groups")
     adv_fraction: float = option(0.5, "share of clients that train adversarially (PGD)", lo=0, hi=1)
     round_timeout: float = option(600.0, "seconds a round waits for replies", lo=0, lo_open=True)

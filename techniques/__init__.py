@@ -3,7 +3,7 @@
 Importing this package registers every technique; a new one is a module here plus its line below.
 Mechanics that several techniques or offline tools share live beside them: ``sparsity.py``
 (masks, Robust Bird search, Flying Bird drop-and-regrow, FLOPs), ``pruning.py`` (IMP, refill,
-regroup), ``random_init.py`` (random pruning at init, NTK scaling), ``uvc_search.py`` (UVC),
+greedy row grouping), ``random_init.py`` (random pruning at init, NTK scaling), ``uvc_search.py`` (UVC),
 ``l2o/`` (learned-optimizer training).
 """
 

@@ -1,4 +1,5 @@
-"""Structured lottery tickets (arXiv 2202.04736): masks, IMP with rewinding, refill, regroup.
+"""Structured lottery tickets (arXiv 2202.04736): masks, IMP with rewinding, refill, and a greedy
+row grouping (mask only; no kernel) in place of the paper's regroup.
 
 Masks are kept apart from training, as in torch-pruning: a mask set is a dict
 ``{"conv1.weight": bool tensor of the weight's shape}`` and every function here is a pure function
@@ -7,7 +8,7 @@ write weights. Any training loop plugs in through ``train_fn(model, masks)``: it
 and re-applies the masks after every optimizer step (:func:`apply_masks_`).
 
 Stacked Split-Mix models (k bases side by side, chunks along dim 0) are pruned, refilled and
-regrouped **per base**: every base is an independent network, and refill keeps the same channel
+grouped **per base**: every base is an independent network, and refill keeps the same channel
 count in every base so the sliced model is again a uniform stack (``models/slice_channels.py``).
 Batch norms are never pruned; the classifier is pruned only when asked, and its outputs are never
 removed (refill only zeroes the input columns that read removed channels).
@@ -161,11 +162,11 @@ def refill(model: nn.Module, masks: Masks, channel_sparsity: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# regroup: group-wise (block) sparsity
+# greedy row grouping (mask only; no kernel): a stand-in for the paper's regroup
 
 
 @dataclass
-class RegroupLayer:
+class RowGroupLayer:
     """Block structure of one layer: per base, the (rows, columns) of every dense block."""
 
     blocks: list[list[tuple[torch.Tensor, torch.Tensor]]]
@@ -175,8 +176,8 @@ class RegroupLayer:
 
 
 @dataclass
-class RegroupReport:
-    layers: dict[str, RegroupLayer] = field(default_factory=dict)
+class RowGroupReport:
+    layers: dict[str, RowGroupLayer] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """Totals: kept vs target weights, retained survivors, number and mean shape of blocks."""
@@ -215,7 +216,7 @@ def _group_rows(mask: torch.Tensor, rows_per_group: int) -> list[torch.Tensor]:
     return groups
 
 
-def _regroup_matrix(mask: torch.Tensor, weight: torch.Tensor, rows_per_group: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _row_group_matrix(mask: torch.Tensor, weight: torch.Tensor, rows_per_group: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Block mask of one base's ``out × (in·kh·kw)`` matrix keeping at most ``mask.sum()`` weights."""
     groups = _group_rows(mask, rows_per_group)
     target = int(mask.sum())
@@ -246,21 +247,24 @@ def _regroup_matrix(mask: torch.Tensor, weight: torch.Tensor, rows_per_group: in
 
 
 @torch.no_grad()
-def regroup(model: nn.Module, masks: Masks, rows_per_group: int = 8) -> tuple[Masks, RegroupReport]:
-    """Regroup: turn each layer's unstructured mask into dense blocks (group-wise sparsity).
+def greedy_row_grouping(model: nn.Module, masks: Masks, rows_per_group: int = 8) -> tuple[Masks, RowGroupReport]:
+    """Greedy row grouping (mask only; no kernel): each layer's unstructured mask turned into dense
+    blocks (group-wise sparsity), in place of the paper's regroup.
 
     The paper gathers surviving weights into dense blocks by hypergraph partitioning of the rows.
     This is a greedy stand-in: per layer and base, the weight matrix (conv weights viewed as
     out × in·kh·kw) has its rows clustered into groups of ``rows_per_group`` with similar column
     support (:func:`_group_rows`), then whole columns of a group — a dense ``|group| × 1`` unit —
     are kept in order of how many survivors they hold until the layer's surviving count is
-    reached. Each group's kept columns form one dense block (a gathered GEMM). The kept count is at
-    most the unstructured count and short of it by less than one unit (``rows_per_group``).
+    reached. Each group's kept columns would form one dense block (a gathered GEMM), but no such
+    kernel exists here: the result is a mask, run at dense cost, and no speed is claimed for it.
+    The kept count is at most the unstructured count and short of it by less than one unit
+    (``rows_per_group``).
     """
     k = num_bases(model)
     params = dict(model.named_parameters())
     new = dict(masks)
-    report = RegroupReport()
+    report = RowGroupReport()
     for name, mask in masks.items():
         w = params[name].detach().cpu()
         mask = mask.cpu()
@@ -269,13 +273,13 @@ def regroup(model: nn.Module, masks: Masks, rows_per_group: int = 8) -> tuple[Ma
         for b in range(k):
             mb = mask[b * out : (b + 1) * out].reshape(out, -1)
             wb = w[b * out : (b + 1) * out].reshape(out, -1)
-            block_mask, base_blocks = _regroup_matrix(mb, wb, min(rows_per_group, out))
+            block_mask, base_blocks = _row_group_matrix(mb, wb, min(rows_per_group, out))
             pieces.append(block_mask)
             blocks.append(base_blocks)
         new_mask = torch.cat(pieces, dim=0).view_as(mask)
         new[name] = new_mask
         target = int(mask.sum())
-        report.layers[name] = RegroupLayer(
+        report.layers[name] = RowGroupLayer(
             blocks=blocks,
             target=target,
             kept=int(new_mask.sum()),
@@ -313,13 +317,13 @@ def sparsity_report(model: nn.Module, masks: Masks) -> dict:
 # IMP driver
 
 
-Structure = Literal["none", "refill", "regroup"]
+Structure = Literal["none", "refill", "greedy-row-groups"]
 
 
 @dataclass
 class IMPResult:
     masks: Masks
-    history: list[dict]  # one sparsity report per round (plus "round" and, for regroup, "blocks")
+    history: list[dict]  # one sparsity report per round (plus "round" and, for greedy-row-groups, "blocks")
 
 
 def iterative_magnitude_pruning(
@@ -333,27 +337,31 @@ def iterative_magnitude_pruning(
     per_base: bool = True,
     rows_per_group: int = 8,
     final_train: bool = True,
+    trained: bool = False,
 ) -> IMPResult:
     """IMP with weight rewinding: ``rounds`` × (train → prune ``rate`` of the survivors →
-    refill/regroup → rewind survivors to ``rewind_state``), then one last training of the ticket.
+    refill/row grouping → rewind survivors to ``rewind_state``), then one last training of the ticket.
 
     ``rewind_state``: the early checkpoint (default: the model's state now, i.e. rewinding to
     initialisation). ``train_fn(model, masks)`` trains in place and keeps the masks applied.
+    ``trained``: the model arrives trained (e.g. a finished federated run that passed through
+    ``rewind_state``), so round 1 prunes it as is and only later rounds train.
     """
-    if structure not in ("none", "refill", "regroup"):
-        raise ValueError(f"structure must be 'none', 'refill' or 'regroup', got {structure!r}")
+    if structure not in ("none", "refill", "greedy-row-groups"):
+        raise ValueError(f"structure must be 'none', 'refill' or 'greedy-row-groups', got {structure!r}")
     checkpoint = copy.deepcopy(rewind_state if rewind_state is not None else model.state_dict())
     masks = init_masks(model, names)
     prune_names = list(masks)
     history: list[dict] = []
     for r in range(1, rounds + 1):
-        train_fn(model, masks)
+        if r > 1 or not trained:
+            train_fn(model, masks)
         masks = global_magnitude_prune(model, masks, rate, prune_names, per_base)
         extra: dict = {}
         if structure == "refill":
             masks = refill(model, masks)
-        elif structure == "regroup":
-            masks, report = regroup(model, masks, rows_per_group)
+        elif structure == "greedy-row-groups":
+            masks, report = greedy_row_grouping(model, masks, rows_per_group)
             extra["blocks"] = report.summary()
         rewind_(model, checkpoint, masks)
         history.append({"round": r, **sparsity_report(model, masks), **extra})

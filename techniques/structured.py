@@ -3,9 +3,12 @@
 The t-th time a client trains a unit it magnitude-prunes the *received* weights to sparsity
 s_t = min(``sparsity``, 1 − 0.8^t) (IMP's 20 % per step) and refills to channel sparsity s_t
 (per layer the channels with most surviving weight stay dense); it trains and uploads only those
-channels. Computed from the global weights, the channels agree across clients. No weight
-rewinding: the global model moves every round (``splitmix prune`` does IMP with rewinding on a
-finished run and slices physically). Mechanics: ``techniques/pruning.py``.
+channels. Computed from the global weights, the channels agree across the clients of a round that
+have pruned the unit equally often. They are recomputed from scratch each time, so they need not
+nest: a channel removed at step t can come back at step t + 1 when the global weights moved.
+No weight rewinding: the global model moves every round (``splitmix prune`` does IMP with
+rewinding to an early round of a finished run and slices physically). Mechanics:
+``techniques/pruning.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def structured_mask(single: nn.Module, weights: dict[str, torch.Tensor], channel
     single-unit model holding ``weights`` (the channel graph needs a real model).
 
     A deterministic function of the weights: every client that receives the same global unit in
-    a round (and has pruned it as often) gets the same channels, and masks at growing sparsity
-    nest, so the aggregate of differently pruned clients stays coherent."""
+    a round (and has pruned it as often) gets the same channels. Masks at growing sparsity are
+    not nested (each is computed afresh from the weights received), so a client's kept channels
+    can change between its steps, not only shrink."""
     from techniques.pruning import global_magnitude_prune, init_masks, refill
 
     params = dict(single.named_parameters())

@@ -5,17 +5,30 @@ stacked into one batched network, :meth:`server.query.Run.served`) is pruned cha
 physically sliced into a smaller dense model of the same family:
 
 1. **IMP with weight rewinding and refill** (:func:`techniques.pruning.iterative_magnitude_pruning`,
-   ``structure="refill"``): ``--imp-rounds`` N × (fine-tune ``--epochs`` E → remove ``--rate`` R
-   of the surviving weights by global magnitude, ranked per base → refill: every layer keeps its
-   channels with the most survivors, dense → rewind the survivors to the run's trained weights).
-   Only layers whose output channels can be removed are magnitude-pruned (the producers of
+   ``structure="refill"``, ``trained=True``): the federated run is IMP's first training, so round 1
+   prunes the served model as trained; ``--imp-rounds`` N × (remove ``--rate`` R of the surviving
+   weights by global magnitude, ranked per base → refill: every layer keeps its channels with the
+   most survivors, dense, as many as its surviving weight density allows (the official
+   ``prune_model_custom_fillback``, criterion ``remain``) → rewind the survivors to the **early
+   checkpoint** → fine-tune ``--epochs`` E, except after the last round). The early checkpoint is
+   the same width/λ mixture built from ``rewind.safetensors`` — the served weights after round
+   ``rewind-round`` of the run (:meth:`server.query.Run.module_from`, the code path of the run's own
+   model). Only layers whose output channels can be removed are magnitude-pruned (the producers of
    :func:`models.slice_channels.channel_graph`); their consumers lose the columns reading removed
-   channels. R defaults to ``1 − (1 − S)^(1/N)``: refill keeps ≈ (1 − R) of each layer's channels
-   per round, so N rounds land near channel sparsity S on average, though not per layer.
-2. **Exact final refill**: every producer keeps exactly ``max(1, round((1 − S)·out))`` channels
-   per base (``--channel-sparsity`` S): the channels IMP kept first (most surviving weights, then
-   larger |w|); if IMP removed more than that in a layer, the removed channels with the largest
-   trained |w| come back. Then rewind to the trained weights and fine-tune the ticket (E epochs).
+   channels. R defaults to ``1 − (1 − S)^(1/N)``, so N rounds land near S; where IMP lands per
+   layer is its allocation (unequal: global magnitude ranking prunes some layers more).
+2. **Final refill keeping IMP's allocation** (:func:`imp_allocation`, :func:`exact_refill`): IMP's
+   kept channels per layer k_l are scaled by one common factor so that the *global* channel
+   sparsity over all producers (1 − Σ kept / Σ dense, per base) is exactly ``--channel-sparsity``
+   S (rounded to whole channels; largest remainder, each layer in [1, dense]). Per-layer
+   sparsities stay IMP's up to that factor — they are not all S. Within a layer the channels IMP
+   kept come first; if a layer grows, the removed channels with the largest trained |w| come
+   back. Then rewind to the early checkpoint and fine-tune the ticket (E epochs).
+   ``--random-control`` also trains two random structured controls, rewound and fine-tuned
+   identically (same rewind point, epochs, rate and batch order), and reports their accuracy:
+   random channels at the ticket's count per layer, and random channels at S in every layer.
+   ``--rewind final`` rewinds to the trained weights instead (prune and fine-tune; for runs
+   without ``rewind.safetensors``); the default refuses such runs.
 3. **Slice** (:func:`models.slice_channels.slice_channels`): the removed channels are deleted
    (weights, both BN paths, consumer columns); the sliced model computes exactly what the masked
    one does (checked on the test set).
@@ -40,10 +53,11 @@ Output folder (``--out``, default ``<run>/pruned-w<W>-cs<S>[-l<λ>][-best]``)::
     model.safetensors   the sliced stacked model's state (tensors only; no pickle)
     architecture.json   how to rebuild it: family, bases, every conv/linear/BN's sliced shape, λ
     model_card.json     run, width, λ, bases, channel sparsity requested/achieved per layer, weight
-                        sparsity, params and MACs dense vs sliced, test accuracy dense/masked/sliced,
+                        sparsity, IMP's allocation, the rewind point, params and MACs dense vs
+                        sliced, test accuracy dense/masked/sliced (and of the random control),
                         CPU ms/batch dense vs sliced (eager and BN-folded) and the speedups
-    history.json, .csv  one row per fine-tuning stage: IMP round r trains the masks of round r − 1
-                        (round 1: the dense model), then "final" trains the exact ticket; each row
+    history.json, .csv  one row per fine-tuning stage: IMP round r (r ≥ 2) trains the masks of
+                        round r − 1 from the rewind point, then "final" trains the ticket; each row
                         has the channel sparsity of those masks (mean and per layer, cs-<layer>),
                         the weight sparsity, test accuracy before fine-tuning (the rewound ticket)
                         and after, the mean per-base loss, steps and seconds
@@ -112,6 +126,8 @@ class PruneSettings:
     seed: int = 0
     timing_repeats: int = 7
     timing_batch: int = 256
+    rewind: str = "early"  # early: rewind.safetensors; final: the trained weights (prune and fine-tune)
+    random_control: bool = False
 
     def __post_init__(self) -> None:
         def bad(option: str, value: Any, allowed: str) -> PruneError:
@@ -129,6 +145,8 @@ class PruneSettings:
             raise bad("lr", self.lr, "a number > 0")
         if self.batch_size is not None and self.batch_size < 2:
             raise bad("batch-size", self.batch_size, "an integer >= 2")
+        if self.rewind not in ("early", "final"):
+            raise PruneError(f"--rewind {self.rewind!r} is unknown; allowed: early, final")
         if self.select not in ("first", "best"):
             raise PruneError(f"--select {self.select!r} is unknown; allowed: first, best")
         if self.timing_repeats < 1 or self.timing_batch < 1:
@@ -189,14 +207,38 @@ def _rank(*keys: torch.Tensor) -> torch.Tensor:
     return order
 
 
+def imp_allocation(imp_kept: dict[str, int], dense: dict[str, int], channel_sparsity: float) -> dict[str, int]:
+    """Channels per base each producer keeps in the final ticket: IMP's counts ``imp_kept`` scaled
+    by one factor c so that Σ kept = T = round((1 − S)·Σ dense) (at least one per layer), i.e. the
+    *global* channel sparsity is S while the per-layer shares stay IMP's.
+
+    Each layer starts at floor(c·k_l) clamped to [1, dense_l]; the channels still missing (or in
+    excess, after clamping) go one at a time to the layer furthest below (above) c·k_l, ties to the
+    earlier layer. E.g. k = (2, 8, 8, 32) of (8, 16, 32, 64) at S = 0.5: T = 60, c = 60/50,
+    c·k = (2.4, 9.6, 9.6, 38.4) → (2, 9, 9, 38) → (2, 10, 10, 38)."""
+    names = list(imp_kept)
+    total = sum(dense[n] for n in names)
+    target = min(total, max(len(names), int(round((1.0 - channel_sparsity) * total))))
+    scale = target / max(1, sum(imp_kept.values()))
+    ideal = {n: scale * imp_kept[n] for n in names}
+    kept = {n: min(dense[n], max(1, math.floor(ideal[n]))) for n in names}
+    while sum(kept.values()) < target:
+        grow = max((n for n in names if kept[n] < dense[n]), key=lambda n: ideal[n] - kept[n])
+        kept[grow] += 1
+    while sum(kept.values()) > target:
+        shrink = max((n for n in names if kept[n] > 1), key=lambda n: kept[n] - ideal[n])
+        kept[shrink] -= 1
+    return kept
+
+
 @torch.no_grad()
-def exact_refill(model: nn.Module, masks: Masks, channel_sparsity: float, reference: dict[str, torch.Tensor]) -> Masks:
-    """Channel masks keeping exactly ``max(1, round((1 − S)·out))`` channels per base in every
-    producer of the channel graph, dense over the inputs still alive (as :func:`techniques.pruning.refill`
-    with ``channel_sparsity``), ranked by surviving weights in ``masks``, then surviving |w| of
-    ``model``, then |w| in ``reference`` (the rewind point), so channels IMP removed come back in
-    order of their trained magnitude when a layer was pruned past S. Consumer-only layers (the
-    classifier, residual convs) get only the columns reading removed channels zeroed."""
+def exact_refill(model: nn.Module, masks: Masks, kept: dict[str, int], reference: dict[str, torch.Tensor]) -> Masks:
+    """Channel masks keeping exactly ``kept[producer]`` channels per base in every producer of the
+    channel graph (:func:`imp_allocation`), dense over the inputs still alive, ranked by surviving
+    weights in ``masks``, then surviving |w| of ``model``, then |w| in ``reference`` (the trained
+    weights), so where a layer keeps more channels than IMP left it, the removed ones come back in
+    order of their trained magnitude. Consumer-only layers (the classifier, residual convs) get
+    only the columns reading removed channels zeroed."""
     k = num_bases(model)
     params = dict(model.named_parameters())
     keep: dict[str, torch.Tensor] = {}
@@ -207,7 +249,7 @@ def exact_refill(model: nn.Module, masks: Masks, channel_sparsity: float, refere
         alive = channel_masks(model, keep).get(name, ones)
         mask = masks.get(name, ones).cpu() & alive
         out = w.shape[0] // k
-        n_keep = max(1, min(out, int(round((1.0 - channel_sparsity) * out))))
+        n_keep = max(1, min(out, kept[node.producer]))
         count = mask.reshape(k, out, -1).sum(dim=2).float()
         magnitude = (w.abs() * mask).reshape(k, out, -1).sum(dim=2)
         trained = (reference[name].detach().cpu().abs() * alive).reshape(k, out, -1).sum(dim=2)
@@ -216,6 +258,65 @@ def exact_refill(model: nn.Module, masks: Masks, channel_sparsity: float, refere
             rows[b, _rank(count[b], magnitude[b], trained[b])[:n_keep]] = True
         keep[node.producer] = rows.view(-1)
     return channel_masks(model, keep)
+
+
+def random_channel_masks(model: nn.Module, kept: dict[str, int], seed: int) -> Masks:
+    """The lottery-ticket control: ``kept[producer]`` channels per base drawn uniformly at random
+    in every producer (the same counts as the ticket, so the same channel sparsity per layer)."""
+    k = num_bases(model)
+    gen = torch.Generator().manual_seed(seed)
+    keep: dict[str, torch.Tensor] = {}
+    for node in channel_graph(model):
+        out = model.get_parameter(f"{node.producer}.weight").shape[0] // k
+        rows = torch.zeros(k, out, dtype=torch.bool)
+        for b in range(k):
+            rows[b, torch.randperm(out, generator=gen)[: kept[node.producer]]] = True
+        keep[node.producer] = rows.view(-1)
+    return channel_masks(model, keep)
+
+
+def _random_control(dense: nn.Module, kept: dict[str, int], checkpoint: dict[str, torch.Tensor], tuner, kind: str, order_seed: int) -> dict[str, Any]:
+    """Random channels at ``kept`` per layer, rewound to ``checkpoint`` and fine-tuned by ``tuner``
+    with the ticket's batch order: the ticket's lottery-ticket control."""
+    model = copy.deepcopy(dense).train()
+    masks = random_channel_masks(model, kept, tuner.settings.seed)
+    rewind_(model, checkpoint, masks)
+    tuner.stage_name, tuner.order_seed = f"random-{kind}", order_seed
+    tuner(model, masks)
+    return {"accuracy": tuner.history[-1]["accuracy"], "accuracy_before_fine_tune": tuner.history[-1]["accuracy_before"], "kept_per_base": kept}
+
+
+def _kept_per_base(model: nn.Module, masks: Masks) -> dict[str, int]:
+    """Kept channels per base of every producer (refilled masks keep the same count in every base)."""
+    k = num_bases(model)
+    return {p: int(rows.sum()) // k for p, rows in kept_channels(model, masks).items()}
+
+
+def _dense_per_base(model: nn.Module) -> dict[str, int]:
+    k = num_bases(model)
+    return {node.producer: model.get_parameter(f"{node.producer}.weight").shape[0] // k for node in channel_graph(model)}
+
+
+def load_rewind_point(run, width: float, robustness: float, select: str) -> tuple[nn.Module, int]:
+    """The served model at ``width``/λ built from the run's ``rewind.safetensors`` and the round it
+    was written after; :class:`PruneError` (one line, what to do) when the run has none."""
+    from safetensors import safe_open
+
+    from server.store import REWIND, load_weights
+
+    path = Path(run.folder) / REWIND
+    if not path.is_file():
+        raise PruneError(
+            f"run '{run.folder}' has no {REWIND} (early weights for IMP's rewinding): train it with rewind-round between 1 and "
+            "num-rounds, or pass --rewind final to rewind to the trained weights (prune and fine-tune, not a lottery ticket)"
+        )
+    try:
+        state = load_weights(path)
+        with safe_open(str(path), framework="pt") as fh:
+            rnd = int((fh.metadata() or {}).get("round", 0))
+        return run.module_from(state, width, robustness, select), rnd
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise PruneError(f"run '{run.folder}': {REWIND} cannot be loaded: {exc}") from None
 
 
 def _weight_sparsity(model: nn.Module, masks: Masks) -> float:
@@ -294,6 +395,8 @@ class _FineTuner:
         self.pgd = sim.pgd()
         self.history: list[dict[str, Any]] = []
         self.stage_name = "imp"
+        self.order_seed: int | None = None  # batch order of the next stage (None: from seed and stage)
+        self.last_order_seed = 0
 
     def __call__(self, model: nn.Module, masks: Masks) -> None:
         s = self.settings
@@ -301,7 +404,8 @@ class _FineTuner:
         stage = len(self.history) + 1
         start = time.perf_counter()
         before = _accuracy(model, self.test)
-        gen = torch.Generator().manual_seed(s.seed * 1000 + stage)
+        self.last_order_seed = s.seed * 1000 + stage if self.order_seed is None else self.order_seed
+        gen = torch.Generator().manual_seed(self.last_order_seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=self.sim.training.momentum, weight_decay=self.sim.training.weight_decay)
         n, k, lam = len(self.data), num_bases(model), s.robustness
         batches = [b for b in range(0, n, self.batch_size) if min(n, b + self.batch_size) - b >= 2]
@@ -467,25 +571,41 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
     folder = Path(out) if out is not None else _default_out(run.folder, s)
     torch.manual_seed(s.seed)
 
-    # ---- IMP with rewinding to the trained weights, refill per round
-    checkpoint = {n: t.detach().clone() for n, t in dense.state_dict().items()}
+    # ---- the rewind point: the same width/λ mixture after round rewind-round (or the trained one)
+    trained = {n: t.detach().clone() for n, t in dense.state_dict().items()}
+    rewind_round = int(run.config["run_config"].get("num-rounds", 0))
+    if s.rewind == "early":
+        early, rewind_round = load_rewind_point(run, served.width, served.robustness, s.select)
+        checkpoint = {n: t.detach().clone() for n, t in early.state_dict().items()}
+    else:
+        checkpoint = trained
+    # ---- IMP with rewinding, refill per round; round 1 prunes the federated run's weights
     model = copy.deepcopy(dense).train()
     tuner = _FineTuner(train, test, s, sim, say)
     acc_dense = _accuracy(dense, test)
     say(
         f"{run.method_name} width {served.width:g} (bases {served.bases or '-'}) λ={served.robustness:g}: test accuracy {acc_dense:.4f}; "
-        f"IMP {s.imp_rounds} rounds at rate {s.imp_rate:.4f} → channel sparsity {s.channel_sparsity:g}; data: {data_source} ({len(train)} examples)"
+        f"IMP {s.imp_rounds} rounds at rate {s.imp_rate:.4f} rewinding to round {rewind_round} → channel sparsity {s.channel_sparsity:g}; "
+        f"data: {data_source} ({len(train)} examples)"
     )
     imp = iterative_magnitude_pruning(
-        model, tuner, rounds=s.imp_rounds, rate=s.imp_rate, rewind_state=checkpoint, structure="refill", names=names, final_train=False
+        model, tuner, rounds=s.imp_rounds, rate=s.imp_rate, rewind_state=checkpoint, structure="refill", names=names, final_train=False, trained=True
     )
     imp_reached = _channel_report(model, imp.masks)
-    # ---- exact channel sparsity, rewind, fine-tune the ticket
-    masks = exact_refill(model, imp.masks, s.channel_sparsity, checkpoint)
+    # ---- final refill with IMP's per-layer allocation at global channel sparsity S, rewind, fine-tune
+    dense_channels = _dense_per_base(model)
+    imp_kept = _kept_per_base(model, imp.masks) if s.imp_rounds else dict(dense_channels)
+    kept = imp_allocation(imp_kept, dense_channels, s.channel_sparsity)
+    masks = exact_refill(model, imp.masks, kept, trained)
     rewind_(model, checkpoint, masks)
     tuner.stage_name = "final"
     tuner(model, masks)
     model.eval()
+    controls: dict[str, dict[str, Any]] = {}
+    if s.random_control:  # random channels, rewound and fine-tuned exactly as the ticket
+        uniform = imp_allocation(dense_channels, dense_channels, s.channel_sparsity)  # every layer at S, same global count
+        for kind, counts in (("same_counts", kept), ("uniform", uniform)):
+            controls[kind] = _random_control(dense, counts, checkpoint, _FineTuner(train, test, s, sim, say), kind, tuner.last_order_seed)
     # ---- slice, check, measure
     sliced = slice_channels(model, kept_channels(model, masks)).eval()
     for m in (model, sliced):
@@ -521,15 +641,26 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
             "requested": s.channel_sparsity,
             "achieved": {p: c["channel_sparsity"] for p, c in channels.items()},
             "channels_per_base": {p: {"dense": c["dense_per_base"], "kept": c["kept_per_base"]} for p, c in channels.items()},
+            "global": 1.0 - sum(kept.values()) / sum(dense_channels.values()),
             "after_imp_rounds": {p: c["channel_sparsity"] for p, c in imp_reached.items()},
-            "note": "kept per base = max(1, round((1 - requested) · dense)); "
-            "after_imp_rounds: where the IMP rounds alone landed before the exact final refill",
+            "imp_kept_per_base": imp_kept,
+            "note": "global = 1 - sum(kept) / sum(dense) over the producers, per base: the requested sparsity, to whole channels. "
+            "kept per layer = IMP's kept count (imp_kept_per_base) scaled by one common factor (largest remainder), "
+            "so per-layer sparsities follow IMP's allocation and are not all equal to the requested one",
         },
         "weight_sparsity": _weight_sparsity(model, masks),
         "weight_sparsity_sliced": 1.0 - conv_linear(sliced) / conv_linear(dense),
         "params": {**params, "ratio": params["sliced"] / params["dense"]},
         "macs": {**macs, "ratio": macs["sliced"] / macs["dense"]},
-        "accuracy": {"dense": acc_dense, "masked": acc_masked, "sliced": acc_sliced},
+        "accuracy": {"dense": acc_dense, "masked": acc_masked, "sliced": acc_sliced, **{f"random_{k}": c["accuracy"] for k, c in controls.items()}},
+        "random_control": {
+            **controls,
+            "note": "same_counts: the ticket's kept count per layer and base, channels drawn at random; uniform: every layer at the "
+            "requested sparsity (same global count), channels drawn at random; both rewound to the ticket's rewind point and "
+            "fine-tuned with its epochs, rate and batch order",
+        }
+        if controls
+        else None,
         "max_abs_logit_diff_masked_vs_sliced": max_diff,
         "inference_cpu": {
             "batch": s.timing_batch,
@@ -550,8 +681,14 @@ def run_pruning(run_folder: str | Path, settings: PruneSettings, out: str | Path
             "rate_derived": s.rate is None,
             "structure": "refill",
             "pruned_layers": names,
-            "rewind": "the run's trained weights (the served model)",
-            "final": "exact refill to the requested channel sparsity, rewind, fine-tune",
+            "rewind": (
+                f"round {rewind_round} of {run.config['run_config'].get('num-rounds')} (rewind.safetensors, the same width/λ mixture)"
+                if s.rewind == "early"
+                else "the run's trained weights (the served model): prune and fine-tune, not weight rewinding"
+            ),
+            "rewind_round": rewind_round,
+            "first_round": "prunes the federated run's trained weights (the run is IMP's first training)",
+            "final": "refill keeping IMP's per-layer allocation at the requested global channel sparsity, rewind, fine-tune",
         },
         "fine_tune": {
             "epochs_per_stage": s.epochs,
@@ -615,6 +752,8 @@ def prune_run(
     out: str | Path | None = None,
     seed: int = 0,
     timing_repeats: int = 7,
+    rewind: str = "early",
+    random_control: bool = False,
     report: Reporter | None = None,
 ) -> Path:
     """Prune the model ``run`` serves at ``width`` to ``channel_sparsity`` and write the output
@@ -632,6 +771,8 @@ def prune_run(
         partition=partition,
         seed=seed,
         timing_repeats=timing_repeats,
+        rewind=rewind,
+        random_control=random_control,
     )
     return run_pruning(run, settings, out, report).folder
 
@@ -672,6 +813,10 @@ def card_table(card: dict[str, Any]):
         f"{inf['eager']['sliced_ms']:.2f}",
         f"{inf['fused']['sliced_ms']:.2f}",
     )
+    for kind, control in (card.get("random_control") or {}).items():
+        if kind != "note":
+            counts = "-".join(str(c) for c in control["kept_per_base"].values())
+            table.add_row(f"random ({kind.replace('_', ' ')})", counts, "", "", f"{control['accuracy']:.4f}", "-", "-")
     table.add_row(
         "sliced/dense",
         "",
@@ -717,6 +862,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             partition=args.partition,
             seed=args.seed,
             timing_repeats=args.repeats,
+            rewind=args.rewind,
+            random_control=args.random_control,
         )
         result = run_pruning(args.run, settings, args.out, report=lambda text: err.print(text, highlight=False))
     except PruneError as exc:
@@ -730,7 +877,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("run", help="a run folder written by `splitmix simulate`")
     parser.add_argument("--width", type=float, required=True, help="a width the run serves (see `splitmix models`)")
-    parser.add_argument("--channel-sparsity", type=float, required=True, help="share of channels removed in every prunable layer, in [0, 1)")
+    parser.add_argument(
+        "--channel-sparsity",
+        type=float,
+        required=True,
+        help="share of all prunable channels removed, in [0, 1); per layer as IMP allocates (model_card.json lists each)",
+    )
     parser.add_argument(
         "--robustness", type=float, default=0.0, help="λ in [0, 1] the model is pruned and fine-tuned for (default 0; >0 trains with PGD)"
     )
@@ -746,6 +898,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="fine-tune on this client partition only (default: the union of all; in a deployment the data holder runs this on its own data)",
     )
+    parser.add_argument(
+        "--rewind",
+        choices=("early", "final"),
+        default="early",
+        help="IMP rewinds to the run's rewind.safetensors (early; default) or to the trained weights (final: prune and fine-tune)",
+    )
+    parser.add_argument(
+        "--random-control",
+        action="store_true",
+        help="also fine-tune random channels (at the ticket's per-layer counts; at S in every layer) and report their accuracy",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timing repeats (median, batch 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for fine-tuning and timing (default: torch's)")
     parser.add_argument("--out", default=None, help="output folder (default <run>/pruned-w<W>-cs<S>)")
@@ -758,8 +921,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``splitmix prune`` to the CLI's subparsers."""
     parser = subparsers.add_parser(
         "prune",
-        help="structured lottery ticket of a served model: IMP + refill + rewinding, fine-tune, slice to a smaller dense model",
-        description="Prune the model a run serves at --width channel-wise (IMP with weight rewinding and refill, arXiv 2202.04736), "
+        help="structured lottery ticket of a served model: IMP + refill + rewinding to an early round, fine-tune, slice to a smaller dense model",
+        description="Prune the model a run serves at --width channel-wise (IMP with refill and rewinding to the run's rewind.safetensors, "
+        "arXiv 2202.04736), "
         "fine-tune it and physically slice it. Needs training data: in a deployment the data holder runs this.",
     )
     return add_arguments(parser)

@@ -1,4 +1,4 @@
-"""Structured lottery tickets: IMP sparsity and rewinding, refill, regroup, physical slicing."""
+"""Structured lottery tickets: IMP sparsity and rewinding, refill, greedy row grouping (mask only), physical slicing."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from models.slice_channels import channel_graph, kept_channels, slice_channels
 from techniques.pruning import (
     apply_masks_,
     global_magnitude_prune,
+    greedy_row_grouping,
     init_masks,
     iterative_magnitude_pruning,
     prunable_names,
     refill,
-    regroup,
     sparsity_report,
 )
 
@@ -123,10 +123,10 @@ def test_refill_to_channel_sparsity_counts() -> None:
     assert report["layers"]["fc1.weight"]["channels_per_base"] == [32] * 4
 
 
-def test_regroup_keeps_sparsity_in_dense_blocks() -> None:
+def test_greedy_row_grouping_keeps_sparsity_in_dense_blocks() -> None:
     model = _cnn(k=2)
     masks = global_magnitude_prune(model, init_masks(model), 0.6)
-    grouped, report = regroup(model, masks, rows_per_group=4)
+    grouped, report = greedy_row_grouping(model, masks, rows_per_group=4)
     for name, layer in report.layers.items():
         mask, old = grouped[name], masks[name]
         out = mask.shape[0] // 2
@@ -213,3 +213,58 @@ def test_imp_with_refill_stays_channel_structured() -> None:
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(sliced(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_imp_on_a_trained_model_prunes_it_before_any_training() -> None:
+    """``trained=True`` (a finished federated run): round 1 prunes the given weights, so training
+    happens in rounds 2.. only, each time from the rewind point."""
+    model = _cnn()
+    early = {n: t.clone() for n, t in model.state_dict().items()}
+    _train_fn(model, init_masks(model))  # the run trained on from the early checkpoint
+    trained = {n: t.clone() for n, t in model.state_dict().items()}
+    calls: list[bool] = []
+
+    def record(m: torch.nn.Module, masks: dict) -> None:
+        calls.append(torch.equal(m.conv2.weight[masks["conv2.weight"]], early["conv2.weight"][masks["conv2.weight"]]))
+
+    iterative_magnitude_pruning(model, record, rounds=3, rate=0.2, rewind_state=early, final_train=False, trained=True)
+    assert calls == [True, True]  # rounds 2 and 3 train, from the early weights
+    model.load_state_dict(trained)
+    one = iterative_magnitude_pruning(model, record, rounds=1, rate=0.2, rewind_state=early, final_train=False, trained=True)
+    assert calls == [True, True]  # one round: no training at all
+    model.load_state_dict(trained)
+    expected = global_magnitude_prune(model, init_masks(model), 0.2)  # round 1 ranks the trained weights
+    assert all(torch.equal(one.masks[n], expected[n]) for n in expected)
+
+
+def test_final_refill_keeps_imps_per_layer_allocation() -> None:
+    """IMP left conv1/conv2/conv3/fc1 with 2/8/8/32 of 8/16/32/64 channels (unequal: 75/50/75/50 %
+    removed). At the matching global sparsity 1 − 50/120 the final ticket keeps exactly those
+    channels; a uniform refill would keep round(50/120 · dense) = 3/7/13/27 per layer."""
+    from models.slice_channels import channel_masks
+    from tools.prune import exact_refill, imp_allocation
+
+    model = _cnn(k=2)
+    imp_rows = {
+        "conv1": torch.tensor([0, 0, 0, 0, 0, 0, 1, 1] * 2, dtype=torch.bool),  # the last 2 of 8, both bases
+        "conv2": torch.tensor([1, 0] * 8 * 2, dtype=torch.bool),
+        "conv3": torch.tensor(([1] * 8 + [0] * 24) * 2, dtype=torch.bool),
+        "fc1": torch.tensor(([0] * 32 + [1] * 32) * 2, dtype=torch.bool),
+    }
+    imp_masks = channel_masks(model, imp_rows)
+    dense = {"conv1": 8, "conv2": 16, "conv3": 32, "fc1": 64}
+    imp_kept = {"conv1": 2, "conv2": 8, "conv3": 8, "fc1": 32}
+    kept = imp_allocation(imp_kept, dense, 1 - 50 / 120)
+    assert kept == imp_kept
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final = kept_channels(model, exact_refill(model, imp_masks, kept, reference))
+    for name, rows in imp_rows.items():
+        assert torch.equal(final[name], rows), name  # the very channels IMP kept
+    # a looser target scales IMP's shares by 60/50 (largest remainder, ties to the earlier layer):
+    # 2.4, 9.6, 9.6, 38.4 → 2, 9, 9, 38 (58) → +1 conv2, +1 conv3 → 60
+    assert imp_allocation(imp_kept, dense, 0.5) == {"conv1": 2, "conv2": 10, "conv3": 10, "fc1": 38}
+    # a tighter one by 30/50: 1.2, 4.8, 4.8, 19.2 → 1, 4, 4, 19 (28) → +1 conv2, +1 conv3 → 30
+    assert imp_allocation(imp_kept, dense, 0.75) == {"conv1": 1, "conv2": 5, "conv3": 5, "fc1": 19}
+    grown = kept_channels(model, exact_refill(model, imp_masks, imp_allocation(imp_kept, dense, 0.5), reference))
+    for name, rows in imp_rows.items():
+        assert bool((grown[name] | ~rows).all()), name  # growing a layer keeps IMP's channels
