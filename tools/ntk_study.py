@@ -89,19 +89,22 @@ def fitted_scale(k: torch.Tensor, k_ref: torch.Tensor) -> float:
     return float((k * k_ref).sum() / (k_ref * k_ref).sum())
 
 
-def kernels(cfg: NTKStudyConfig, width: int, seed: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[float, tuple[torch.Tensor, torch.Tensor]]]:
-    """Dense NTK and, per p, the (pruned, pruned+rescaled) NTKs of one init with one mask."""
+def kernels(cfg: NTKStudyConfig, width: int, seed: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[float, tuple[torch.Tensor, ...]]]:
+    """Dense NTK and, per p, the NTKs of one init with one mask: pruned, pruned + rescaled (both
+    w.r.t. the initialisation variables θ, the paper's parameterisation), and pruned + rescaled
+    w.r.t. the *stored* weights w = s·M⊙θ (what a client's optimizer updates: ∂w/∂w = M)."""
     dense = NTKMLP(cfg.input_dim, width, cfg.depth, generator=_generator(cfg.seed, 2, seed, width))
     k_dense = empirical_ntk(dense, x)
     out = {}
     for p in cfg.ps:
-        pair = []
+        found = []
         for rescale in (False, True):
             net = copy.deepcopy(dense)
             mask_gen = _generator(cfg.seed, 3, seed, width, round(p * 1_000_000))  # same mask both times
             masks = random_prune_(net, p, rescale, mask_gen, skip=cfg.skip)
-            pair.append(empirical_ntk(net, x, weight_jacobian(masks, p, rescale)))
-        out[p] = (pair[0], pair[1])
+            found.append(empirical_ntk(net, x, weight_jacobian(masks, p, rescale)))
+        found.append(empirical_ntk(net, x, weight_jacobian(masks, p, rescale=False)))  # the rescaled net, stored weights
+        out[p] = tuple(found)
     return k_dense, out
 
 
@@ -117,15 +120,17 @@ def compute_table(cfg: NTKStudyConfig, report: Callable[[str], None] | None = No
     rows = []
     for width in cfg.widths:
         start = time.perf_counter()
-        per_p: dict[float, dict[str, list[float]]] = {p: {"ep": [], "er": [], "sp": [], "sr": []} for p in cfg.ps}
+        per_p: dict[float, dict[str, list[float]]] = {p: {"ep": [], "er": [], "sp": [], "sr": [], "ew": [], "sw": []} for p in cfg.ps}
         for seed in range(cfg.seeds):
             k_dense, pruned = kernels(cfg, width, seed, x)
-            for p, (k_p, k_r) in pruned.items():
+            for p, (k_p, k_r, k_w) in pruned.items():
                 acc = per_p[p]
                 acc["ep"].append(relative_error(k_p, k_dense))
                 acc["er"].append(relative_error(k_r, k_dense))
                 acc["sp"].append(fitted_scale(k_p, k_dense))
                 acc["sr"].append(fitted_scale(k_r, k_dense))
+                acc["ew"].append(relative_error(k_w, k_dense))
+                acc["sw"].append(fitted_scale(k_w, k_dense))
         seconds = time.perf_counter() - start
         for p, acc in per_p.items():
             er, er_sd = _mean_std(acc["er"])
@@ -142,6 +147,8 @@ def compute_table(cfg: NTKStudyConfig, report: Callable[[str], None] | None = No
                     "err_pruned_std": ep_sd,
                     "scale_rescaled": sr,
                     "scale_pruned": sp,
+                    "err_stored": _mean_std(acc["ew"])[0],
+                    "scale_stored": _mean_std(acc["sw"])[0],
                     "per_layer_factor": max(sp, 0.0) ** (1.0 / d),
                     "limit_scale_pruned": (1.0 - p) ** d,
                     "limit_err_pruned": 1.0 - (1.0 - p) ** d,
@@ -241,6 +248,8 @@ def print_table(rows: list[dict], cfg: NTKStudyConfig) -> None:
         f"(1-p)^{d}",
         "per-layer factor",
         "scale rescaled",
+        "err stored w",
+        "scale stored w",
     ):
         table.add_column(column, justify="right")
     for r in rows:
@@ -254,8 +263,58 @@ def print_table(rows: list[dict], cfg: NTKStudyConfig) -> None:
             f"{r['limit_scale_pruned']:.4f}",
             f"{r['per_layer_factor']:.4f}",
             f"{r['scale_rescaled']:.4f}",
+            f"{r['err_stored']:.4f}",
+            f"{r['scale_stored']:.4f}",
         )
     Console(width=140).print(table)
+
+
+def results_record(rows: list[dict], cfg: NTKStudyConfig, started: float, command: str) -> dict:
+    """The table as a ``{"kind": "table"}`` results record (``tools/results_docs.py``) with provenance."""
+    from tools.provenance import provenance
+
+    d = cfg.pruned_layers
+    cell = lambda mean, std: {"mean": mean, "std": std, "n": cfg.seeds}  # noqa: E731
+    return {
+        "kind": "table",
+        "caption": (
+            f"Empirical NTK of a randomly pruned ReLU MLP (NTK parameterisation, {cfg.depth} hidden layers, {d} pruned, "
+            f"{cfg.num_inputs} inputs) against the dense one: relative Frobenius error and fitted scale, mean (± std) over {cfg.seeds} seeds"
+        ),
+        "columns": [
+            "width",
+            "p",
+            "error, rescaled (θ)",
+            "error, unrescaled (θ)",
+            "scale, unrescaled (θ)",
+            f"(1−p)^{d}",
+            "scale, rescaled (θ)",
+            "error, rescaled (stored w)",
+            "scale, rescaled (stored w)",
+        ],
+        "rows": [
+            [
+                r["width"],
+                f"{r['p']:g}",
+                cell(r["err_rescaled"], r["err_rescaled_std"]),
+                r["err_pruned"],
+                r["scale_pruned"],
+                r["limit_scale_pruned"],
+                r["scale_rescaled"],
+                r["err_stored"],
+                r["scale_stored"],
+            ]
+            for r in rows
+        ],
+        "notes": [
+            "θ: gradients w.r.t. the N(0, 1) initialisation variables of the kept weights "
+            "(w = s·M⊙θ, s = 1/sqrt(1 − p) when rescaled): the paper's setting.",
+            "stored w: the rescaled network's kernel w.r.t. the weights themselves, "
+            "what a client's optimizer updates in the federated `random` method; "
+            "each pruned layer's term shrinks by (1 − p), so it does not approach the dense NTK.",
+        ],
+        "provenance": provenance(started, time.time() - started, command),
+    }
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -283,6 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prune-input", action="store_true", help="also prune the input layer (its fan-in does not grow with width)")
     parser.add_argument("--seed", type=int, default=d.seed, help="base seed")
     parser.add_argument("--out", default=None, help="output folder (default runs/ntk-<timestamp>)")
+    parser.add_argument("--results", default=None, help="also write the table as a results record (e.g. results/ntk-random-pruning.json)")
     parser.set_defaults(func=run)
     return parser
 
@@ -313,8 +373,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out_dir = Path(args.out or f"runs/ntk-{time.strftime('%Y%m%d-%H%M%S')}")
     err = Console(stderr=True)
+    started = time.time()
     rows = run_study(cfg, out_dir, report=lambda text: err.print(text, highlight=False))
     print_table(rows, cfg)
+    if args.results:
+        command = "splitmix ntk " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "splitmix ntk"
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(results_record(rows, cfg, started, command), indent=2) + "\n")
     print(out_dir, flush=True)  # the last line of stdout: the output folder
     return 0
 

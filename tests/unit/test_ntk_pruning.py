@@ -114,6 +114,11 @@ def test_rescaled_error_falls_with_width_and_unrescaled_scale_is_one_minus_p_per
     assert abs(wide["scale_pruned"] - 0.5**2) < 0.04
     assert abs(wide["err_pruned"] - (1 - 0.5**2)) < 0.05
     assert abs(wide["scale_rescaled"] - 1.0) < 0.1
+    # w.r.t. the stored weights (what the federated `random` clients train) each pruned layer's
+    # term shrinks by 1 − p = 0.5 and the dense input layer's does not: the scale lies strictly
+    # between 0.5 and 1 at every width (measured 0.63), and the error does not shrink with width.
+    assert 0.55 < wide["scale_stored"] < 0.75 and 0.55 < narrow["scale_stored"] < 0.75
+    assert wide["err_stored"] > 0.3 and wide["err_stored"] > 0.8 * narrow["err_stored"]
 
 
 def test_study_writes_its_files_and_cli_prints_the_folder(tmp_path, capsys):
