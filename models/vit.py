@@ -20,16 +20,16 @@ so off at round 0), and measurement helpers for over-smoothing (``patch_similari
 ``high_frequency_ratio``) and attention-based regularisers (``attention_maps``).
 
 One ViT, layers passed in (timm's ``Block(attn_layer=..., mlp_layer=..., norm_layer=...)``): the
-simulation's stacked bases, a UVC-sliced base (``models/vit_sliced.py``) and As-ViT's plain
-scoring network (:class:`MiniViT`, torch's own layers and timm's init) are all
+simulation's stacked bases and a UVC-sliced base (``models/vit_sliced.py``) are both
 :class:`VisionTransformer` / :class:`Block` and differ only in the layers they are built from.
+As-ViT's topology search (``tools/asvit_scores.py``) scores this same network, one base of a
+:class:`Topology`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import cast
 
 import torch
@@ -48,7 +48,6 @@ NormLayer = Callable[[int, int], nn.Module]  # (dim, k): a norm over the last di
 AttnLayer = Callable[[int, int, int, bool], nn.Module]  # (dim, heads, k, attn_scale)
 MlpLayer = Callable[[int, int, int], nn.Module]  # (dim, hidden, k)
 LinearLayer = Callable[[int, int, int], nn.Linear | StackedLinear]  # (in, out, k): a token linear
-WEIGHT_INITS = ("fan_in", "timm")
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -165,23 +164,6 @@ class DualLayerNorm(DualBatchNorm):
         return torch.addcmul(_per_base(bias, k, x), self.clean.normalize(x), _per_base(weight, k, x))
 
 
-def _one_base(num_bases: int, layer: str) -> None:
-    if num_bases != 1:
-        raise ValueError(f"{layer} is a single-model layer; it cannot hold {num_bases} stacked bases")
-
-
-def single_linear(in_features: int, out_features: int, num_bases: int = 1) -> nn.Linear:
-    """torch's own ``nn.Linear`` as a :data:`LinearLayer` of one base (its init and RNG draws)."""
-    _one_base(num_bases, "nn.Linear")
-    return nn.Linear(in_features, out_features)
-
-
-def single_layer_norm(dim: int, num_bases: int = 1) -> nn.LayerNorm:
-    """torch's own ``nn.LayerNorm`` (eps 1e-5) as a :data:`NormLayer` of one base."""
-    _one_base(num_bases, "nn.LayerNorm")
-    return nn.LayerNorm(dim)
-
-
 # ---------------------------------------------------------------------------------------------
 # attention with AttnScale
 
@@ -214,6 +196,8 @@ class Attention(nn.Module):
 
     ``record = True`` computes the attention matrix explicitly and keeps it (with its graph) in
     ``last_attention`` as ``(k, B, H, N, N)``: the matrix actually applied (Â with AttnScale).
+    ``explicit = True`` takes the same explicit path without keeping the matrix: torch has no
+    forward-mode AD for CPU fused attention, and As-ViT's length distortion is a ``jvp``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_bases: int, attn_scale: bool) -> None:
@@ -223,6 +207,7 @@ class Attention(nn.Module):
         self.proj = TokenLinear(dim, dim, num_bases)
         self.omega = nn.Parameter(torch.zeros(num_bases * num_heads)) if attn_scale else None
         self.record = False
+        self.explicit = False
         self.last_attention: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +218,10 @@ class Attention(nn.Module):
         omega = None
         if self.omega is not None:
             omega = self.omega.view(k, 1, h, 1, 1).expand(k, b, h, 1, 1).reshape(k * b, h, 1, 1)
-        if self.record:
+        if self.record or self.explicit:
             out, attn = attnscale_explicit(q, key, v, omega)
-            self.last_attention = attn.view(k, b, h, n, n)
+            if self.record:
+                self.last_attention = attn.view(k, b, h, n, n)
         else:
             out = attnscale_fused(q, key, v, omega)
         return self.proj(out.view(k, b, h, n, d).transpose(2, 3).reshape(k, b, n, h * d))
@@ -260,31 +246,6 @@ class FeatScale(nn.Module):
         return z + _per_base(self.dc, k, z) * dc + _per_base(self.hf, k, z) * (z - dc)
 
 
-class SoftmaxAttention(nn.Module):
-    """One model's MHSA with an explicit softmax and timm's q/k/v-major qkv rows (an :data:`AttnLayer`).
-
-    As-ViT's scoring network uses it: the attention is plain tensor algebra, which forward-mode AD
-    (length distortion is a ``jvp``) and ``vmap`` (per-sample NTK gradients) handle, and the
-    network is the reference's own. Works on any leading dims ``(..., N, D)``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, num_bases: int = 1, attn_scale: bool = False) -> None:
-        super().__init__()
-        _one_base(num_bases, "SoftmaxAttention")
-        if attn_scale:
-            raise ValueError("SoftmaxAttention has no AttnScale; use Attention")
-        self.heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv = single_linear(dim, 3 * dim)
-        self.proj = single_linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, d = x.shape[-2:]
-        flat = x.reshape(-1, n, d)
-        q, k, v = self.qkv(flat).reshape(flat.shape[0], n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(flat.shape[0], n, d)).view(x.shape)
-
-
 class Mlp(nn.Module):
     """``fc2(GELU(fc1(x)))``; ``linear_layer`` picks stacked token linears or torch's own."""
 
@@ -301,8 +262,8 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + FS(Attn(LN(x)))``, then ``x + MLP(LN(x))``.
 
     The layers are passed in, as in timm, so that every ViT variant is this one block: the
-    stacked bases (the defaults; ``norm_layer=DualLayerNorm`` for dual LN), a UVC-sliced block
-    (its attention keeps per-head value dims) and As-ViT's plain block (torch's layers).
+    stacked bases (the defaults; ``norm_layer=DualLayerNorm`` for dual LN) and a UVC-sliced block
+    (its attention keeps per-head value dims).
     """
 
     def __init__(
@@ -342,18 +303,6 @@ def default_patch_size(image_size: int) -> int:
     return 2 if image_size <= 16 else 4
 
 
-def _init_timm(m: nn.Module) -> None:
-    # timm / As-ViT ``_init_weights``: linears trunc-normal(0.02) with zero bias, LayerNorms (1, 0);
-    # the patch-embedding conv keeps PyTorch's default init, as in timm.
-    if isinstance(m, (nn.Linear, StackedLinear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, StackedLayerNorm)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 class VisionTransformer(StackedNet):
     """k stacked ViT bases; ``embed_dim``/``num_heads`` are the width-1 sizes, scaled by ``width``.
 
@@ -362,9 +311,8 @@ class VisionTransformer(StackedNet):
     and 4 above.
 
     The layers are passed in (``norm_layer``, ``attn_layer``, ``mlp_layer``, ``head_layer``; by
-    default the stacked ones) and ``weight_init`` picks how they start: ``"fan_in"`` (each layer's
-    own init — fan-in normal token linears — and a zero classifier: what every Split-Mix run uses)
-    or ``"timm"`` (timm's trunc-normal(0.02) linears, the As-ViT reference's init).
+    default the stacked ones); each layer keeps its own init (fan-in normal token linears) and the
+    classifier starts at zero.
     """
 
     def __init__(
@@ -387,11 +335,8 @@ class VisionTransformer(StackedNet):
         attn_layer: AttnLayer = Attention,
         mlp_layer: MlpLayer = Mlp,
         head_layer: LinearLayer = TokenLinear,
-        weight_init: str = "fan_in",
     ) -> None:
         super().__init__()
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got '{weight_init}'")
         if norm_layer is not None and dual_bn:
             raise ValueError("dual_bn picks the norm layer (DualLayerNorm); pass either dual_bn or norm_layer")
         norm_layer = norm_layer or (DualLayerNorm if dual_bn else StackedLayerNorm)
@@ -411,26 +356,18 @@ class VisionTransformer(StackedNet):
         self.patch_embed = StackedConv2d(in_channels, dim, patch, k, stride=patch, bias=True)
         self.cls_token = nn.Parameter(torch.zeros(k, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(k, self.num_tokens, dim))
-        if weight_init == "fan_in":
-            self._init_tokens()  # before the blocks are built: the RNG order every seeded run has used
+        nn.init.trunc_normal_(self.cls_token, std=0.02)  # before the blocks are built: the RNG order every seeded run has used
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(
             Block(dim, heads, hidden, k, attn_scale, feat_scale, norm_layer=norm_layer, attn_layer=attn_layer, mlp_layer=mlp_layer)
             for _ in range(depth)
         )
         self.norm = norm_layer(dim, k)
         self.head = head_layer(dim, num_classes, k)
-        if weight_init == "timm":  # after every layer is built, in timm's (and As-ViT's) order
-            self._init_tokens()
-            self.apply(_init_timm)
-        else:
-            # Zero classifier (as in timm's jax init): logits start at 0 and the backbone gets no
-            # gradient until the head has picked informative directions, which keeps SGD at the
-            # clients' learning rates (0.05) out of the early collapse onto a constant token.
-            nn.init.zeros_(self.head.weight)
-
-    def _init_tokens(self) -> None:
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Zero classifier (as in timm's jax init): logits start at 0 and the backbone gets no
+        # gradient until the head has picked informative directions, which keeps SGD at the
+        # clients' learning rates (0.05) out of the early collapse onto a constant token.
+        nn.init.zeros_(self.head.weight)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` (shared) or ``(B, k, C, H, W)`` (per base) → tokens ``(k, B, N, D)``."""
@@ -486,7 +423,7 @@ class VisionTransformer(StackedNet):
 
 
 # ---------------------------------------------------------------------------------------------
-# As-ViT's plain ViT: the same model with torch's own layers and timm's init
+# a base's topology (what As-ViT's search chooses)
 
 
 @dataclass(frozen=True)
@@ -522,44 +459,6 @@ TopologyLike = Topology | Mapping[str, float]
 
 def as_topology(t: TopologyLike) -> Topology:
     return t if isinstance(t, Topology) else Topology.from_dict(t)
-
-
-class MiniViT(VisionTransformer):
-    """The plain single ViT As-ViT scores (``tools/asvit_scores.py``), built as the reference builds it.
-
-    It is :class:`VisionTransformer` with one base and other layers passed in — torch's
-    ``nn.Linear`` / ``nn.LayerNorm`` (eps 1e-5; the scores swap exactly these for Identity),
-    explicit-softmax attention (jvp / vmap friendly) — and timm's init, because As-ViT's scores
-    are defined on that network at initialisation. CLS → head; ``topology`` gives every size.
-    """
-
-    def __init__(self, topology: TopologyLike, image_size: int = 8, in_channels: int = 1, num_classes: int = 10) -> None:
-        t = as_topology(topology)
-        super().__init__(
-            width=1.0,
-            num_bases=1,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            image_size=image_size,
-            patch_size=t.patch,
-            depth=t.depth,
-            embed_dim=t.dim,
-            num_heads=t.heads,
-            mlp_ratio=t.mlp_ratio,
-            norm_layer=single_layer_norm,
-            attn_layer=SoftmaxAttention,
-            mlp_layer=partial(Mlp, linear_layer=single_linear),
-            head_layer=single_linear,
-            weight_init="timm",
-        )
-        self.topology = t
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, N, D)`` after the last block, before the final norm."""
-        tokens = self.embed(x)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return tokens[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,14 @@ Formulas follow the reference code (VITA-Group/Diverse-ViT ``reg.py``); ĥ = h /
   for an exactly orthogonal M; here they are the exact singular values (``svdvals``, whose
   gradient is stable even for repeated values).
 
-Paper coefficients (DeiT-S, ImageNet): 0.5, 0.5, 1e-4, 5e-4 (:meth:`DiversityConfig.paper`);
-tiny models will need retuning. All default to 0 (off).
+The released DeiT-S script (``script/run_deit_small_diverse.sh``) sets these four terms to
+0.5, 0.5, 1e-4, 5e-4 (:meth:`DiversityConfig.released_regularizers`) **and** ``--mixing_coef 1``:
+a patch-wise CutMix term (``mix.py``'s ``Mixup_diversity`` gives every patch the label of the
+image it was cut from; ``reg.py``'s ``Loss_mixing`` adds the soft-target cross-entropy of every
+patch token's logits to the CLS loss and divides the sum by the token count). That term is not
+implemented here (our ViTs classify the CLS token only and the clients' recipe has no mixing),
+so no preset claims the released configuration; the four coefficients are for DeiT-S and tiny
+models will need retuning. All default to 0 (off).
 """
 
 from __future__ import annotations
@@ -163,8 +169,9 @@ class DiversityConfig:
                 raise ValueError(f"diversity coefficient '{f.name}' must be >= 0, got {value}")
 
     @classmethod
-    def paper(cls) -> DiversityConfig:
-        """The released DeiT-S script's coefficients (0.5 / 0.5 / 1e-4 / 5e-4)."""
+    def released_regularizers(cls) -> DiversityConfig:
+        """The released DeiT-S script's coefficients of these four terms (0.5 / 0.5 / 1e-4 / 5e-4),
+        without its patch-wise CutMix term (``--mixing_coef 1``, not implemented here)."""
         return cls(patch_cosine=0.5, patch_contrastive=0.5, attention_heads=1e-4, weight_condition=5e-4)
 
     @property

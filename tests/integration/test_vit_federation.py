@@ -131,7 +131,10 @@ def test_vit_bases_train_through_the_splitmix_simulation(tmp_path):
     assert min(accuracy.values()) > 0.2, accuracy
     profile = summary["oversmoothing"]
     assert len(profile["patch_similarity"]) == len(profile["high_frequency_ratio"]) == 2
-    assert all(-1.0 <= v <= 1.0 for v in profile["patch_similarity"])
+    # patch tokens after each block are neither collapsed nor orthogonal, and the last block is
+    # smoother than the first (over-smoothing grows with depth)
+    sims = profile["patch_similarity"]
+    assert 0.05 < sims[0] < sims[1] < 0.999, sims
     weights = load_weights(run / "model.safetensors")
     assert weights["base7.blocks.1.attn.qkv.weight"].shape == (48, 16)  # base: 2 heads × 8 dims, 2 blocks
     assert not any(".blocks.2." in k for k in weights)
@@ -139,41 +142,33 @@ def test_vit_bases_train_through_the_splitmix_simulation(tmp_path):
 
 
 def test_search_topology_is_deterministic_and_feeds_simulate(tmp_path, capsys):
-    argv = [
-        "search-topology",
-        "--patch",
-        "2,4",
-        "--dim",
-        "16,32",
-        "--depth",
-        "1,2",
-        "--heads",
-        "2",
-        "--mlp-ratio",
-        "2",
-        "--repeats",
-        "1",
-        "--points",
-        "16",
-        "--scale",
-        "2",
-    ]
-    assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
+    config = tmp_path / "run.toml"
+    config.write_text('model = "vit"\nvit-depth = 2\nvit-dim = 128\nvit-heads = 16\natom-width = 0.25\nbudgets = "4-2-1"\nnum-rounds = 3\n')
+    argv = ["search-topology", "--config", str(config), "--patch", "2,4", "--heads", "1,2", "--mlp-ratio", "2"]
+    argv += ["--repeats", "1", "--points", "16", "--scale", "2"]
+    kendall = ["--kendall", "2", "--kendall-steps", "3", "--kendall-seeds", "1", "--results", str(tmp_path / "kendall.json")]
+    assert cli_main([*argv, *kendall, "--out", str(tmp_path / "a")]) == 0
     assert cli_main([*argv, "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / f / "search.json").read_text()) for f in "ab")
     assert [r["topology"] for r in a["ranked"]] == [r["topology"] for r in b["ranked"]]
     assert [r["length_distortion"] for r in a["ranked"]] == [r["length_distortion"] for r in b["ranked"]]
-    assert len(a["ranked"]) == 8 and a["ranked"][0]["rank_sum"] <= a["ranked"][-1]["rank_sum"]
+    # shapes at the config's base size: dim 128 × 0.25 = 32, depth 2
+    assert len(a["ranked"]) == 4 and {(r["dim"], r["depth"]) for r in a["ranked"]} == {(32, 2)}
+    assert [r["rank_sum"] for r in a["ranked"]] == sorted(r["rank_sum"] for r in a["ranked"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "b")
-    # the written run config reproduces the chosen topology in every Split-Mix base
+    # the written run config keeps the file's keys (atom width included) and reproduces the chosen topology in every base
     run_config = tomllib.loads((tmp_path / "a" / "topology.toml").read_text())
+    assert (run_config["atom-width"], run_config["num-rounds"], run_config["model"]) == (0.25, 3, "vit")
     cfg = load_config(tmp_path / "a" / "topology.toml")
     chosen = a["chosen"]
     base = cfg.spec().build(1)
-    assert run_config["model"] == "vit"
     assert (base.embed_dim, base.num_heads, len(base.blocks), base.patch_size) == (chosen["dim"], chosen["heads"], chosen["depth"], chosen["patch"])
     seed = next(r for r in a["ranked"] if r["topology"] == a["seed_topology"])
-    assert chosen["depth"] * chosen["dim"] ** 2 >= seed["depth"] * seed["dim"] ** 2  # scaled up (× 2 in parameters)
+    assert chosen["depth"] * chosen["dim"] ** 2 > seed["depth"] * seed["dim"] ** 2  # scaled up (× 2 in parameters)
+    record = json.loads((tmp_path / "kendall.json").read_text())
+    assert record["kind"] == "table" and len(record["rows"]) == 4 and len(record["columns"]) == 3
+    assert record["provenance"]["command"].startswith("splitmix search-topology") and "commit" in record["provenance"]
+    assert [row[0] for row in record["rows"]] == ["length distortion", "−NTK κ", "−rank sum", "parameters"]
 
 
 def test_search_topology_refuses_an_empty_grid(tmp_path, capsys):
