@@ -19,6 +19,7 @@ from techniques.l2o.amalgamation import (
     imitation_distance,
     imitation_loss,
     meta_loss,
+    search_lr,
     student_window,
     teacher_pool,
     train_student,
@@ -210,5 +211,23 @@ def test_choice_scheme_trains_and_lr_tuning_picks_from_grid() -> None:
     cfg = AmalgamationConfig(scheme="choice", iterations=2, trajectory=20, unroll=10, hidden=6, pre=4, choice_iterations=2)
     policy, log = train_student(task, cfg, LRS)
     assert log["config"]["scheme"] == "choice" and all(math.isfinite(v) for v in log["window_loss"])
-    lrs = tune_teachers(task, ("sgd", "adam"), steps=20, seeds=(0,))
+    lrs = tune_teachers(task, ("sgd", "adam"), steps=20, seeds=(0,), max_widen=0)
     assert lrs["sgd"] in (pytest.approx(0.2 / 3, rel=1e-3), 0.2, 0.6) and lrs["adam"] in (pytest.approx(0.005 / 3, rel=1e-3), 0.005, 0.015)
+
+
+def test_lr_search_widens_past_an_edge_until_the_best_is_inside() -> None:
+    """A score whose minimum (lr = 1) lies above the grid: the search extends the grid by ×3 until
+    the best rate has a worse neighbour on both sides; without widening it would stop at the edge."""
+    calls: list[float] = []
+
+    def score(lr: float) -> float:
+        calls.append(lr)
+        return (math.log10(lr) - 0.0) ** 2
+
+    found = search_lr(score, [0.01, 0.03, 0.1])
+    assert found.lr == pytest.approx(0.9, rel=1e-3) and not found.at_edge and found.widened == 3
+    assert sorted(found.scores) == pytest.approx([0.01, 0.03, 0.1, 0.3, 0.9, 2.7], rel=1e-3)
+    stuck = search_lr(score, [0.01, 0.03, 0.1], max_widen=1)
+    assert stuck.lr == pytest.approx(0.3, rel=1e-3) and stuck.at_edge
+    with pytest.raises(ValueError, match="at least 3 values"):
+        search_lr(score, [0.1, 1.0])
