@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -192,7 +193,9 @@ def student() -> tuple[RNNPropPolicy, dict]:
 
 
 def test_student_against_teachers_on_heldout_task(student: tuple[RNNPropPolicy, dict]) -> None:
-    """The amalgamation bar: the student's final held-out loss is at most the mean of its teachers'."""
+    """The amalgamation bar: the student's final held-out loss is within 1.1× of its best
+    teacher's (a bar against the teachers' mean would be set by the worst teacher). Measured
+    here: student 6.4e-5, best teacher (RMSProp) 1.4e-4, worst 1.7e-2."""
     policy, log = student
     task = MLPTask(hidden=48, partition="heldout")
     seeds, steps = (4001, 4002), 150
@@ -202,7 +205,7 @@ def test_student_against_teachers_on_heldout_task(student: tuple[RNNPropPolicy, 
 
     mine = final(policy, lambda n: policy.init_state(n, torch.zeros(())), 0.01)
     teachers = [final(t, t.init_state, 1.0) for t in teacher_pool(log["teacher_lrs"])]
-    assert mine <= float(np.mean(teachers)), (mine, teachers)
+    assert mine <= 1.1 * min(teachers), (mine, teachers)
     assert len(log["window_loss"]) == 16 and set(log["teacher_lrs"]) == set(TEACHERS)
 
 
@@ -231,3 +234,37 @@ def test_lr_search_widens_past_an_edge_until_the_best_is_inside() -> None:
     assert stuck.lr == pytest.approx(0.3, rel=1e-3) and stuck.at_edge
     with pytest.raises(ValueError, match="at least 3 values"):
         search_lr(score, [0.1, 1.0])
+
+
+def _distance_to_teacher(policy: RNNPropPolicy, teacher: Teacher, task: MLPTask, seeds: tuple[int, ...], steps: int) -> float:
+    """Mean over steps and seeds of the imitation distance between the student's and the
+    teacher's parameter paths on the same initialisation and minibatches."""
+    out = []
+    for seed in seeds:
+        flat = FlatModel(task.model(seed))
+        stream = task.batches(seed)
+        batches = [next(stream) for _ in range(steps)]
+        mine = Runner(policy, flat, flat.flat(), policy.init_state(flat.numel, torch.zeros(())), 0.01).advance(batches)
+        theirs = Runner(teacher, flat, flat.flat(), teacher.init_state(flat.numel), 1.0).advance(batches)
+        out += [float(imitation_distance(a, b)) for a, b in zip(mine, theirs)]
+    return float(np.mean(out))
+
+
+def test_distillation_loss_shapes_the_student() -> None:
+    """Effect test of amalgamation: two students from the same seed and meta-loss, one also with
+    the imitation (distillation) term towards plain SGD (lr 0.05, a trajectory unlike what the
+    meta-loss alone learns). On held-out optimizees the distilled one follows SGD's trajectory
+    far more closely (measured: log-distance −10.6 vs −5.2); were the imitation term a no-op,
+    the two students would be the same network and the distances equal."""
+    torch.manual_seed(0)
+    task = MLPTask()
+    cfg = AmalgamationConfig(
+        scheme="mean", teachers=("sgd",), iterations=12, trajectory=20, unroll=10, meta_lr=1e-2, hidden=8, pre=6, perturbation="none"
+    )
+    lrs = {"sgd": 0.05}
+    distilled, _ = train_student(task, cfg, lrs)
+    meta_only, _ = train_student(task, replace(cfg, imitation=(0.0,)), lrs)
+    heldout = MLPTask(hidden=48, partition="heldout")
+    near = _distance_to_teacher(distilled, Teacher("sgd", 0.05), heldout, (4101, 4102), 40)
+    far = _distance_to_teacher(meta_only, Teacher("sgd", 0.05), heldout, (4101, 4102), 40)
+    assert near < far - 2.0, (near, far)  # log of a squared distance: e^2 ≈ 7× closer at least
