@@ -39,6 +39,10 @@ Reporter = Callable[[str], None]
 SGD_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 TEACHER_FACTORS = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)  # × OA's preset lr
+# Final losses are floored here before logs: float32 cross-entropy rounds a sample's loss below
+# ~6e-8 (float32 epsilon) to exactly 0, so smaller full-partition losses are not resolved and a
+# few zeros would otherwise decide a geometric mean.
+LOSS_FLOOR = 1e-8
 STUDENT_BAR = 1.1  # the student's geometric-mean final loss must be within this factor of the best teacher's
 
 
@@ -91,7 +95,7 @@ def run_optimizer(factory: Callable[..., torch.optim.Optimizer], task, seed: int
 def _summary(runs: list[dict[str, Any]], lr: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final loss over the seeds as geometric mean and spread (it varies by orders of magnitude)."""
     finals = np.array([r["final"] for r in runs])
-    logs = np.log(np.clip(finals, 1e-12, 1e12))
+    logs = np.log(np.clip(finals, LOSS_FLOOR, 1e12))
     return {
         "lr": lr,
         "final_geomean": float(np.exp(logs.mean())),
@@ -109,7 +113,7 @@ def _summary(runs: list[dict[str, Any]], lr: float, extra: dict[str, Any] | None
 
 
 def _log_final(runs: list[dict[str, Any]]) -> float:
-    return float(np.mean(np.log(np.clip([r["final"] for r in runs], 1e-12, 1e12))))
+    return float(np.mean(np.log(np.clip([r["final"] for r in runs], LOSS_FLOOR, 1e12))))
 
 
 def _tuned(
@@ -252,7 +256,7 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], cfg: EvalConfig, path: 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     cmap = plt.get_cmap("tab20")
     for i, (label, runs) in enumerate(curves.items()):
-        data = np.clip(np.array([r["curve"] for r in runs]), 1e-12, None)
+        data = np.clip(np.array([r["curve"] for r in runs]), LOSS_FLOOR, None)
         steps = np.arange(data.shape[1]) * cfg.every
         mean, std = np.exp(np.log(data).mean(0)), np.log(data).std(0)
         style = "--" if label.startswith("teacher:") else "-"
@@ -344,6 +348,8 @@ def results_record(payload: dict[str, Any], started: float, wall_s: float, comma
         f"{payload['tune_seeds'][0]}–{payload['tune_seeds'][-1]} (never the reported ones), "
         "from a grid widened ×3 past an edge best (up to 4 times).",
         "The learned optimizers run at the step bound α they were meta-trained with (not tuned).",
+        f"Final losses are floored at {LOSS_FLOOR:g} for the geometric statistics and the lr choice (float32 cross-entropy "
+        "rounds a sample's loss below ~6e-8 to 0); min–max are the raw values.",
     ]
     cmp = payload.get("student_vs_teachers")
     if cmp:
