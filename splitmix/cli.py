@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         run_dir = simulation.simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume)
-    except DataError as exc:  # missing or damaged dataset: one line, before Ray starts
+    except (DataError, FileNotFoundError) as exc:  # missing dataset or learned-optimizer artifact: one line, before Ray starts
         _fail(str(exc))
         return 2
     summary = json.loads((Path(run_dir) / "summary.json").read_text())

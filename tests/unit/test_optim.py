@@ -277,3 +277,12 @@ def test_server_hashes_its_artifact_and_every_node_checks_it(artifacts: Path, tm
     message = str(stop.value)
     assert message.startswith(f"node 7: {NODE_CHECK_FAILED}: learned optimizer 'symbolic-l2o'") and "\n" not in message
     _stop_on_node_check(["node 3: profile query failed: timeout"])  # other failures do not stop the run
+
+
+def test_simulate_without_the_servers_artifact_stops_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server hashes its artifact before Ray starts: a missing one is one line, exit code 2."""
+    from splitmix.cli import main
+
+    code = main(["simulate", "--run-config", f"optimizer='symbolic-l2o' l2o-artifacts='{tmp_path}' num-clients=4 num-rounds=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "splitmix l2o train" in err[0], err
