@@ -84,6 +84,8 @@ def _warm_up(task: ClientTask, profile: NodeProfile, data) -> None:
 def query(msg: Message, context: Context) -> Message:
     task = ClientTask.from_json(protocol.task_of(msg))
     torch.set_num_threads(task.torch_threads)
+    for technique in task.techniques_on():  # e.g. the learned optimizer's artifact is the server's
+        technique.check_node(task)
     profile = node_profile(task, context)
     data = client_train_data(task.data, profile.partition_id)
     _warm_up(task, profile, data)

@@ -39,6 +39,7 @@ class LocalTrainConfig:
     pgd: PGDConfig = PGDConfig()
     optimizer: str = "sgd"  # techniques/optimizers.py: sgd, adam or a learned optimizer
     l2o_artifacts: str = ""  # learned optimizers' artifact folder ("" = the per-user cache)
+    l2o_sha256: str = ""  # the server's learned-optimizer artifact digest; every node must hold the same
     masked_loss: bool = False  # HeteroFL: logits of classes absent from the client's data set to 0
 
 

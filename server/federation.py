@@ -124,6 +124,21 @@ def build_summary(cfg: RunConfig, method: Method, scores: WidthScores, extra: di
     }
 
 
+def _stop_on_node_check(problems: list[str]) -> None:
+    """A node that failed a technique's start-up check (``techniques.base.NodeCheckError``) stops
+    the run with one line, before any client trains: a federation whose nodes would train
+    differently (e.g. with different learned optimizers) is not the run that was asked for."""
+    from techniques.base import NODE_CHECK_FAILED
+
+    failed = [p for p in problems if NODE_CHECK_FAILED in p]
+    if failed:
+        first = failed[0]
+        detail = first[first.index(NODE_CHECK_FAILED) :].split("'>")[0].strip()
+        node = first.split(":", 1)[0]
+        more = f" (and {len(failed) - 1} more node(s))" if len(failed) > 1 else ""
+        raise RuntimeError(f"{node}: {detail}{more}")
+
+
 def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> None:
     """In a deployment SuperNodes connect over time: wait up to ``client-wait`` seconds for
     ``num-clients`` of them, then go on with whoever is connected (simulation: no wait)."""
@@ -267,6 +282,7 @@ class Federation:
         _wait_for_nodes(self.grid, cfg, self.say)
         discovery = strategy.discover(self.grid, self.task_json, cfg.federation.round_timeout)
         self.store.append_events(0, discovery.problems)
+        _stop_on_node_check(discovery.problems)
         startup = time.perf_counter() - start
         known, wanted = len(strategy.profiles), cfg.federation.num_clients
         if known < cfg.federation.min_train_clients:
@@ -290,6 +306,7 @@ class Federation:
         t0 = time.perf_counter()
         joined = self.strategy.discover(self.grid, self.task_json, self.cfg.federation.round_timeout)  # new/restarted nodes
         self.store.append_events(rnd, joined.problems)
+        _stop_on_node_check(joined.problems)
         messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid))
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
         new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)

@@ -48,10 +48,12 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
     """Run one simulation (or, with ``resume``, continue that run folder after its last
     checkpoint); returns the run folder. Raises what the server loop raised, and
     :class:`splitmix.data.DataError` (one line) before the Ray backend starts when the dataset
-    is missing or damaged (with ``download = true`` it is fetched here first, once)."""
+    is missing or damaged (with ``download = true`` it is fetched here first, once), and
+    ``FileNotFoundError`` (one line) when a learned optimizer's artifact is missing."""
     from splitmix.data import check_data
 
     check_data(cfg.data_config())  # fail fast, before the Ray backend starts
+    cfg.client_task()  # the techniques' server-side set-up, e.g. hashing the learned optimizer's artifact (FileNotFoundError)
 
     from flwr.simulation import run_simulation
 

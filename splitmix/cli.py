@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     try:
         run_dir = simulation.simulate(cfg, report=lambda text: err.print(text, highlight=False), quiet_flower=not args.verbose, resume=args.resume)
-    except DataError as exc:  # missing or damaged dataset: one line, before Ray starts
+    except (DataError, FileNotFoundError) as exc:  # missing dataset or learned-optimizer artifact: one line, before Ray starts
         _fail(str(exc))
         return 2
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
@@ -80,7 +80,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from splitmix.config import parse_overrides
-    from tools.experiment import load_experiment, run_experiment
+    from tools.experiment import in_process_runner, load_experiment, run_experiment
 
     err = Console(stderr=True)
     try:
@@ -94,11 +94,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     command = ["splitmix", "experiment", args.experiment, "--out-dir", str(args.out_dir)]
     command += ["--run-config", args.run_config] if args.run_config else []
     command += ["--results", str(args.results)] if args.results else []
+    command += ["--in-process"] if args.in_process else []
+    report = lambda text: err.print(text, highlight=False)  # noqa: E731
     root = run_experiment(
         experiment,
         args.out_dir,
         extra,
-        report=lambda text: err.print(text, highlight=False),
+        runner=in_process_runner(report) if args.in_process else None,
+        report=report,
         results_dir=args.results,
         command=shlex.join(command),
     )
@@ -182,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out-dir", default="experiments", help="where experiment folders go")
     exp.add_argument("--run-config", default="", help="overrides applied to every run (e.g. for a quick check)")
     exp.add_argument("--results", type=Path, default=None, metavar="DIR", help="also copy comparison.json to DIR/<name>.json (e.g. results/)")
+    exp.add_argument(
+        "--in-process",
+        action="store_true",
+        help="clients one after another in this process (no Ray; for small runs, where Ray's start-up dominates)",
+    )
     exp.set_defaults(func=cmd_experiment)
     models = sub.add_parser("models", help="list the models a finished run can serve")
     models.add_argument("run", help="a run folder written by `splitmix simulate`")

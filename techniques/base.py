@@ -61,6 +61,17 @@ def register_technique(cls: TechniqueT) -> TechniqueT:
     return cls
 
 
+NODE_CHECK_FAILED = "node check failed"  # the marker the server looks for in a failed profile query
+
+
+class NodeCheckError(RuntimeError):
+    """A node cannot take part as set up (e.g. a different learned-optimizer artifact); why a
+    marker: Flower hands the server only the text of a client's exception."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{NODE_CHECK_FAILED}: {message}")
+
+
 @dataclass
 class ServerContext:
     """What server hooks may look at: the run config, the method and its model spec."""
@@ -160,6 +171,10 @@ class Technique(Generic[ConfigT]):
     def prepare_task(self, task: Any, run: RunConfig) -> Any:
         """The clients' task (``ClientTask``) with whatever this technique adds to it."""
         return task
+
+    def check_node(self, task: Any) -> None:
+        """On every node at start-up (its profile query): raise :class:`NodeCheckError` when this
+        node cannot run the technique as the server set it up (the server then stops the run)."""
 
     def stateful_reason(self, run: RunConfig) -> str | None:
         """Why clients keep state across rounds in their Context (resume needs it saved)."""

@@ -16,26 +16,33 @@ to the gradient (L2, as in torch's Adam) and ``momentum`` is unused (their momen
 
 Artifacts (model weights are never committed): a folder with ``lstm.safetensors``/``lstm.json``,
 ``symbolic.json`` and ``amalgamated.safetensors``/``amalgamated.json``. ``artifacts=None`` means
-the per-user cache ``$SPLITMIX_L2O_DIR`` or ``~/.cache/splitmix/l2o``, subfolder ``default``;
-``ensure_default_artifacts()`` meta-trains what is missing there (seeded, deterministic for a
-given torch build; a few minutes on one CPU thread) under a file lock, so concurrent simulated
-clients train once. ``L2OSettings.tiny()`` is the seconds-long variant tests use.
+the per-user cache ``$SPLITMIX_L2O_DIR`` or ``~/.cache/splitmix/l2o``, subfolder ``default``.
+Clients never train artifacts: ``splitmix l2o train`` does, once. In a federation the server
+puts the SHA-256 of its artifact (``artifact_digest``) into the clients' task, and every node
+checks its own against it at start-up (``check_node``; the server stops the run on a mismatch
+or a missing artifact) and again before each round, so every client runs the same rule.
+``ensure_default_artifacts()`` (tests, tools) meta-trains what is missing in a folder under a file
+lock. ``L2OSettings.tiny()`` is the seconds-long variant tests use.
 
 State across rounds: ``export_state`` / ``import_state`` turn an optimizer's per-parameter state
 into a flat ``{"<param name>/<key>": tensor}`` dict (Flower ``ArrayRecord``-ready) and back;
 by default only ``persistent_keys`` travel: moments and step counters (and the symbolic rule's
-lag buffers), never the LSTM memories, which are stale after aggregation (l2o.md A3/B3).
+lag buffers), never the LSTM memories, which are stale after aggregation (l2o.md A3/B3). The
+technique keeps that state per unit (``split_state`` / ``join_state``: a Split-Mix base's slice of
+every stacked tensor under its own Context record), so a client that gets the same bases in
+another order, or only some of them again, gets each base's own state back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from splitmix.sections import Section, option
-from techniques.base import ClientRound, RoundHooks, Technique, register_technique
+from techniques.base import ClientRound, NodeCheckError, RoundHooks, Technique, register_technique
 
 if TYPE_CHECKING:
     from clients.recipe import TrainResult
@@ -197,6 +204,24 @@ def load_policy(directory: str | Path, stem: str):
     return policy.eval()
 
 
+def artifact_digest(name: str, directory: str | Path) -> str:
+    """SHA-256 over the files of learned optimizer ``name`` (names and bytes, in ``FILES`` order);
+    why: nodes compare it with the server's so every client runs the same rule."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for fname in FILES[name]:
+        path = directory / fname
+        if not path.is_file():
+            raise FileNotFoundError(f"learned optimizer '{name}' needs {path}: run `splitmix l2o train --out {directory}`")
+        digest.update(fname.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def artifacts_folder(setting: str) -> Path:
+    """The ``l2o-artifacts`` folder (``""`` = the per-user cache)."""
+    return Path(setting) if setting else default_artifacts_dir()
+
+
 @lru_cache(maxsize=16)
 def _cached(directory: str, name: str, stamp: float):
     """Load once per process and file version (``stamp`` is the files' newest mtime)."""
@@ -335,8 +360,8 @@ def make_optimizer(
         from techniques.l2o.lstm import LearnedOptimizer
         from techniques.l2o.symbolic import SymbolicOptimizer
 
-        folder = ensure_default_artifacts() if artifacts is None else Path(artifacts)
-        artifact = load_artifact(name, folder)
+        folder = default_artifacts_dir() if artifacts is None else Path(artifacts)
+        artifact = load_artifact(name, folder)  # never trains: a missing artifact is an error
         if name == "symbolic-l2o":
             optimizer = SymbolicOptimizer(params, artifact, lr=lr, weight_decay=weight_decay)
         else:
@@ -418,22 +443,87 @@ class OptimizerSection(Section):
     l2o_artifacts: str = option("", 'learned optimizers\' artifact folder ("" = the per-user cache)')
 
 
+def split_state(state: Mapping[str, torch.Tensor], units: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """An exported state of a stack of ``len(units)`` units → one state per unit: every tensor's
+    slice of that unit along dim 0 (stacked parameters and their param-shaped or flat per-scalar
+    state are the units' chunks in order); ``step`` is copied to each."""
+    out: dict[str, dict[str, torch.Tensor]] = {u: {} for u in units}
+    k = len(units)
+    for key, value in state.items():
+        if key.endswith("/step") or value.dim() == 0:
+            for u in units:
+                out[u][key] = value.detach().clone()
+            continue
+        if value.shape[0] % k:
+            raise ValueError(f"optimizer state '{key}' of shape {tuple(value.shape)} does not split into {k} units")
+        for u, chunk in zip(units, value.chunk(k, dim=0)):
+            out[u][key] = chunk.clone()
+    return out
+
+
+def join_state(kept: Mapping[str, Mapping[str, torch.Tensor] | None], units: list[str]) -> dict[str, torch.Tensor] | None:
+    """Per-unit states → the state of a stack of ``units`` in this order (inverse of
+    :func:`split_state`). A unit without kept state gets zeros (a fresh optimizer's moments);
+    ``step`` is the largest kept one. ``None`` when no unit has state."""
+    have: dict[str, Mapping[str, torch.Tensor]] = {}
+    for u in units:
+        value = kept.get(u)
+        if value:
+            have[u] = value
+    if not have:
+        return None
+    keys = sorted(set().union(*(set(st) for st in have.values())))
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts = [have[u].get(key) for u in units if u in have]
+        like = next(p for p in parts if p is not None)
+        if key.endswith("/step") or like.dim() == 0:
+            out[key] = torch.stack([p.reshape(()) for p in parts if p is not None]).max()
+            continue
+        chunks = []
+        for u in units:
+            part = have[u].get(key) if u in have else None
+            chunks.append(part if part is not None and part.shape == like.shape else torch.zeros_like(like))
+        out[key] = torch.cat(chunks, dim=0)
+    return out
+
+
+def _node_check(task: Any) -> None:
+    """This node's artifact is the one the server hashed (raises ``NodeCheckError`` otherwise)."""
+    name, expected = task.train.optimizer, task.train.l2o_sha256
+    if name not in LEARNED:
+        return
+    folder = artifacts_folder(task.train.l2o_artifacts)
+    try:
+        mine = artifact_digest(name, folder)
+    except FileNotFoundError:
+        raise NodeCheckError(f"learned optimizer '{name}' has no artifact in {folder} on this node: copy the server's there") from None
+    if not expected:
+        raise NodeCheckError(f"learned optimizer '{name}': the task carries no artifact digest (the server did not hash its artifact)")
+    if mine != expected:
+        raise NodeCheckError(
+            f"learned optimizer '{name}': this node's artifact in {folder} (sha256 {mine[:12]}…) is not the server's ({expected[:12]}…)"
+        )
+
+
 class _KeepOptimizerState(RoundHooks):
-    """A learned optimizer's moments/step survive to the next round this client trains the same
-    units (in the node's Context state)."""
+    """The optimizer's moments/step survive, per unit, to the next round this client trains that
+    unit (one Context record ``optim.<unit>`` each), whatever the units' order in the stack."""
 
     def before_training(self, rnd: ClientRound) -> None:
         from splitmix.protocol.codec import to_tensors
 
-        self.key = "optim." + "+".join(rnd.units)
-        kept = rnd.context.state.array_records.get(self.key)
-        rnd.optimizer_state = to_tensors(kept) if kept is not None else None
+        _node_check(rnd.task)
+        records = rnd.context.state.array_records
+        kept = {u: to_tensors(records[f"optim.{u}"]) for u in rnd.units if f"optim.{u}" in records}
+        rnd.optimizer_state = join_state(kept, list(rnd.units))
 
     def after_training(self, rnd: ClientRound, result: TrainResult) -> None:
         from splitmix.protocol.codec import to_record
 
         if result.optimizer_state:
-            rnd.context.state[self.key] = to_record({k: v.cpu() for k, v in result.optimizer_state.items()})
+            for unit, state in split_state({k: v.cpu() for k, v in result.optimizer_state.items()}, list(rnd.units)).items():
+                rnd.context.state[f"optim.{unit}"] = to_record(state)
 
 
 @register_technique
@@ -447,6 +537,17 @@ class LearnedOptimizer(Technique[OptimizerSection]):
     @classmethod
     def enabled(cls, run: RunConfig) -> bool:
         return run.techniques[cls.name].optimizer != "sgd"  # type: ignore[attr-defined]
+
+    def prepare_task(self, task: Any, run: RunConfig) -> Any:
+        """A learned optimizer: the digest of the server's artifact goes to every client."""
+        name = self.config.optimizer
+        if name not in LEARNED:
+            return task
+        digest = artifact_digest(name, artifacts_folder(self.config.l2o_artifacts))
+        return replace(task, train=replace(task.train, l2o_sha256=digest))
+
+    def check_node(self, task: Any) -> None:
+        _node_check(task)
 
     def stateful_reason(self, run: RunConfig) -> str | None:
         return f"optimizer = '{self.config.optimizer}' keeps each client's optimizer state in its node state"

@@ -311,6 +311,19 @@ def tuning_result(root: Path, experiment: Experiment, method: str) -> dict[str, 
     return result
 
 
+def in_process_runner(report: Callable[[str], None]) -> Runner:
+    """Runs on the in-process Grid (``server/local_grid.py``: the real ClientApp handlers, one
+    client after another, no Ray); why: small runs where Ray's start-up dominates."""
+
+    def runner(cfg: RunConfig) -> Path:
+        from server.federation import run_federation  # noqa: PLC0415
+        from server.local_grid import InProcessGrid  # noqa: PLC0415
+
+        return run_federation(InProcessGrid(cfg.federation.num_clients), cfg, report=lambda text: report(f"  {text}"))
+
+    return runner
+
+
 def _default_runner(report: Callable[[str], None]) -> Runner:
     from server.simulation import simulate  # noqa: PLC0415 (Ray only when needed)
 

@@ -7,7 +7,8 @@ Facts from the authors' code (l2o.md B1), scaled to the digits MLP (B4):
   m̂ = m/(1−β1), v̂ = v/(1−β2) (no step-dependent bias correction); PowerSign
   ``lr·exp(tanh(g/sqrt(v+ε))·tanh(m/sqrt(v+ε)))·g``; AddSign ``lr·(1 + tanh(·)·tanh(·))·g``.
   Every teacher descends (the step is minus the formula). Learning rates are tuned on the
-  meta-training task by a 3-point grid around OA's presets.
+  meta-training task by a grid around OA's presets (×⅓, ×1, ×3), widened by ×3 past
+  an edge best.
 - **Lock-step trajectories**: per meta-iteration, one initialisation is shared by the student and
   every teacher; each advances its own copy on the same minibatch sequence (teachers are never
   reset to the student), so the imitation target is a teacher's trajectory.
@@ -113,17 +114,53 @@ def _final_log_loss(policy: Callable, init: Callable[[int], State], task: MLPTas
     return float(np.mean([math.log(f + EPS) if math.isfinite(f) else 50.0 for f in finals]))
 
 
+@dataclass(frozen=True)
+class LRSearch:
+    """A learning-rate grid search: the chosen rate, every score, and whether it sits at an edge."""
+
+    lr: float
+    scores: dict[float, float]  # lr → validation score (lower is better)
+    at_edge: bool  # the best rate is the smallest or largest tried, even after widening
+    widened: int  # how many times the grid was extended past an edge
+
+
+def search_lr(score: Callable[[float], float], grid: Sequence[float], factor: float = 3.0, max_widen: int = 4) -> LRSearch:
+    """The rate of ``grid`` with the lowest ``score``; a best rate at an edge extends the grid by
+    ``factor`` on that side (up to ``max_widen`` times). Why: a best value at the edge of a
+    grid means the grid, not the optimizer, decided the comparison."""
+    if len(grid) < 3:
+        raise ValueError(f"a learning-rate grid needs at least 3 values, got {list(grid)}")
+    scores = {float(f"{lr:.4g}"): score(float(f"{lr:.4g}")) for lr in sorted(grid)}
+    widened = 0
+    while True:
+        ordered = sorted(scores)
+        best = min(ordered, key=lambda lr: (scores[lr], lr))
+        edge = best in (ordered[0], ordered[-1])
+        if not edge or widened >= max_widen:
+            return LRSearch(best, scores, edge, widened)
+        new = float(f"{(best / factor if best == ordered[0] else best * factor):.4g}")
+        scores[new] = score(new)
+        widened += 1
+
+
 def tune_teachers(
-    task: MLPTask, names: Sequence[str] = TEACHERS, steps: int = 100, seeds: Sequence[int] = (0, 1), factors: Sequence[float] = (1 / 3, 1.0, 3.0)
+    task: MLPTask,
+    names: Sequence[str] = TEACHERS,
+    steps: int = 100,
+    seeds: Sequence[int] = (0, 1),
+    factors: Sequence[float] = (1 / 3, 1.0, 3.0),
+    max_widen: int = 4,
 ) -> dict[str, float]:
-    """Per teacher, the lr (OA preset × factor) with the lowest mean log final loss."""
+    """Per teacher, the lr (OA preset × factor, the grid widened past an edge best) with the
+    lowest mean log final loss on the meta-training task."""
     best: dict[str, float] = {}
     for name in names:
-        scores = {}
-        for f in factors:
-            teacher = Teacher(name, float(f"{PRESET_LRS[name] * f:.4g}"))
-            scores[teacher.lr] = _final_log_loss(teacher, teacher.init_state, task, [80_000 + s for s in seeds], steps, 1.0)
-        best[name] = min(scores, key=scores.__getitem__)
+
+        def score(lr: float, name: str = name) -> float:
+            teacher = Teacher(name, lr)
+            return _final_log_loss(teacher, teacher.init_state, task, [80_000 + s for s in seeds], steps, 1.0)
+
+        best[name] = search_lr(score, [PRESET_LRS[name] * f for f in factors], max_widen=max_widen).lr
     return best
 
 

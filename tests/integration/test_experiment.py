@@ -379,3 +379,17 @@ def test_interrupted_experiment_resumes_without_redoing_finished_runs(tmp_path, 
     run_experiment(experiment, tmp_path, runner=runner, report=lambda _: None)
     assert calls == [("heterofl", 0), ("heterofl", 1), ("fedavg", 0), ("fedavg", 1)]
     assert (tmp_path / "tiny" / "runs" / "splitmix-seed0" / "summary.json").read_text() == finished
+
+
+def test_cli_in_process_runner_runs_the_real_federation(tmp_path):
+    """`splitmix experiment --in-process`: one run on the in-process Grid writes a full run folder
+    whose summary has the run's rounds (no Ray)."""
+    from splitmix.config import RunConfig
+    from tools.experiment import in_process_runner as cli_runner
+
+    cfg = RunConfig.from_mapping({**TINY, "out-dir": str(tmp_path)})
+    lines: list[str] = []
+    run_dir = cli_runner(lines.append)(cfg)
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    assert summary["best"]["round"] in range(1, cfg.federation.num_rounds + 1)
+    assert any("round" in line for line in lines)

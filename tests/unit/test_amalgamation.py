@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from techniques.l2o.amalgamation import (
     imitation_distance,
     imitation_loss,
     meta_loss,
+    search_lr,
     student_window,
     teacher_pool,
     train_student,
@@ -70,7 +72,7 @@ def test_sign_teachers_multipliers() -> None:
 # --------------------------------------------------------------------------- losses
 def test_imitation_losses() -> None:
     d = torch.randn(5, 4)
-    assert imitation_loss(d[:, :1], "mean") == imitation_loss(d[:, :1], "minmax")  # one teacher
+    torch.testing.assert_close(imitation_loss(d[:, :1], "mean"), imitation_loss(d[:, :1], "minmax"))  # one teacher
     assert imitation_loss(d, "minmax") >= imitation_loss(d, "mean")
     theta = torch.randn(50)
     assert float(imitation_distance(theta, theta)) == pytest.approx(math.log(1e-10) - math.log(50))
@@ -92,7 +94,7 @@ def test_zero_update_student_has_zero_meta_loss() -> None:
             return PolicyStep(torch.zeros_like(g), s, {})
 
     lm, _, _, _ = student_window(Still(), flat, flat.flat(), {}, 0, batches, 0.01, None)
-    assert float(lm.detach()) == 0.0
+    assert float(lm.detach()) == pytest.approx(0.0, abs=1e-7)
     assert float(meta_loss(torch.tensor([1.0, 0.5]), torch.tensor([1.0, 1.0]))) < 0
     assert float(meta_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))) > 0
 
@@ -106,7 +108,7 @@ def test_choice_policy_weights() -> None:
     out = hard(g, state, 1)
     u, _ = hard.proposals(g, state, 1)
     picked = u.gather(1, out.features["weights"].argmax(1, keepdim=True)).squeeze(1)
-    assert torch.equal(out.out, picked)  # one-hot: exactly one teacher's proposal
+    torch.testing.assert_close(out.out, picked)  # one-hot: exactly one teacher's proposal
     soft = ChoicePolicy(pool, hidden=8).train()
     out = soft(g, soft.init_state(200), 1)
     w = out.features["weights"]
@@ -170,7 +172,7 @@ def test_eval_mode_ignores_perturbation() -> None:
     state = student.init_state(30, g)
     weights = dict(student.named_parameters())
     a = perturbed_call(student, weights, Perturbation("gaussian_rel", 0.5), None)(g, state, 1).out
-    assert torch.equal(a, student(g, state, 1).out)
+    torch.testing.assert_close(a, student(g, state, 1).out)
 
 
 # --------------------------------------------------------------------------- lock-step and the student
@@ -180,7 +182,8 @@ def test_teacher_paths_do_not_depend_on_the_student() -> None:
     stream = task.batches(0)
     batches = [next(stream) for _ in range(4)]
     paths = [Runner(Teacher("adam", 0.01), flat, flat.flat(), Teacher("adam", 0.01).init_state(flat.numel), 1.0).advance(batches) for _ in range(2)]
-    assert torch.equal(paths[0], paths[1]) and not paths[0].requires_grad
+    torch.testing.assert_close(paths[0], paths[1])
+    assert not paths[0].requires_grad
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,9 @@ def student() -> tuple[RNNPropPolicy, dict]:
 
 
 def test_student_against_teachers_on_heldout_task(student: tuple[RNNPropPolicy, dict]) -> None:
-    """The amalgamation bar: the student's final held-out loss is at most the mean of its teachers'."""
+    """The amalgamation bar: the student's final held-out loss is within 1.1× of its best
+    teacher's (a bar against the teachers' mean would be set by the worst teacher). Measured
+    here: student 6.4e-5, best teacher (RMSProp) 1.4e-4, worst 1.7e-2."""
     policy, log = student
     task = MLPTask(hidden=48, partition="heldout")
     seeds, steps = (4001, 4002), 150
@@ -201,7 +206,7 @@ def test_student_against_teachers_on_heldout_task(student: tuple[RNNPropPolicy, 
 
     mine = final(policy, lambda n: policy.init_state(n, torch.zeros(())), 0.01)
     teachers = [final(t, t.init_state, 1.0) for t in teacher_pool(log["teacher_lrs"])]
-    assert mine <= float(np.mean(teachers)), (mine, teachers)
+    assert mine <= 1.1 * min(teachers), (mine, teachers)
     assert len(log["window_loss"]) == 16 and set(log["teacher_lrs"]) == set(TEACHERS)
 
 
@@ -210,5 +215,57 @@ def test_choice_scheme_trains_and_lr_tuning_picks_from_grid() -> None:
     cfg = AmalgamationConfig(scheme="choice", iterations=2, trajectory=20, unroll=10, hidden=6, pre=4, choice_iterations=2)
     policy, log = train_student(task, cfg, LRS)
     assert log["config"]["scheme"] == "choice" and all(math.isfinite(v) for v in log["window_loss"])
-    lrs = tune_teachers(task, ("sgd", "adam"), steps=20, seeds=(0,))
+    lrs = tune_teachers(task, ("sgd", "adam"), steps=20, seeds=(0,), max_widen=0)
     assert lrs["sgd"] in (pytest.approx(0.2 / 3, rel=1e-3), 0.2, 0.6) and lrs["adam"] in (pytest.approx(0.005 / 3, rel=1e-3), 0.005, 0.015)
+
+
+def test_lr_search_widens_past_an_edge_until_the_best_is_inside() -> None:
+    """A score whose minimum (lr = 1) lies above the grid: the search extends the grid by ×3 until
+    the best rate has a worse neighbour on both sides; without widening it would stop at the edge."""
+    calls: list[float] = []
+
+    def score(lr: float) -> float:
+        calls.append(lr)
+        return (math.log10(lr) - 0.0) ** 2
+
+    found = search_lr(score, [0.01, 0.03, 0.1])
+    assert found.lr == pytest.approx(0.9, rel=1e-3) and not found.at_edge and found.widened == 3
+    assert sorted(found.scores) == pytest.approx([0.01, 0.03, 0.1, 0.3, 0.9, 2.7], rel=1e-3)
+    stuck = search_lr(score, [0.01, 0.03, 0.1], max_widen=1)
+    assert stuck.lr == pytest.approx(0.3, rel=1e-3) and stuck.at_edge
+    with pytest.raises(ValueError, match="at least 3 values"):
+        search_lr(score, [0.1, 1.0])
+
+
+def _distance_to_teacher(policy: RNNPropPolicy, teacher: Teacher, task: MLPTask, seeds: tuple[int, ...], steps: int) -> float:
+    """Mean over steps and seeds of the imitation distance between the student's and the
+    teacher's parameter paths on the same initialisation and minibatches."""
+    out = []
+    for seed in seeds:
+        flat = FlatModel(task.model(seed))
+        stream = task.batches(seed)
+        batches = [next(stream) for _ in range(steps)]
+        mine = Runner(policy, flat, flat.flat(), policy.init_state(flat.numel, torch.zeros(())), 0.01).advance(batches)
+        theirs = Runner(teacher, flat, flat.flat(), teacher.init_state(flat.numel), 1.0).advance(batches)
+        out += [float(imitation_distance(a, b)) for a, b in zip(mine, theirs)]
+    return float(np.mean(out))
+
+
+def test_distillation_loss_shapes_the_student() -> None:
+    """Effect test of amalgamation: two students from the same seed and meta-loss, one also with
+    the imitation (distillation) term towards plain SGD (lr 0.05, a trajectory unlike what the
+    meta-loss alone learns). On held-out optimizees the distilled one follows SGD's trajectory
+    far more closely (measured: log-distance −10.6 vs −5.2); were the imitation term a no-op,
+    the two students would be the same network and the distances equal."""
+    torch.manual_seed(0)
+    task = MLPTask()
+    cfg = AmalgamationConfig(
+        scheme="mean", teachers=("sgd",), iterations=12, trajectory=20, unroll=10, meta_lr=1e-2, hidden=8, pre=6, perturbation="none"
+    )
+    lrs = {"sgd": 0.05}
+    distilled, _ = train_student(task, cfg, lrs)
+    meta_only, _ = train_student(task, replace(cfg, imitation=(0.0,)), lrs)
+    heldout = MLPTask(hidden=48, partition="heldout")
+    near = _distance_to_teacher(distilled, Teacher("sgd", 0.05), heldout, (4101, 4102), 40)
+    far = _distance_to_teacher(meta_only, Teacher("sgd", 0.05), heldout, (4101, 4102), 40)
+    assert near < far - 2.0, (near, far)  # log of a squared distance: e^2 ≈ 7× closer at least

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_analytic_optimizers_match_torch(name: str, reference) -> None:
     _steps(a, make_optimizer(name, a.parameters(), 0.05, momentum=0.9, weight_decay=5e-4), task, 1, 3)
     _steps(b, reference(b.parameters()), task, 1, 3)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+        torch.testing.assert_close(pa, pb)
 
 
 @pytest.mark.parametrize("name", LEARNED)
@@ -94,7 +95,7 @@ def test_state_travels_across_rounds(name: str, artifacts: Path) -> None:
     _steps(model, opt, task, 7, 2)
     _steps(clone, resumed, task, 7, 2)
     for pa, pb in zip(model.parameters(), clone.parameters()):
-        assert torch.equal(pa, pb)
+        torch.testing.assert_close(pa, pb)
     partial = make_optimizer(name, copy.deepcopy(model).named_parameters(), 0.01, momentum=0.9, artifacts=artifacts)
     assert import_state(partial, default) == (len(list(model.parameters())) if default else 0)
 
@@ -141,7 +142,7 @@ def test_state_survives_a_flower_array_record() -> None:
     opt.step()
     back = ArrayRecord(torch_state_dict=export_state(opt)).to_torch_state_dict()
     again = make_optimizer("adam", model.named_parameters(), 0.01, state=back)
-    assert torch.equal(again.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    torch.testing.assert_close(again.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
 
 
 def test_cli_evaluate_writes_curves(artifacts: Path, tmp_path: Path) -> None:
@@ -153,20 +154,40 @@ def test_cli_evaluate_writes_curves(artifacts: Path, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="splitmix")
     l2o_cli.add_l2o_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval"
-    args = parser.parse_args(
-        ["l2o", "evaluate", "--artifacts", str(artifacts), "--out", str(out), "--steps", "10", "--seeds", "1", "--every", "5", "--threads", "1"]
-    )
+    record_path = tmp_path / "record.json"
+    argv = ["l2o", "evaluate", "--artifacts", str(artifacts), "--out", str(out), "--steps", "10", "--seeds", "2", "--every", "5"]
+    args = parser.parse_args([*argv, "--tune-seeds", "1", "--threads", "1", "--results", str(record_path)])
     assert args.func(args) == 0
     assert {p.name for p in out.iterdir()} == {"results.json", "curves.csv", "loss_curves.png"}
-    results = json.loads((out / "results.json").read_text())["results"]
+    payload = json.loads((out / "results.json").read_text())
+    results = payload["results"]
     assert {"sgd", "adam", *LEARNED, "teacher:rmsprop"} <= set(results)
+    assert not set(payload["seeds"]) & set(payload["tune_seeds"])  # rates chosen on other seeds than reported
+    for label in ("sgd", "adam", "teacher:rmsprop"):  # each tuned rate is the best validation score of its grid
+        grid = {float(k): v for k, v in results[label]["grid"].items()}
+        assert results[label]["lr"] == pytest.approx(min(grid, key=grid.__getitem__))
+        assert results[label]["at_edge"] == (results[label]["lr"] in (min(grid), max(grid)))
+    record = json.loads(record_path.read_text())
+    assert record["kind"] == "table" and len(record["rows"]) == len(results)
+    assert all(len(row) == len(record["columns"]) for row in record["rows"])
+    assert {"commit", "dirty", "versions", "wall_s", "command"} <= set(record["provenance"])
+    overlap = parser.parse_args([*argv, "--tune-first-seed", "1000"])
+    assert overlap.func(overlap) == 2
     bad = parser.parse_args(["l2o", "evaluate", "--artifacts", str(tmp_path / "none"), "--out", str(out)])
     assert bad.func(bad) == 2
 
 
-def test_learned_optimizer_state_is_kept_in_the_node_context_between_rounds():
-    """The optimizer technique's hooks: a round stores the optimizer's state in the node's
-    Context; the next round on the same units gets exactly that state back."""
+def _round(technique, units: list[str], context, optimizer: str = "adam"):
+    from types import SimpleNamespace
+
+    task = SimpleNamespace(train=SimpleNamespace(optimizer=optimizer, l2o_sha256="", l2o_artifacts=""))
+    return SimpleNamespace(units=units, context=context, task=task, optimizer_state="unset")
+
+
+def test_optimizer_state_is_kept_per_base_and_restored_in_a_rotated_order():
+    """Two bases trained as a stack [base1, base2] with Adam; the next round the client gets them
+    as [base2, base1]: each base's slice of the resumed state is that base's own moments (the
+    stack's rows move with their base), and the step goes on from the kept one."""
     from types import SimpleNamespace
 
     from flwr.app import RecordDict
@@ -175,14 +196,93 @@ def test_learned_optimizer_state_is_kept_in_the_node_context_between_rounds():
 
     technique = LearnedOptimizer(OptimizerSection(optimizer="adam"))
     context = SimpleNamespace(state=RecordDict())
-    rnd = SimpleNamespace(units=["base1", "base2"], context=context, optimizer_state="unset")
-    hooks = technique.client_round(rnd)
-    hooks.before_training(rnd)
-    assert rnd.optimizer_state is None  # a node's first round: nothing kept yet
-    kept = {"w/exp_avg": torch.arange(4.0), "w/step": torch.tensor(3.0)}
-    hooks.after_training(rnd, SimpleNamespace(optimizer_state=kept))
-    again = SimpleNamespace(units=["base1", "base2"], context=context, optimizer_state=None)
-    technique.client_round(again).before_training(again)
-    assert set(again.optimizer_state) == set(kept)
-    # the codec sends a 0-d tensor as 1-d: compare values at the kept shape
-    assert all(torch.equal(again.optimizer_state[k].reshape(kept[k].shape), kept[k]) for k in kept)
+    first = _round(technique, ["base1", "base2"], context)
+    technique.client_round(first).before_training(first)
+    assert first.optimizer_state is None  # a node's first round: nothing kept yet
+    stack = torch.nn.Linear(3, 4)  # a 2-stack: rows 0–1 are base1's, rows 2–3 base2's
+    opt = make_optimizer("adam", stack.named_parameters(), 0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        stack(torch.randn(5, 3, generator=torch.Generator().manual_seed(0))).pow(2).sum().backward()
+        opt.step()
+    kept = export_state(opt)
+    technique.client_round(first).after_training(first, SimpleNamespace(optimizer_state=kept))
+    rotated = _round(technique, ["base2", "base1"], context)
+    technique.client_round(rotated).before_training(rotated)
+    restored = rotated.optimizer_state
+    assert restored is not None, "nothing restored for a rotated set of the same bases"
+    for key in ("weight/exp_avg", "weight/exp_avg_sq", "bias/exp_avg"):
+        torch.testing.assert_close(restored[key][:2], kept[key][2:])  # base2 first now
+        torch.testing.assert_close(restored[key][2:], kept[key][:2])
+    torch.testing.assert_close(restored["weight/step"].reshape(()), kept["weight/step"].reshape(()))
+    # a round with one kept base and one new: the new base's rows start from zero moments
+    partial = _round(technique, ["base3", "base1"], context)
+    technique.client_round(partial).before_training(partial)
+    torch.testing.assert_close(partial.optimizer_state["weight/exp_avg"][:2], torch.zeros(2, 3))
+    torch.testing.assert_close(partial.optimizer_state["weight/exp_avg"][2:], kept["weight/exp_avg"][:2])
+
+
+def test_split_and_join_state_are_inverse_for_flat_learned_state():
+    """A learned optimizer keeps one row per scalar (flattened, row-major): chunks of the flat
+    vector are the bases' chunks of dim 0, so split → join in the same order is the identity."""
+    from techniques.optimizers import join_state, split_state
+
+    state = {"w/exp_avg": torch.arange(24.0), "w/step": torch.tensor(5.0), "b/exp_avg_sq": torch.arange(4.0).reshape(4, 1)}
+    parts = split_state(state, ["base0", "base7"])
+    torch.testing.assert_close(parts["base7"]["w/exp_avg"], torch.arange(12.0, 24.0))
+    again = join_state(parts, ["base0", "base7"])
+    assert again is not None and set(again) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(again[key].reshape(value.shape), value)
+    with pytest.raises(ValueError, match="does not split into 3 units"):
+        split_state({"w/exp_avg": torch.zeros(4)}, ["a", "b", "c"])
+
+
+def test_clients_never_train_artifacts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A client without an artifact fails with one line naming the command; nothing is trained."""
+    monkeypatch.setenv(optim.ENV_DIR, str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="splitmix l2o train"):
+        make_optimizer("symbolic-l2o", [torch.nn.Parameter(torch.zeros(2))], 0.01)
+    assert not (tmp_path / "cache" / "default" / "symbolic.json").exists()
+
+
+def test_server_hashes_its_artifact_and_every_node_checks_it(artifacts: Path, tmp_path: Path) -> None:
+    """The task carries the server's artifact digest; a node with the same files passes, a node
+    with another rule or none fails its start-up check, and the server turns that into one line."""
+    import shutil
+    from dataclasses import replace
+
+    from server.federation import _stop_on_node_check
+    from splitmix.config import load_config
+    from techniques.base import NODE_CHECK_FAILED, NodeCheckError
+    from techniques.optimizers import LearnedOptimizer, OptimizerSection, artifact_digest
+
+    run = load_config(overrides=f"num-clients=2 optimizer='symbolic-l2o' l2o-artifacts='{artifacts}'")
+    task = run.client_task()
+    assert task.train.l2o_sha256 == artifact_digest("symbolic-l2o", artifacts)
+    technique = LearnedOptimizer(OptimizerSection(optimizer="symbolic-l2o", l2o_artifacts=str(artifacts)))
+    technique.check_node(task)  # the server's own folder: the same digest
+    other = tmp_path / "other"
+    shutil.copytree(artifacts, other)
+    rule = json.loads((other / "symbolic.json").read_text())
+    rule["constants"][0] = float(rule["constants"][0]) * 2 + 1
+    (other / "symbolic.json").write_text(json.dumps(rule))
+    with pytest.raises(NodeCheckError, match="is not the server's") as info:
+        technique.check_node(replace(task, train=replace(task.train, l2o_artifacts=str(other))))
+    with pytest.raises(NodeCheckError, match="no artifact"):
+        technique.check_node(replace(task, train=replace(task.train, l2o_artifacts=str(tmp_path / "none"))))
+    reason = f"node 7: profile query failed: <class 'techniques.base.NodeCheckError'>:<'{info.value}'>"
+    with pytest.raises(RuntimeError) as stop:
+        _stop_on_node_check(["node 3: profile query failed: timeout", reason])
+    message = str(stop.value)
+    assert message.startswith(f"node 7: {NODE_CHECK_FAILED}: learned optimizer 'symbolic-l2o'") and "\n" not in message
+    _stop_on_node_check(["node 3: profile query failed: timeout"])  # other failures do not stop the run
+
+
+def test_simulate_without_the_servers_artifact_stops_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server hashes its artifact before Ray starts: a missing one is one line, exit code 2."""
+    from splitmix.cli import main
+
+    code = main(["simulate", "--run-config", f"optimizer='symbolic-l2o' l2o-artifacts='{tmp_path}' num-clients=4 num-rounds=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "splitmix l2o train" in err[0], err
