@@ -628,10 +628,11 @@ def project_to_budget(
     return sel
 
 
-def magnitude_selection(model: VisionTransformer, flops_ratio: float) -> Selection:
+def magnitude_selection(model: VisionTransformer, flops_ratio: float, generator: torch.Generator | None = None) -> Selection:
     """Baseline: the same ``h`` heads and ``m`` neurons kept in every block and base (the most
     uniform pair, i.e. the largest min(h/H, m/M), whose MACs fit the budget; ties: more MACs),
-    heads and neurons chosen by the squared L2 norm of their proj / fc2 columns; no learning."""
+    heads and neurons chosen by the squared L2 norm of their proj / fc2 columns; no learning.
+    With ``generator``: the same counts, heads and neurons drawn at random (the random control)."""
     geom = ViTGeometry.from_model(model)
     budget = flops_ratio * geom.dense_macs()
     best: tuple[float, int, int, int] | None = None
@@ -647,7 +648,10 @@ def magnitude_selection(model: VisionTransformer, flops_ratio: float) -> Selecti
     _, _, h, m = best
     k, depth = geom.num_bases, geom.depth
     s0 = torch.full((k, depth), geom.heads - h)
-    return select_by_counts(group_scores(model), s0, torch.zeros(k, depth, geom.heads), torch.full((k, depth), geom.hidden - m))
+    scores = group_scores(model)
+    if generator is not None:
+        scores = GroupScores(*(torch.rand(t.shape, generator=generator, dtype=t.dtype) for t in (scores.heads, scores.dims, scores.neurons)))
+    return select_by_counts(scores, s0, torch.zeros(k, depth, geom.heads), torch.full((k, depth), geom.hidden - m))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,6 +243,7 @@ def compress_run(
     baseline: bool = True,
     progress: bool = True,
     config: UVCConfig | None = None,
+    random_control: bool = False,
 ) -> dict[str, Any]:
     """Compress the ViT ``run_folder`` serves at ``width`` (and λ = ``robustness``) to
     ``flops_ratio`` of its MACs with UVC, fine-tune, slice, write the output folder (module
@@ -342,23 +343,27 @@ def compress_run(
             f"UVC: accuracy {check['accuracy']:.4f} at {check['macs']:,} MACs (ratio {check['macs'] / dense_macs:.4f}; "
             f"|Δlogit| sliced vs masked {check['max_diff']:.2g}) ({seconds['finetune']:.1f}s)"
         )
-        # ---- baseline: uniform magnitude pruning to the same budget, same fine-tuning
-        base_entry: dict[str, Any] | None = None
-        if baseline:
+        # ---- baselines: uniform magnitude pruning (and, if asked, random groups at the same counts)
+        #      to the same budget, fine-tuned for UVC's weight-training epochs (search + fine-tune)
+        arms: list[tuple[str, torch.Generator | None]] = [("magnitude", None)] if baseline else []
+        if random_control:
+            arms.append(("random", torch.Generator().manual_seed(seed + 7)))
+        entries: dict[str, dict[str, Any]] = {}
+        for arm, generator in arms:
             t = time.perf_counter()
-            mag_model = copy.deepcopy(dense)
-            mag = magnitude_selection(mag_model, flops_ratio)
-            acc_mag0 = _accuracy(batched_logits(masked_copy(mag_model, mag), test.x), test.y)
-            mag_epochs = search_epochs + finetune_epochs  # UVC's search trains the weights too: the same epochs
-            bar.stage("magnitude fine-tune", mag_epochs * per_epoch)
-            log = _EpochLog("baseline-finetune", per_epoch, history, bar)
+            arm_model = copy.deepcopy(dense)
+            arm_sel = magnitude_selection(arm_model, flops_ratio, generator)
+            acc0 = _accuracy(batched_logits(masked_copy(arm_model, arm_sel), test.x), test.y)
+            arm_epochs = search_epochs + finetune_epochs  # UVC's search trains the weights too: the same epochs
+            bar.stage(f"{arm} fine-tune", arm_epochs * per_epoch)
+            log = _EpochLog("baseline-finetune" if arm == "magnitude" else f"{arm}-finetune", per_epoch, history, bar)
             finetune(
-                mag_model,
-                mag,
+                arm_model,
+                arm_sel,
                 train.x,
                 train.y,
                 teacher,
-                mag_epochs,
+                arm_epochs,
                 lr=lr,
                 batch_size=batch_size,
                 alpha=cfg.alpha,
@@ -367,23 +372,25 @@ def compress_run(
                 on_step=log,
             )
             log.flush()
-            _, mag_check = _slice_and_check(mag_model, mag, served.robustness, test, shape, budget)
-            seconds["baseline"] = time.perf_counter() - t
-            base_entry = {
-                "method": "magnitude: uniform heads + MLP neurons by weight norm (proj / fc2 columns), no learning, fine-tuned "
-                "for search + fine-tune epochs (UVC's weight-training epochs)",
-                "finetune_epochs": mag_epochs,
-                "accuracy_before_finetune": acc_mag0,
-                "accuracy": mag_check["accuracy"],
-                "macs": mag_check["macs"],
-                "macs_ratio": mag_check["macs"] / dense_macs,
-                "params": mag_check["params"],
-                "kept": mag.summary(),
+            _, arm_check = _slice_and_check(arm_model, arm_sel, served.robustness, test, shape, budget)
+            seconds[arm] = time.perf_counter() - t
+            how = "by weight norm (proj / fc2 columns)" if generator is None else "drawn at random"
+            entries[arm] = {
+                "method": f"{arm}: uniform heads + MLP neurons {how}, no learning, fine-tuned for search + fine-tune epochs "
+                "(UVC's weight-training epochs)",
+                "finetune_epochs": arm_epochs,
+                "accuracy_before_finetune": acc0,
+                "accuracy": arm_check["accuracy"],
+                "macs": arm_check["macs"],
+                "macs_ratio": arm_check["macs"] / dense_macs,
+                "params": arm_check["params"],
+                "kept": arm_sel.summary(),
             }
             say(
-                f"magnitude baseline: accuracy {acc_mag0:.4f} → {mag_check['accuracy']:.4f} at ratio {mag_check['macs'] / dense_macs:.4f} "
-                f"({seconds['baseline']:.1f}s)"
+                f"{arm} baseline: accuracy {acc0:.4f} → {arm_check['accuracy']:.4f} at ratio {arm_check['macs'] / dense_macs:.4f} "
+                f"({seconds[arm]:.1f}s)"
             )
+        base_entry = entries.get("magnitude")
     seconds["total"] = time.perf_counter() - t0
     card = _card(
         run,
@@ -415,6 +422,8 @@ def compress_run(
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": sliced.architecture["format"]})
     (folder / ARCHITECTURE).write_text(json.dumps({**sliced.architecture, "robustness": served.robustness}, indent=2) + "\n")
     _export_program(sliced, run.input_shape, folder / PROGRAM)
+    if "random" in entries:
+        card["random_control"] = entries["random"]
     card["seconds"]["total"] = time.perf_counter() - t0
     card["folder"] = str(folder.resolve())
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")

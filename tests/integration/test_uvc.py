@@ -314,7 +314,7 @@ def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     from tools.compress import compress_run, load_compressed
 
     out = tmp_path / "uvc"
-    card = compress_run(vit_run, 0.25, 0.5, out=out, search_epochs=1, finetune_epochs=1, seed=0, report=None, progress=False)
+    card = compress_run(vit_run, 0.25, 0.5, out=out, search_epochs=1, finetune_epochs=1, seed=0, report=None, progress=False, random_control=True)
     for name in ("model.safetensors", "architecture.json", "model_card.json", "history.json"):
         assert (out / name).is_file(), name
     assert card["width"] == 0.25 and card["bases"] == [0, 1] and card["model"] == "vit"
@@ -327,7 +327,10 @@ def test_compress_run_writes_a_loadable_model_within_budget(vit_run, tmp_path):
     assert card["max_abs_logit_diff_masked_vs_sliced"] < 1e-4
     assert card["accuracy"]["masked"] == card["accuracy"]["compressed"]
     history = json.loads((out / "history.json").read_text())
-    assert [h["stage"] for h in history] == ["search", "finetune", "baseline-finetune", "baseline-finetune"]  # 1 + 1 epochs
+    assert [h["stage"] for h in history] == ["search", "finetune"] + ["baseline-finetune"] * 2 + ["random-finetune"] * 2  # 1 + 1 epochs
+    random = card["random_control"]  # the magnitude arm's counts, other groups, the same epochs
+    assert random["finetune_epochs"] == 2 and random["macs"] == card["baseline"]["macs"]
+    assert random["kept"]["heads_kept"] == card["baseline"]["kept"]["heads_kept"]
     model = load_compressed(out)
     assert count_macs(model, SHAPE) == card["macs"]["compressed"]
     cfg = RunConfig.from_mapping(json.loads((vit_run / "config.json").read_text())["run_config"])
