@@ -11,7 +11,9 @@ The sliced model is checked against the masked one on the test set, and its MACs
 
 Baseline, in the same job: magnitude pruning — the same number of heads and MLP neurons kept in
 every block (the most uniform split meeting the same budget), chosen by weight norm, no learning,
-then the same fine-tuning. The card reports both accuracies at their measured FLOPs.
+then fine-tuned for search + fine-tune epochs, so it trains its weights as long as UVC does
+(``random_control``: the same counts with groups drawn at random, the same epochs). The card
+reports the accuracies at their measured FLOPs, and UVC's learned ratio before the projection.
 
 **Data**: as ``splitmix prune``: where training data is. In simulation the default is the union of
 the run's client partitions (``--partition I``: one client's data); the run's test set is only
