@@ -200,6 +200,7 @@ class SparseRound(RoundHooks):
         self.units, self.k = rnd.units, len(rnd.units)
         self.params = prunable_parameters(model)
         self.state = rnd.context.state
+        self.extra_flops = 0.0  # work outside the training steps (UVC's search), in dense training steps
         self.technique.prepare(rnd, self)  # may hold data out: the round's steps count after it
         round_steps = task.train.epochs * steps_per_epoch(len(rnd.data), task.train.batch_size)
         self.masks: dict[str, UnitMask] = {}
@@ -271,7 +272,7 @@ class SparseRound(RoundHooks):
         rnd.metrics.update(
             {
                 "density": kept / total if total else 1.0,
-                "flops-fraction": self.flops_used / self.steps if self.steps else 1.0,
+                "flops-fraction": (self.flops_used + self.extra_flops) / self.steps if self.steps else 1.0,
                 "sparse-units": float(sum(self.masks[u].mask is not None for u in self.units)),
             }
         )

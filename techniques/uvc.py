@@ -7,7 +7,8 @@ model) on the client's own data picks what its bases keep, projected onto ``uvc-
 the dense MACs; the client trains and uploads only those weights (masks: the removed heads' proj
 columns, neurons' fc1 rows / fc2 columns, and a skipped block's proj and fc2 — biases stay dense,
 so a skipped block adds a constant). Masks differ per client, so the served model is the dense
-aggregate.
+aggregate. The search is part of the client's cost: its reported ``flops-fraction`` adds the
+search's steps (:func:`search_cost`) to the masked training steps, so it can exceed 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ if TYPE_CHECKING:
     from splitmix.config import RunConfig
 
 SEARCH_STEPS = 30  # UVC search steps on the client's data each round
+SEARCH_BATCH = 64  # their batch size (at most the client's data)
+
+
+def search_cost(steps: int, search_batch: int, examples: int, train_batch: int) -> float:
+    """The search's compute in dense training steps of ``train_batch`` examples: each search step
+    runs the full (masked, gated) model forward and backward on ``search_batch`` examples, and
+    the frozen teacher runs one forward pass (≈ ⅓ of a training step) over all examples."""
+    return (steps * search_batch + examples / 3.0) / train_batch
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,10 @@ class UVC(SparseTechnique[UVCConfig]):
             self.config.flops_ratio,
             steps=SEARCH_STEPS,
             seed=rnd.seed,
+            batch_size=SEARCH_BATCH,
         )
+        batch = min(SEARCH_BATCH, len(data))
+        sparse.extra_flops = search_cost(SEARCH_STEPS, batch, len(data), rnd.task.train.batch_size)  # counted in flops-fraction
         self.found = {n: m for n, m in found.items() if n in sparse.params}
 
     def unit_mask(self, ctx: UnitContext) -> UnitMask:  # searched afresh on the received weights every round

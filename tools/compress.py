@@ -11,7 +11,9 @@ The sliced model is checked against the masked one on the test set, and its MACs
 
 Baseline, in the same job: magnitude pruning — the same number of heads and MLP neurons kept in
 every block (the most uniform split meeting the same budget), chosen by weight norm, no learning,
-then the same fine-tuning. The card reports both accuracies at their measured FLOPs.
+then fine-tuned for search + fine-tune epochs, so it trains its weights as long as UVC does
+(``random_control``: the same counts with groups drawn at random, the same epochs). The card
+reports the accuracies at their measured FLOPs, and UVC's learned ratio before the projection.
 
 **Data**: as ``splitmix prune``: where training data is. In simulation the default is the union of
 the run's client partitions (``--partition I``: one client's data); the run's test set is only
@@ -103,6 +105,37 @@ def _check_inputs(flops_ratio: float, search_epochs: int, finetune_epochs: int, 
         raise bad("batch-size", batch_size, "an integer >= 2")
     if not (lr > 0 and math.isfinite(lr)):
         raise bad("lr", lr, "a number > 0")
+
+
+LEARNED_TOLERANCE = 0.05  # the search's own MACs ratio should land within 5 % of the budget
+
+
+def _check_budget(geom: ViTGeometry, flops_ratio: float, baseline: bool) -> None:
+    """Before any training: a budget that cannot hold one head and one neuron per block (or, for
+    the magnitude baseline, in every block) fails here, naming the smallest ratio allowed."""
+    dense = geom.dense_macs()
+    floor = geom.fixed_macs + geom.num_bases * geom.block_macs(1, geom.head_dim, 1)  # one thin block per base
+    if baseline:
+        floor = geom.fixed_macs + geom.num_bases * geom.depth * geom.block_macs(1, geom.head_dim, 1)
+    if flops_ratio * dense < floor:
+        need = "one head and one neuron in every block (the magnitude baseline; --no-baseline lowers this)" if baseline else "one thin block per base"
+        raise CompressError(f"--flops-ratio {flops_ratio:g} is out of range for this model; allowed: [{floor / dense:.4f}, 1] ({need})")
+
+
+def _refuse_degenerate(sel: Selection, accuracy: float, dense_accuracy: float, num_classes: int, examples: int, flops_ratio: float) -> None:
+    """Refuse a result no one should serve: a base with every block skipped, or test accuracy
+    not above chance (1/classes plus two binomial standard errors) when the dense model is above it
+    (a dense model at chance has nothing to lose; the card shows it)."""
+    empty = [b for b in range(sel.blocks.shape[0]) if not bool(sel.blocks[b].any())]
+    if empty:
+        raise CompressError(f"--flops-ratio {flops_ratio:g} skips every block of base(s) {empty}; refused (raise --flops-ratio)")
+    chance = 1.0 / num_classes
+    threshold = chance + 2.0 * math.sqrt(chance * (1.0 - chance) / max(1, examples))
+    if accuracy <= threshold < dense_accuracy:
+        raise CompressError(
+            f"--flops-ratio {flops_ratio:g} leaves accuracy {accuracy:.4f}, at chance (<= {threshold:.4f}; dense {dense_accuracy:.4f}); "
+            "refused (raise --flops-ratio)"
+        )
 
 
 def _default_out(run_folder: Path, width: float, flops_ratio: float, robustness: float, select: str) -> Path:
@@ -212,6 +245,7 @@ def compress_run(
     baseline: bool = True,
     progress: bool = True,
     config: UVCConfig | None = None,
+    random_control: bool = False,
 ) -> dict[str, Any]:
     """Compress the ViT ``run_folder`` serves at ``width`` (and λ = ``robustness``) to
     ``flops_ratio`` of its MACs with UVC, fine-tune, slice, write the output folder (module
@@ -250,6 +284,7 @@ def compress_run(
     if dense_macs != geom.dense_macs():
         raise RuntimeError(f"UVC's MAC formula ({geom.dense_macs()}) disagrees with the flop counter ({dense_macs}) for this ViT")
     budget = flops_ratio * dense_macs
+    _check_budget(geom, flops_ratio, baseline)
     acc_dense = _accuracy(batched_logits(dense, test.x), test.y)
     teacher = teacher_logits(dense, train.x)
     per_epoch = _steps_per_epoch(len(train), batch_size)
@@ -273,10 +308,17 @@ def compress_run(
         sel = project_to_budget(geom, learned, group_scores(model), budget, gate_margin=gates[..., 1] - gates[..., 0], fill=True)
         acc_search = _accuracy(batched_logits(masked_copy(model, sel), test.x), test.y)
         seconds["search"] = time.perf_counter() - t
+        learned_ratio = learned.macs(geom) / dense_macs
         say(
-            f"search ({steps} steps): learned MACs ratio {learned.macs(geom) / dense_macs:.4f} → projected "
-            f"{sel.macs(geom) / dense_macs:.4f}; accuracy before fine-tuning {acc_search:.4f} ({seconds['search']:.1f}s)"
+            f"search ({steps} steps): learned MACs ratio {learned_ratio:.4f} (budget {flops_ratio:g}), after the "
+            f"budget projection (last step) {sel.macs(geom) / dense_macs:.4f}; accuracy before fine-tuning {acc_search:.4f} "
+            f"({seconds['search']:.1f}s)"
         )
+        if abs(learned_ratio - flops_ratio) > LEARNED_TOLERANCE * flops_ratio:
+            say(
+                f"warning: the search's learned MACs ratio {learned_ratio:.4f} is more than {LEARNED_TOLERANCE:.0%} from the "
+                f"budget {flops_ratio:g}; the projection, not UVC, sets this model's size (more --search-epochs may help)"
+            )
         # ---- stage 2: fine-tune with fixed masks, slice, check
         t = time.perf_counter()
         bar.stage("UVC fine-tune", finetune_epochs * per_epoch)
@@ -298,26 +340,32 @@ def compress_run(
         log.flush()
         seconds["finetune"] = time.perf_counter() - t
         sliced, check = _slice_and_check(model, sel, served.robustness, test, shape, budget)
+        _refuse_degenerate(sel, check["accuracy"], acc_dense, run.spec.num_classes, len(test), flops_ratio)
         say(
             f"UVC: accuracy {check['accuracy']:.4f} at {check['macs']:,} MACs (ratio {check['macs'] / dense_macs:.4f}; "
             f"|Δlogit| sliced vs masked {check['max_diff']:.2g}) ({seconds['finetune']:.1f}s)"
         )
-        # ---- baseline: uniform magnitude pruning to the same budget, same fine-tuning
-        base_entry: dict[str, Any] | None = None
-        if baseline:
+        # ---- baselines: uniform magnitude pruning (and, if asked, random groups at the same counts)
+        #      to the same budget, fine-tuned for UVC's weight-training epochs (search + fine-tune)
+        arms: list[tuple[str, torch.Generator | None]] = [("magnitude", None)] if baseline else []
+        if random_control:
+            arms.append(("random", torch.Generator().manual_seed(seed + 7)))
+        entries: dict[str, dict[str, Any]] = {}
+        for arm, generator in arms:
             t = time.perf_counter()
-            mag_model = copy.deepcopy(dense)
-            mag = magnitude_selection(mag_model, flops_ratio)
-            acc_mag0 = _accuracy(batched_logits(masked_copy(mag_model, mag), test.x), test.y)
-            bar.stage("magnitude fine-tune", finetune_epochs * per_epoch)
-            log = _EpochLog("baseline-finetune", per_epoch, history, bar)
+            arm_model = copy.deepcopy(dense)
+            arm_sel = magnitude_selection(arm_model, flops_ratio, generator)
+            acc0 = _accuracy(batched_logits(masked_copy(arm_model, arm_sel), test.x), test.y)
+            arm_epochs = search_epochs + finetune_epochs  # UVC's search trains the weights too: the same epochs
+            bar.stage(f"{arm} fine-tune", arm_epochs * per_epoch)
+            log = _EpochLog("baseline-finetune" if arm == "magnitude" else f"{arm}-finetune", per_epoch, history, bar)
             finetune(
-                mag_model,
-                mag,
+                arm_model,
+                arm_sel,
                 train.x,
                 train.y,
                 teacher,
-                finetune_epochs,
+                arm_epochs,
                 lr=lr,
                 batch_size=batch_size,
                 alpha=cfg.alpha,
@@ -326,21 +374,25 @@ def compress_run(
                 on_step=log,
             )
             log.flush()
-            _, mag_check = _slice_and_check(mag_model, mag, served.robustness, test, shape, budget)
-            seconds["baseline"] = time.perf_counter() - t
-            base_entry = {
-                "method": "magnitude: uniform heads + MLP neurons by weight norm (proj / fc2 columns), no learning, same fine-tuning",
-                "accuracy_before_finetune": acc_mag0,
-                "accuracy": mag_check["accuracy"],
-                "macs": mag_check["macs"],
-                "macs_ratio": mag_check["macs"] / dense_macs,
-                "params": mag_check["params"],
-                "kept": mag.summary(),
+            _, arm_check = _slice_and_check(arm_model, arm_sel, served.robustness, test, shape, budget)
+            seconds[arm] = time.perf_counter() - t
+            how = "by weight norm (proj / fc2 columns)" if generator is None else "drawn at random"
+            entries[arm] = {
+                "method": f"{arm}: uniform heads + MLP neurons {how}, no learning, fine-tuned for search + fine-tune epochs "
+                "(UVC's weight-training epochs)",
+                "finetune_epochs": arm_epochs,
+                "accuracy_before_finetune": acc0,
+                "accuracy": arm_check["accuracy"],
+                "macs": arm_check["macs"],
+                "macs_ratio": arm_check["macs"] / dense_macs,
+                "params": arm_check["params"],
+                "kept": arm_sel.summary(),
             }
             say(
-                f"magnitude baseline: accuracy {acc_mag0:.4f} → {mag_check['accuracy']:.4f} at ratio {mag_check['macs'] / dense_macs:.4f} "
-                f"({seconds['baseline']:.1f}s)"
+                f"{arm} baseline: accuracy {acc0:.4f} → {arm_check['accuracy']:.4f} at ratio {arm_check['macs'] / dense_macs:.4f} "
+                f"({seconds[arm]:.1f}s)"
             )
+        base_entry = entries.get("magnitude")
     seconds["total"] = time.perf_counter() - t0
     card = _card(
         run,
@@ -372,6 +424,8 @@ def compress_run(
     save_weights(folder / WEIGHTS, sliced.state_dict(), metadata={"format": sliced.architecture["format"]})
     (folder / ARCHITECTURE).write_text(json.dumps({**sliced.architecture, "robustness": served.robustness}, indent=2) + "\n")
     _export_program(sliced, run.input_shape, folder / PROGRAM)
+    if "random" in entries:
+        card["random_control"] = entries["random"]
     card["seconds"]["total"] = time.perf_counter() - t0
     card["folder"] = str(folder.resolve())
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -449,6 +503,9 @@ def _card(
             "requested": flops_ratio,
             "measured": check["macs"] / dense_macs,
             "learned_before_projection": learned.macs(geom) / dense_macs,
+            "learned_within_tolerance": abs(learned.macs(geom) / dense_macs - flops_ratio) <= LEARNED_TOLERANCE * flops_ratio,
+            "after_projection": sel.macs(geom) / dense_macs,
+            "projection": "last step: greedy energy-per-MAC removal until within budget, then refill (not part of UVC)",
             "note": "MACs of the sliced model / the dense model, both measured with torch.utils.flop_counter (FLOPs = 2 × MACs)",
         },
         "macs": {"dense": dense_macs, "compressed": check["macs"], "ratio": check["macs"] / dense_macs},
@@ -521,6 +578,8 @@ def card_table(card: dict[str, Any]):
         f"{card['macs']['ratio']:.3f}",
         f"{card['accuracy']['compressed']:.4f}",
     )
+    learned = card["flops_ratio"]["learned_before_projection"]
+    table.add_row("UVC learned, before projection", "", "", f"{learned:.3f}", "")
     base = card.get("baseline")
     if base:
         table.add_row("magnitude", f"{base['params']:,}", f"{base['macs']:,}", f"{base['macs_ratio']:.3f}", f"{base['accuracy']:.4f}")

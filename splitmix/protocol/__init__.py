@@ -61,7 +61,8 @@ NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 TRAIN_TIME = "train-time"
 REQUIRED_METRICS = (NUM_EXAMPLES, LOSS, TRAIN_TIME)
-FRACTION_METRICS = ("flops-fraction", "density")  # sparse clients; must lie in [0, 1]
+FRACTION_METRICS = ("density",)  # sparse clients; must lie in [0, 1]
+COST_METRICS = ("flops-fraction",)  # training FLOPs / dense training FLOPs: finite, >= 0, may exceed 1 (UVC's search)
 SUM_PREFIX = "sum:"  # a client metric summed over the round's valid replies into the round's row (key without the prefix)
 MEAN_PREFIX = "mean:"  # a client metric averaged over the valid replies that carry it (e.g. a unit's density)
 
