@@ -175,16 +175,11 @@ def reply_num_examples(msg: Message, limit: int | None = None) -> int:
             value = metrics[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
-    for key in protocol.COST_METRICS:
-        if key in metrics:
-            value = metrics[key]
+    for key, value in metrics.items():  # costs (may exceed 1) and technique metrics forwarded into the round's row
+        if key in protocol.COST_METRICS or key.startswith((protocol.SUM_PREFIX, protocol.MEAN_PREFIX)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number >= 0")
-    for key, value in metrics.items():  # technique metrics forwarded into the round's row
-        if key.startswith((protocol.SUM_PREFIX, protocol.MEAN_PREFIX)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ReplyRejected(f"metric '{key}' = {value!r} is not a finite number >= 0")
-            if key.split(":", 1)[1].startswith("density") and value > 1:
+            if key.partition(":")[2].startswith("density") and value > 1:
                 raise ReplyRejected(f"metric '{key}' = {value!r} is not a fraction in [0, 1]")
     value = cast(float, metrics[protocol.NUM_EXAMPLES])  # a finite number: checked with REQUIRED_METRICS above
     if value <= 0 or value != int(value):

@@ -100,15 +100,15 @@ class FlyingBird(SparseTechnique[FlyingBirdConfig | None]):  # None for dynamic-
         return rnd.task.section("dynamic")
 
     def unit_mask(self, ctx: UnitContext) -> UnitMask:
+        cfg = self.bird_config(ctx.rnd)
         if ctx.record is not None:
             bird = self.mask_class.from_config(ctx.record)
         else:
-            cfg = self.bird_config(ctx.rnd)
             masks = initial_unit_mask(ctx.views, self.sparse_config(ctx.rnd.task).sparsity, ctx.run_seed, ctx.unit)
             interval = max(1, ctx.round_steps // (cfg.updates_per_round + 1))  # ΔT, recorded with the mask
             bird = self.mask_class(masks=masks, end_step=ctx.end_step, drop_fraction=cfg.drop_fraction, update_every=interval)
         bird.steps = (ctx.server_round - 1) * ctx.round_steps  # the cosine follows the run
-        return DynamicMask(bird, update_steps(ctx.round_steps, self.bird_config(ctx.rnd).updates_per_round))
+        return DynamicMask(bird, update_steps(ctx.round_steps, cfg.updates_per_round))
 
 
 def holdout_count(examples: int, share: float) -> int:
