@@ -27,9 +27,11 @@ from server.evaluate import Evaluator, WidthScores, evaluate_on_clients, gather_
 from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
+from server.waiting import send_and_wait
 from splitmix.config import RunConfig
 from splitmix.data import ArrayData, client_splits, test_data, train_sample
 from splitmix.protocol.codec import to_record, to_tensors
+from strategies.node_profiles import derive_profiles
 from strategies.registry import Method
 from strategies.splitmix import cosine_lr
 from techniques.base import ServerContext, Technique
@@ -139,30 +141,52 @@ def _stop_on_node_check(problems: list[str]) -> None:
         raise RuntimeError(f"{node}: {detail}{more}")
 
 
-def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> None:
+def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> list[int]:
     """In a deployment SuperNodes connect over time: wait up to ``client-wait`` seconds for
-    ``num-clients`` of them, then go on with whoever is connected (simulation: no wait)."""
-    if type(grid).__name__ == "InMemoryGrid":  # simulation: every virtual node exists from the start
-        return
+    ``num-clients`` of them (a line every ``PROGRESS_EVERY`` s says how many are in), then go on
+    with whoever is connected; fewer than ``min-train-clients`` by then is an error."""
+    from server.waiting import PROGRESS_EVERY
+
     wait, wanted = cfg.federation.client_wait, cfg.federation.num_clients
-    deadline = time.monotonic() + wait
-    count = len(list(grid.get_node_ids()))
-    if count < wanted and wait > 0:
-        say(f"{count}/{wanted} nodes connected; waiting up to {wait:g}s for the rest")
-    while count < wanted and time.monotonic() < deadline:
+    start = time.monotonic()
+    nodes = list(grid.get_node_ids())
+    next_report = start
+    while len(nodes) < wanted and time.monotonic() - start < wait:
+        if time.monotonic() >= next_report:
+            say(f"{len(nodes)}/{wanted} nodes connected; waiting up to {wait - (time.monotonic() - start):.0f}s more (client-wait)")
+            next_report = time.monotonic() + PROGRESS_EVERY
         time.sleep(1.0)
-        count = len(list(grid.get_node_ids()))
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < cfg.federation.min_train_clients:
+        raise RuntimeError(
+            f"only {len(nodes)} node(s) connected within client-wait = {wait:g}s (min-train-clients = {cfg.federation.min_train_clients})"
+        )
+    return nodes
 
 
+def simulation_node_ids(grid: Grid) -> list[int] | None:
+    """A simulation's node ids in partition order, or None when ``grid`` is not Flower's
+    in-memory simulation grid. Flower's Simulation Engine registers partition ``i`` as the
+    ``i``-th node (``vce_api._register_nodes``), and the in-memory link state keeps nodes in
+    registration order; every reply's ``partition-id`` is checked against this map. A grid of
+    our own that knows its nodes' partitions (``server/local_grid.py``) says so itself."""
+    if hasattr(grid, "partition_node_ids"):
+        return list(grid.partition_node_ids())
+    if type(grid).__name__ != "InMemoryGrid":
+        return None
+    return [info.node_id for info in grid.state.get_node_info()]  # type: ignore[attr-defined]
+
+
+EVAL_STREAM = 4242  # seed stream of the eval-clients sample
 CLIENT_STATE = "client-state"  # run-folder subfolder of the nodes' saved Context state (simulation)
 DEPLOYMENT_GRIDS = ("HttpGrid", "GrpcGrid")  # grids of a SuperLink deployment (nodes on other machines)
 
 
-def pooled_validation(cfg: RunConfig) -> ArrayData:
-    """Every client's validation split together (a simulation's server can read them; what
-    ranks Split-Mix bases for ``query --select best``)."""
+def pooled_validation(cfg: RunConfig, partitions: list[int] | None = None) -> ArrayData:
+    """The validation splits of ``partitions`` (default: every client) together (a simulation's
+    server can read them; what ranks Split-Mix bases for ``query --select best``)."""
     data = cfg.data_config()
-    parts = [client_splits(data, p).val for p in range(data.num_partitions)]
+    parts = [client_splits(data, p).val for p in (range(data.num_partitions) if partitions is None else partitions)]
     return ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
@@ -232,6 +256,7 @@ class Federation:
         self.task_json = task.to_json()
         self.device = resolve_device(cfg.system.device)
         self.best: dict | None = None  # the evaluated round with the best validation score
+        self._contacted = False  # whether this process has sent the nodes work yet
         self._served: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (state, served)
         fed = cfg.federation
         self.lr_at = (
@@ -263,11 +288,20 @@ class Federation:
         return served
 
     def nodes(self) -> list:
-        """Every connected node with a known profile (evaluation asks them all)."""
-        strategy = self.strategy
-        return sorted(
-            (p for p in strategy.profiles.values() if strategy.online is None or p.node_id in strategy.online), key=lambda p: p.partition_id
-        )
+        """The nodes that evaluate (and give static BN statistics): every connected node with
+        data, or an ``eval-clients`` sample of them drawn once per run (seeded)."""
+        strategy, cap = self.strategy, self.cfg.evaluation.eval_clients
+        if strategy.table is not None:
+            rows = np.flatnonzero(strategy.table.num_examples > 0)
+            if 0 < cap < len(rows):
+                rows = np.sort(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(rows, size=cap, replace=False))
+            return [strategy.table.profile(int(r)) for r in rows]
+        online = sorted(strategy.online if strategy.online is not None else strategy.profiles)
+        if 0 < cap < len(online):
+            online = sorted(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(online, size=cap, replace=False).tolist())
+        profiles, stats = strategy.known_profiles(online)
+        self._record_queries(stats.problems)
+        return sorted(profiles, key=lambda p: p.partition_id)
 
     def evaluate(self, state: dict[str, torch.Tensor], robust: bool) -> WidthScores:
         """The served model on every client's own validation and test splits."""
@@ -276,39 +310,66 @@ class Federation:
         )
 
     def discover(self) -> float:
-        """Profiles of the connected nodes; returns the start-up seconds."""
+        """Who takes part, without a message per node; returns the start-up seconds.
+
+        Simulation: every partition's profile is derived from the run (``strategies/node_profiles.py``).
+        Deployment: wait for the nodes to connect; each is asked for its profile when first
+        sampled or evaluated, through :meth:`send` (which waits for slow nodes)."""
         cfg, strategy = self.cfg, self.strategy
         start = time.perf_counter()
-        _wait_for_nodes(self.grid, cfg, self.say)
-        discovery = strategy.discover(self.grid, self.task_json, cfg.federation.round_timeout)
-        self.store.append_events(0, discovery.problems)
-        _stop_on_node_check(discovery.problems)
+        ids = simulation_node_ids(self.grid)
+        if ids is not None:
+            from splitmix.data import train_example_counts
+
+            table = derive_profiles(cfg.client_task(self.method.spec), ids, train_example_counts(cfg.data_config()))
+            strategy.use_table(table)
+            empty = int((table.num_examples == 0).sum())
+            if empty:
+                self.say(f"{empty} of {len(table)} clients hold no training examples: they are never sampled")
+            known = len(table) - empty
+        else:
+            known = len(_wait_for_nodes(self.grid, cfg, self.say))
+            strategy.attach(lambda messages: self.send(messages, cfg.federation.client_wait, "profile query"), cfg.federation.client_wait)
+            if known != cfg.federation.num_clients:
+                log.warning(
+                    "num-clients = %d but %d node(s) are connected: only their partitions take part "
+                    '(with `flwr run`, pass --federation-config "num-supernodes=%d")',
+                    cfg.federation.num_clients,
+                    known,
+                    cfg.federation.num_clients,
+                )
         startup = time.perf_counter() - start
-        known, wanted = len(strategy.profiles), cfg.federation.num_clients
-        if known < cfg.federation.min_train_clients:
-            raise RuntimeError(
-                f"only {known} client(s) reported a profile (min-train-clients = {cfg.federation.min_train_clients}); "
-                + "; ".join(discovery.problems[:3])
-            )
-        if known != wanted:
-            log.warning(
-                "num-clients = %d but %d node(s) reported a profile: only their partitions take part "
-                '(with `flwr run`, pass --federation-config "num-supernodes=%d")',
-                wanted,
-                known,
-                wanted,
-            )
         self.say(f"{known} clients ready in {startup:.1f}s; run folder {self.store.root}")
         return startup
+
+    def send(self, messages: list, timeout: float, what: str) -> list:
+        """Send and wait for the replies (up to ``timeout`` s), saying whom it still waits for."""
+
+        def name_of(node: int) -> str:
+            profile = self.strategy.profile_of(node)
+            return f"node {node}" + (f" (partition {profile.partition_id})" if profile is not None else "")
+
+        return send_and_wait(self.grid, messages, timeout, self.say, what, name_of)
+
+    def _record_queries(self, problems: list[str], rnd: int = 0) -> None:
+        """Profile-query problems go to the run's events; a failed node check stops the run."""
+        self.store.append_events(rnd, problems)
+        _stop_on_node_check(problems)
 
     def train_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict, float]:
         """Send work, wait for replies, aggregate; returns (new arrays, metrics row, seconds)."""
         t0 = time.perf_counter()
-        joined = self.strategy.discover(self.grid, self.task_json, self.cfg.federation.round_timeout)  # new/restarted nodes
-        self.store.append_events(rnd, joined.problems)
-        _stop_on_node_check(joined.problems)
+        fed = self.cfg.federation
+        self.strategy.refresh(self.grid)  # a deployment's nodes come and go
         messages = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), self.grid))
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        for stats in self.strategy.query_stats:  # profiles asked for the nodes just sampled
+            self._record_queries(stats.problems, rnd)
+        self.strategy.query_stats.clear()
+        # The first messages of a process meet nodes that may still be starting (importing torch,
+        # loading data): they get the start-up deadline too.
+        timeout = max(fed.round_timeout, fed.client_wait) if not self._contacted else fed.round_timeout
+        self._contacted = True
+        replies = self.send(messages, timeout, f"train round {rnd}")
         new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
         train_s = time.perf_counter() - t0
         row = {"round": rnd, "lr": self.lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
@@ -342,7 +403,7 @@ class Federation:
         sparsity = sparse.sparsity if sparse.method != "none" else 0.0  # type: ignore[attr-defined]
         store.save_weights(state, {"round": str(cfg.federation.num_rounds), "sparsity": str(sparsity)})
         if hasattr(method, "base_accuracy"):  # Split-Mix: lets queries pick the best k bases (by validation data)
-            val = pooled_validation(cfg)
+            val = pooled_validation(cfg, [p.partition_id for p in self.nodes()] if self.strategy.table is not None else None)
             totals["base_accuracy"] = method.base_accuracy({k: v.to(device) for k, v in state.items()}, val.x.to(device), val.y.to(device))
         extra_summary: dict = {"best": self.best}
         calibration = train_sample(cfg.data_config(), 2048, cfg.seed).x if method.local_norms else None

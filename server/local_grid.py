@@ -9,6 +9,7 @@ handler at once, in order; a node keeps its ``Context`` across rounds, as Flower
 from __future__ import annotations
 
 import os
+from uuid import uuid4
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -50,6 +51,7 @@ class InProcessGrid(Grid):
         self.nodes = {1000 + i: i for i in range(num_nodes)}
         self.tamper = tamper
         self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}  # message id -> reply not pulled yet
         self.contexts = {  # one Context per node, kept across rounds as Flower does
             node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
             for node, pid in self.nodes.items()
@@ -68,21 +70,26 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+    def partition_node_ids(self) -> list[int]:
+        """Node ids in partition order: the server derives the profiles (as in a simulation)."""
+        return list(self.nodes)
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message at once; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            ctx = self.contexts[node]
-            handler = client_handler(msg.metadata.message_type)
-            reply = handler(msg, ctx)
+            reply = client_handler(msg.metadata.message_type)(msg, self.contexts[node])
             if self.tamper is not None:
                 reply = self.tamper(node, reply)
-            replies.append(reply)
-        return replies
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))

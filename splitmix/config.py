@@ -158,6 +158,7 @@ class EvaluationConfig(Section):
     eval_robust_every: int = option(0, "PGD evaluation every N rounds (0 = final round only)", lo=0)
     eval_pgd_steps: int = option(10, "PGD steps in evaluation (0 = no robust evaluation)", lo=0)
     eval_train_examples: int = option(0, "training examples also evaluated (robust generalisation gap)", lo=0)
+    eval_clients: int = option(0, "clients that evaluate (a seeded sample fixed for the run; 0 = every client)", lo=0)
 
     def validate(self) -> None:
         if 0.0 not in self.lambdas:

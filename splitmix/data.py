@@ -619,3 +619,13 @@ def train_sample(cfg: DataConfig, count: int, seed: int) -> ArrayData:
     union = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
     order = np.random.default_rng(seed + 31337).permutation(len(union))[: min(count, len(union))]
     return union.subset(np.sort(order))
+
+
+def train_example_counts(cfg: DataConfig) -> np.ndarray:
+    """Every client's training-example count (its share less its validation split), without
+    building any client's tensors: what the server derives profiles from in a simulation."""
+    sizes = np.fromiter((len(p) for p in partition_indices(cfg, True)), dtype=np.int64, count=cfg.num_partitions)
+    if cfg.val_ratio <= 0:
+        return sizes
+    held = np.minimum(sizes - 1, np.maximum(1, np.floor(cfg.val_ratio * sizes + 1e-9).astype(np.int64)))
+    return sizes - np.where(sizes < 2, 0, held)

@@ -24,8 +24,11 @@ from splitmix.protocol import NodeProfile, as_float
 from splitmix.protocol.codec import decode
 from splitmix.protocol.sparse_codec import sparse_from_record
 from strategies.aggregation import Contribution, Entry
+from strategies.node_profiles import ProfileTable
 
 log = logging.getLogger("splitmix")
+
+Sender = Callable[[list[Message]], Iterable[Message]]  # messages -> replies (waits, reports progress)
 
 
 class ReplyRejected(ValueError):
@@ -230,8 +233,12 @@ class FederatedStrategy(Strategy):
         self.last_round = RoundStats()
         self._sent: dict[int, dict[str, TensorSpec]] = {}  # node -> what its reply must hold
         self._outbox: dict[int, Message] = {}  # node -> the instruction sent to it this round
-        self._discoveries = 0
+        self._discoveries = 0  # rounds begun (profile queries that failed are retried by this count)
         self._retry_at: dict[int, int] = {}  # node whose profile failed -> discovery call to ask again
+        self.table: ProfileTable | None = None  # simulation: every partition's derived profile
+        self._send: Sender | None = None  # deployment: how profile queries are sent (lazily)
+        self._query_timeout = 0.0
+        self.query_stats: list[RoundStats] = []  # lazy profile queries since the round loop last took them
         self._current = ArrayRecord()
         self._bounds: tuple[ArrayRecord | None, dict[str, float]] = (None, {})
         self.aggregation = "mean"  # a reducer of strategies/aggregation.py
@@ -277,30 +284,69 @@ class FederatedStrategy(Strategy):
         return new, MetricRecord({**stats.as_metrics(), **forwarded, "valid": len(valid), "round-failed": 0})
 
     # ------------------------------------------------------------------ profiles
-    def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:
-        """Ask every connected node without a known profile for it (doubles as actor warm-up).
+    def use_table(self, table: ProfileTable) -> None:
+        """Simulation: every partition's profile is derived (``strategies/node_profiles.py``);
+        no node is asked, and every virtual node is always connected."""
+        self.table, self.online = table, None
 
-        Called before every round: only connected nodes are sampled, so a node that died stops
-        being sent work once the SuperLink marks it offline, and a node that (re)joins is asked
-        for its profile and takes part from the next round on (a restarted node may come back
-        under a new node id; its partition then moves to the new id).
+    def attach(self, send: Sender, timeout: float) -> None:
+        """Deployment: nodes are asked for their profile when first sampled or evaluated, through
+        ``send`` (which waits up to ``timeout`` seconds and reports who it is waiting for)."""
+        self._send, self._query_timeout = send, timeout
+
+    def profile_of(self, node: int) -> NodeProfile | None:
+        if node in self.profiles:
+            return self.profiles[node]
+        row = self.table.row(node) if self.table is not None else None
+        return None if row is None else self.table.profile(row)  # type: ignore[union-attr]
+
+    def refresh(self, grid: Grid) -> None:
+        """Before a round: which nodes are connected now (a deployment; a simulation's nodes
+        never leave)."""
+        self._discoveries += 1
+        if self.table is None:
+            self.online = set(grid.get_node_ids())
+
+    def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:
+        """Ask every connected node without a known profile for it (an explicit, eager discovery;
+        the round loop asks lazily instead: :meth:`known_profiles`).
+
+        Only connected nodes are sampled, so a node that died stops being sent work once the
+        SuperLink marks it offline, and a node that (re)joins is asked for its profile and takes
+        part from then on (a restarted node may come back under a new node id; its partition
+        then moves to the new id).
         """
-        stats = RoundStats()
         self.online = set(grid.get_node_ids())
         self._discoveries += 1
-        # A node whose profile failed is asked again only every RETRY_DISCOVERY calls, so one
-        # broken node does not hold every round up for a query timeout.
         unknown = [n for n in sorted(self.online) if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries]
+        return self._query(unknown, lambda messages: grid.send_and_receive(messages, timeout=timeout), task_json)
+
+    def known_profiles(self, nodes: Iterable[int]) -> tuple[list[NodeProfile], RoundStats]:
+        """The profiles of ``nodes``; in a deployment the ones not known yet are asked now (those
+        that fail are left out and asked again only ``RETRY_DISCOVERY`` rounds later)."""
+        nodes = list(nodes)
+        stats = RoundStats()
+        unknown = [n for n in nodes if self.profile_of(n) is None and self._retry_at.get(n, 0) <= self._discoveries]
+        if unknown and self._send is not None:
+            stats = self._query(unknown, self._send, self.task_json)
+        found = [self.profile_of(n) for n in nodes]
+        return [p for p in found if p is not None], stats
+
+    def _query(self, unknown: list[int], send: Callable[[list[Message]], Iterable[Message]], task_json: str) -> RoundStats:
+        """Ask ``unknown`` for their profiles; malformed or conflicting replies are rejected."""
+        stats = RoundStats()
         if not unknown:
             return stats
         messages = {n: protocol.query_message(task_json, n) for n in unknown}
-        replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
+        replies = send(list(messages.values()))
         # As in collect_valid: the SuperLink answers for an unreachable node under its own id.
         addressee = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
         for node in unknown:
             self._retry_at[node] = self._discoveries + RETRY_DISCOVERY
+        answered: set[int] = set()
         for reply in replies:
             node = addressee.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             if reply.has_error():
                 stats.failures += 1
                 stats.problems.append(f"node {node}: profile query failed: {reply.error.reason}")
@@ -308,7 +354,7 @@ class FederatedStrategy(Strategy):
             try:
                 profile = protocol.profile_from_record(reply.content.config_records[protocol.PROFILE], node)
                 holders = [n for n, q in self.profiles.items() if q.partition_id == profile.partition_id]
-                if any(n in self.online for n in holders):
+                if any(n in self.online for n in holders) if self.online is not None else holders:
                     raise ValueError(f"partition-id {profile.partition_id} is already taken by another connected node")
                 for stale in holders:  # the partition's previous node is gone
                     del self.profiles[stale]
@@ -317,21 +363,54 @@ class FederatedStrategy(Strategy):
             except (KeyError, TypeError, ValueError, OverflowError) as err:
                 stats.rejected += 1
                 stats.problems.append(f"node {node}: malformed profile reply ({err})")
+        silent = [n for n in unknown if n not in answered]
+        stats.failures += len(silent)
+        stats.problems.extend(f"node {n}: no profile reply before the deadline" for n in silent)
         for problem in stats.problems:
             log.warning(problem)
         return stats
 
     def sample(self, eligible: Callable[[NodeProfile], bool] | None = None) -> list[NodeProfile]:
-        """A seeded sample of the known (and ``eligible``) nodes, ordered by partition id."""
-        nodes = sorted(
-            (p for p in self.profiles.values() if (eligible is None or eligible(p)) and (self.online is None or p.node_id in self.online)),
+        """A seeded sample of the connected, ``eligible`` nodes that hold training data, in
+        partition order: ``fraction-train`` of them, at least ``min-train-clients``.
+
+        Simulation: drawn from the derived profile table (numpy; no per-node objects). Deployment:
+        drawn from the connected nodes whose profile is known or not yet asked; the drawn unknown
+        ones are asked now (lazily) and those that turn out ineligible or fail are left out of
+        this round. Once every node is known both draw exactly the same way.
+        """
+        if self.table is not None:
+            rows = np.flatnonzero(self.table.eligible(eligible))
+            count = min(len(rows), max(self.min_train_clients, int(round(self.fraction_train * len(rows)))))
+            if count == 0:
+                return []
+            picked = self.rng.choice(len(rows), size=count, replace=False)
+            return [self.table.profile(int(rows[i])) for i in sorted(picked)]
+        known = sorted(
+            (
+                p
+                for p in self.profiles.values()
+                if (eligible is None or eligible(p)) and p.num_examples != 0 and (self.online is None or p.node_id in self.online)
+            ),
             key=lambda p: p.partition_id,
         )
-        if not nodes:
+        unknown: list[int] = []
+        if self._send is not None and self.online is not None:
+            unknown = sorted(n for n in self.online if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries)
+        pool: list[NodeProfile | int] = [*known, *unknown]
+        if not pool:
             return []
-        count = min(len(nodes), max(self.min_train_clients, int(round(self.fraction_train * len(nodes)))))
-        picked = self.rng.choice(len(nodes), size=count, replace=False)
-        return [nodes[i] for i in sorted(picked)]
+        count = min(len(pool), max(self.min_train_clients, int(round(self.fraction_train * len(pool)))))
+        drawn = [pool[i] for i in sorted(self.rng.choice(len(pool), size=count, replace=False))]
+        asked = [n for n in drawn if isinstance(n, int)]
+        if asked:
+            _, stats = self.known_profiles(asked)
+            self.query_stats.append(stats)
+        chosen = [p if isinstance(p, NodeProfile) else self.profiles.get(p) for p in drawn]
+        return sorted(
+            (p for p in chosen if p is not None and (eligible is None or eligible(p)) and p.num_examples != 0),
+            key=lambda p: p.partition_id,
+        )
 
     # ------------------------------------------------------------------ replies
     def collect_valid(
@@ -350,7 +429,7 @@ class FederatedStrategy(Strategy):
         for msg in replies:
             stats.replies += 1
             node = addressee.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            profile = self.profiles.get(node)
+            profile = self.profile_of(node)
             who = f"node {node}" + (f" (partition {profile.partition_id})" if profile else "")
             sent = expected.pop(node, None)
             if msg.has_error():
@@ -375,6 +454,9 @@ class FederatedStrategy(Strategy):
                     tensors = validate_arrays(record, sent)
                 check_magnitudes(tensors, self.magnitude_bounds())
                 num_examples = reply_num_examples(msg, profile.num_examples)
+                claimed = msg.content.metric_records[protocol.METRICS].get("partition-id")
+                if claimed is not None and claimed != profile.partition_id:  # e.g. a derived node-to-partition map gone wrong
+                    raise ReplyRejected(f"reply is for partition {claimed!r}, but the node holds partition {profile.partition_id}")
             except ReplyRejected as err:
                 stats.rejected += 1
                 stats.problems.append(f"round {server_round}: rejected reply from {who}: {err}")
@@ -382,7 +464,7 @@ class FederatedStrategy(Strategy):
             valid.append((profile, tensors, num_examples, msg.content.metric_records[protocol.METRICS]))
         stats.failures += len(expected)  # sent work, no reply before the timeout
         for node in expected:
-            profile = self.profiles.get(node)
+            profile = self.profile_of(node)
             who = f"node {node}" + (f" (partition {profile.partition_id})" if profile else "")
             stats.problems.append(f"round {server_round}: {who} did not reply in time")
         for problem in stats.problems:
