@@ -30,7 +30,7 @@ SPARSE_SEED_OFFSET = 104729  # as profile_of_node: the sparse subset is drawn ap
 class ProfileTable:
     """Partition-indexed profiles; ``node_ids[p]`` is the node that holds partition ``p``."""
 
-    node_ids: np.ndarray  # int64, one per partition
+    node_ids: np.ndarray  # uint64 (Flower node ids use all 64 bits), one per partition
     budget: np.ndarray  # float64
     adversarial: np.ndarray  # bool
     sparse: np.ndarray  # bool
@@ -47,7 +47,7 @@ class ProfileTable:
     def row(self, node_id: int) -> int | None:
         """The partition held by ``node_id`` (None: not a node of this table)."""
         ids: np.ndarray = self._sorted_ids  # type: ignore[attr-defined]
-        at = int(np.searchsorted(ids, node_id))
+        at = int(np.searchsorted(ids, np.uint64(node_id)))
         if at < len(ids) and int(ids[at]) == node_id:
             return int(self._sorted_rows[at])  # type: ignore[attr-defined]
         return None
@@ -86,7 +86,7 @@ def derive_profiles(task: ClientTask, node_ids: Sequence[int], train_examples: n
     if len(node_ids) != n or len(train_examples) != n:
         raise ValueError(f"{len(node_ids)} node ids and {len(train_examples)} example counts for {n} partitions")
     return ProfileTable(
-        node_ids=np.asarray(node_ids, dtype=np.int64),
+        node_ids=np.asarray(node_ids, dtype=np.uint64),
         budget=budgets_by_partition(n, task.budgets),
         adversarial=adversarial_clients(n, task.adv_fraction, task.seed),
         sparse=adversarial_clients(n, task.sparse_fraction, task.seed + SPARSE_SEED_OFFSET),
