@@ -37,6 +37,7 @@ from techniques.base import ClientRound
 app = ClientApp()
 
 _WARM: set[tuple[SplitMixSpec, int, bool]] = set()
+_CHECKED: set[str] = set()  # task JSONs whose node checks passed in this process
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,12 +81,21 @@ def _warm_up(task: ClientTask, profile: NodeProfile, data) -> None:
         optimizer.step()
 
 
+def check_node_once(task_json: str, task: ClientTask) -> None:
+    """The techniques' node checks (e.g. the learned optimizer's artifact is the server's), once
+    per process and task: a simulation asks no profile, so its first train message runs them."""
+    if task_json in _CHECKED:
+        return
+    for technique in task.techniques_on():
+        technique.check_node(task)
+    _CHECKED.add(task_json)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     task = ClientTask.from_json(protocol.task_of(msg))
     torch.set_num_threads(task.torch_threads)
-    for technique in task.techniques_on():  # e.g. the learned optimizer's artifact is the server's
-        technique.check_node(task)
+    check_node_once(protocol.task_of(msg), task)
     profile = node_profile(task, context)
     data = client_train_data(task.data, profile.partition_id)
     _warm_up(task, profile, data)
@@ -97,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = Instruction.from_record(msg.content.config_records[CONFIG])
     task = ClientTask.from_json(instruction.task)
     torch.set_num_threads(task.torch_threads)
+    check_node_once(instruction.task, task)
     profile = node_profile(task, context)
     node_state.restore_once(context.state, task.state_dir, profile.partition_id, instruction.server_round)  # a resumed run
     reply = train_round(msg, context, task, profile, instruction)

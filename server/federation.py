@@ -136,7 +136,7 @@ def _stop_on_node_check(problems: list[str]) -> None:
     if failed:
         first = failed[0]
         detail = first[first.index(NODE_CHECK_FAILED) :].split("'>")[0].strip()
-        node = first.split(":", 1)[0]
+        node = first[: first.index(NODE_CHECK_FAILED)].split(": profile query failed")[0].split(" failed:")[0]  # "node 7" / "round 1: node 7 (partition 2)"
         more = f" (and {len(failed) - 1} more node(s))" if len(failed) > 1 else ""
         raise RuntimeError(f"{node}: {detail}{more}")
 
@@ -371,6 +371,7 @@ class Federation:
         self._contacted = True
         replies = self.send(messages, timeout, f"train round {rnd}")
         new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        _stop_on_node_check(self.strategy.last_round.problems)  # a node whose first train message failed its checks
         train_s = time.perf_counter() - t0
         row = {"round": rnd, "lr": self.lr_at(rnd), "train-seconds": train_s, **dict(metrics or {})}
         self.context.rows.append(row)  # server hooks see the round (e.g. Flying Bird+'s unit densities)

@@ -68,7 +68,7 @@ class FederationConfig(Section):
     budgets: str = option("8-4-2-1", "budget levels (N = width 1/N, `NdM` = M/N) over equal contiguous client groups")
     adv_fraction: float = option(0.5, "share of clients that train adversarially (PGD)", lo=0, hi=1)
     round_timeout: float = option(600.0, "seconds a round waits for replies", lo=0, lo_open=True)
-    client_wait: float = option(60.0, "deployment: seconds to wait for num-clients nodes to connect", lo=0)
+    client_wait: float = option(300.0, "start-up deadline: seconds to wait for nodes to connect and answer first", lo=0)
     aggregation: str = option("mean", "reducer of the aggregation kernel (strategies/aggregation.py)", choices=AGGREGATORS)
     trim_fraction: float = option(0.1, "trimmed mean: share cut from each end", lo=0, hi=0.5, hi_open=True)
 

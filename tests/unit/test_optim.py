@@ -277,6 +277,16 @@ def test_server_hashes_its_artifact_and_every_node_checks_it(artifacts: Path, tm
     message = str(stop.value)
     assert message.startswith(f"node 7: {NODE_CHECK_FAILED}: learned optimizer 'symbolic-l2o'") and "\n" not in message
     _stop_on_node_check(["node 3: profile query failed: timeout"])  # other failures do not stop the run
+    # A simulation asks no profile: the node's first train message runs the check instead.
+    from clients.app import check_node_once
+
+    mismatched = replace(task, train=replace(task.train, l2o_artifacts=str(other)))
+    with pytest.raises(NodeCheckError, match="is not the server's"):
+        check_node_once(mismatched.to_json(), mismatched)
+    train_failure = f"round 1: node 9 (partition 1) failed: <class 'techniques.base.NodeCheckError'>:<'{info.value}'>"
+    with pytest.raises(RuntimeError) as stop:
+        _stop_on_node_check([train_failure])
+    assert str(stop.value).startswith(f"round 1: node 9 (partition 1): {NODE_CHECK_FAILED}: learned optimizer")
 
 
 def test_simulate_without_the_servers_artifact_stops_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
