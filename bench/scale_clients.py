@@ -372,7 +372,8 @@ def main() -> int:
     if len(results) > 1 and not a.get("error") and not b.get("error"):
         ready = " ".join(f"{r['clients']}={r['ready_s']:.1f}" for r in results)
         print(f"startup_s: {ready}")
-        print(f"round_vs_smallest: {b['steady_round_s'] / a['steady_round_s']:.2f} (steady-state train round, {b['clients']} vs {a['clients']} clients)")
+        ratio = b["steady_round_s"] / a["steady_round_s"]
+        print(f"round_vs_smallest: {ratio:.2f} (steady-state train round, {b['clients']} vs {a['clients']} clients)")
     first, last = results[0].get("peak_rss_mib"), results[-1].get("peak_rss_mib")
     if not first or not last or results[-1].get("error"):
         print("rss_growth: nan")

@@ -136,7 +136,8 @@ def _stop_on_node_check(problems: list[str]) -> None:
     if failed:
         first = failed[0]
         detail = first[first.index(NODE_CHECK_FAILED) :].split("'>")[0].strip()
-        node = first[: first.index(NODE_CHECK_FAILED)].split(": profile query failed")[0].split(" failed:")[0]  # "node 7" / "round 1: node 7 (partition 2)"
+        # "node 7" (a profile query) or "round 1: node 7 (partition 2)" (a first train message)
+        node = first[: first.index(NODE_CHECK_FAILED)].split(": profile query failed")[0].split(" failed:")[0]
         more = f" (and {len(failed) - 1} more node(s))" if len(failed) > 1 else ""
         raise RuntimeError(f"{node}: {detail}{more}")
 

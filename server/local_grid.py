@@ -9,8 +9,8 @@ handler at once, in order; a node keeps its ``Context`` across rounds, as Flower
 from __future__ import annotations
 
 import os
-from uuid import uuid4
 from collections.abc import Callable, Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid

@@ -43,7 +43,13 @@ def test_simulation_node_order_is_flowers_registration_order():
     """Flower's Simulation Engine registers partition i as the i-th node; the in-memory grid lists
     nodes in that order (what ``simulation_node_ids`` relies on; a Flower upgrade that breaks it
     fails here)."""
-    from flwr.server.superlink.fleet.vce.vce_api import FLWR_IN_MEMORY_DB_NAME, LinkStateFactory, NoOpFederationManager, ObjectStoreFactory, _register_nodes
+    from flwr.server.superlink.fleet.vce.vce_api import (
+        FLWR_IN_MEMORY_DB_NAME,
+        LinkStateFactory,
+        NoOpFederationManager,
+        ObjectStoreFactory,
+        _register_nodes,
+    )
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
