@@ -58,6 +58,9 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from server import simulation_engine
+
+    simulation_engine.install()  # dispatch and node contexts that scale with the sampled clients
 
     if quiet_flower:
         logging.getLogger("flwr").setLevel(logging.WARNING)
