@@ -320,9 +320,9 @@ class Federation:
         start = time.perf_counter()
         ids = simulation_node_ids(self.grid)
         if ids is not None:
-            from splitmix.data import train_example_counts
+            from splitmix.data import partition_sizes
 
-            table = derive_profiles(cfg.client_task(self.method.spec), ids, train_example_counts(cfg.data_config()))
+            table = derive_profiles(cfg.client_task(self.method.spec), ids, partition_sizes(cfg.data_config()).train)
             strategy.use_table(table)
             empty = int((table.num_examples == 0).sum())
             if empty:

@@ -15,8 +15,9 @@ within range) and raises :class:`DataError` with one line naming the dataset, th
 what is wrong and the expected layout. :func:`check_data` loads both splits once, so that
 ``splitmix simulate`` can fail before the Ray backend starts.
 
-Partitions come from flwr-datasets partitioners (IID, Dirichlet label shift with α) and a
-feature-shift ``domains`` scheme: five domains — for ``digits5`` the real ones, otherwise five
+Partitions are IID, Dirichlet label shift with α (both computed in numpy by
+:mod:`splitmix.partition`, draw for draw as flwr-datasets' partitioners, for up to 10⁶ clients)
+and a feature-shift ``domains`` scheme: five domains — for ``digits5`` the real ones, otherwise five
 transformed copies of the data (original, inverted, rotated 90°, Gaussian noise σ 0.2, 3×3 blur
 with halved contrast) — each split over its own contiguous group of clients.
 
@@ -29,6 +30,11 @@ domain's test set split over that domain's client group; ``dirichlet``: the same
 label proportions drawn independently of the training ones). For ``iid`` and ``domains`` the
 pooled test set (:func:`test_data`) is the concatenation of the clients' test splits, so pooled
 accuracy equals the example-weighted accuracy over the clients' test splits.
+
+Clients may hold few or no examples (more clients than examples, or a skewed Dirichlet draw):
+their splits are then short or empty, never an error. :func:`partition_sizes` gives every
+client's split sizes without building tensors, and ``PartitionSizes.trainable`` which clients
+have a training example: a client with none is skipped by the server, not asked to train.
 
 Everything is cached per process: a Ray actor loads a dataset and computes the partitions once
 and then serves every client it simulates from memory.
@@ -47,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from splitmix.partition import Partition, dirichlet_partition, iid_partition
 
 
 class DataError(ValueError):
@@ -97,7 +105,7 @@ class ArrayData:
         return int(self.y.shape[0])
 
     def subset(self, indices: np.ndarray) -> ArrayData:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.from_numpy(np.array(indices, dtype=np.int64))  # a copy: partitions are read-only
         return ArrayData(self.x[idx], self.y[idx])
 
 
@@ -115,6 +123,8 @@ class DataConfig:
     val_ratio: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.num_partitions < 1:
+            raise ValueError(f"num-partitions {self.num_partitions} is not allowed; it must be at least 1")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ValueError(f"val-ratio {self.val_ratio} is outside the allowed range [0, 1)")
         if self.dataset not in DATASETS:
@@ -453,21 +463,26 @@ def _split_seed(cfg: DataConfig, train: bool) -> int:
     return cfg.seed if train else int(np.random.SeedSequence([_TEST_STREAM, cfg.seed]).generate_state(1)[0])
 
 
-def _domain_clients(cfg: DataConfig, domain: int) -> list[int]:
-    """The contiguous group of clients that hold ``domain`` (``domains`` partition)."""
-    return [p for p in range(cfg.num_partitions) if domain_of_client(p, cfg.num_partitions) == domain]
+def _domain_clients(cfg: DataConfig, domain: int) -> range:
+    """The contiguous group of clients that hold ``domain`` (``domains`` partition): those ``p``
+    with ``p · 5 // n = domain``, i.e. ``ceil(domain · n / 5) ≤ p < ceil((domain + 1) · n / 5)``."""
+    n, k = cfg.num_partitions, len(DOMAINS)
+    return range(-(-domain * n // k), -(-(domain + 1) * n // k))
 
 
 @lru_cache(maxsize=8)
-def partition_indices(cfg: DataConfig, train: bool = True) -> tuple[np.ndarray, ...]:
+def partition_indices(cfg: DataConfig, train: bool = True) -> Partition:
     """Every client's indices into the train (``train``) or the test split, by one scheme
-    (deterministic in ``cfg``; cached per process):
+    (deterministic in ``cfg``; cached per process; numpy only, see :mod:`splitmix.partition`):
 
-    - ``iid``: a seeded shuffle of the split, sharded evenly over all clients;
-    - ``dirichlet``: flwr-datasets' :class:`DirichletPartitioner` (α, self-balancing). The test
-      split is partitioned with the same settings but its own seed, so a client's test label
-      proportions are drawn independently of its training ones (as the Split-Mix code does
-      without ``--con_test_cls``); there a test share may be empty (``min_partition_size`` 0);
+    - ``iid``: a seeded shuffle of the split, sharded evenly over all clients (the first
+      ``count mod num-clients`` get one more; with more clients than examples the rest get none);
+    - ``dirichlet``: label shift with concentration α, self-balancing, as flwr-datasets'
+      ``DirichletPartitioner`` (:func:`~splitmix.partition.dirichlet_partition`). The training
+      split is redrawn (up to 10 times) until every client has an example, where that is
+      possible; otherwise some clients stay empty. The test split is partitioned with the same
+      settings but its own seed and no redraws, so a client's test label proportions are drawn
+      independently of its training ones (as the Split-Mix code does without ``--con_test_cls``);
     - ``domains``: indices into domain ``d``'s own data, split IID over that domain's contiguous
       client group (:func:`domain_of_client`). ``digits5``: the real domain's train or test set.
       Synthetic domains: the train split is dealt into five disjoint shares (``order[d::5]``),
@@ -475,48 +490,62 @@ def partition_indices(cfg: DataConfig, train: bool = True) -> tuple[np.ndarray, 
 
     The training indices (``train = True``) are each client's whole training share: its
     validation and train parts (:func:`client_splits`) are drawn from them."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
     seed = _split_seed(cfg, train)
-
-    def split(idx: np.ndarray, n: int, scheme: str, labels: np.ndarray) -> list[np.ndarray]:
-        table = Dataset.from_dict({"idx": idx, "label": labels[idx]})
-        if scheme == "dirichlet":
-            part = DirichletPartitioner(
-                num_partitions=n,
-                partition_by="label",
-                alpha=cfg.alpha,
-                min_partition_size=1 if train else 0,
-                self_balancing=True,
-                seed=seed,
-            )
-        else:  # IID: the table is already shuffled, the partitioner shards it
-            part = IidPartitioner(num_partitions=n)
-        part.dataset = table
-        return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(n)]
-
     if cfg.partition == "domains" and cfg.num_partitions < len(DOMAINS):
         raise ValueError(f"the 'domains' partition needs at least {len(DOMAINS)} clients")
     if cfg.partition != "domains" or (train and cfg.dataset != "digits5"):
         labels = load_split(cfg.dataset, cfg.root, train, cfg.download).y.numpy()
         order = np.random.default_rng(seed).permutation(len(labels))
-        if cfg.partition != "domains":
-            return tuple(split(order, cfg.num_partitions, cfg.partition, labels))
+        if cfg.partition == "iid":
+            return iid_partition(order, cfg.num_partitions)
+        if cfg.partition == "dirichlet":
+            positions = dirichlet_partition(labels[order], cfg.num_partitions, cfg.alpha, seed, min_size=1 if train else 0)
+            return Partition(order[positions.flat], positions.offsets)
         # synthetic domains, train: disjoint shares of the one train set
-        return tuple(part for d in range(len(DOMAINS)) for part in split(order[d :: len(DOMAINS)], len(_domain_clients(cfg, d)), "iid", labels))
-    out: list[np.ndarray] = []
-    for d in range(len(DOMAINS)):  # digits5 (train and test), synthetic domains (test)
-        domain_labels = _domain_labels(cfg, d, train)
-        shuffled = np.random.default_rng(seed + d).permutation(len(domain_labels))
-        out.extend(split(shuffled, len(_domain_clients(cfg, d)), "iid", domain_labels))
-    return tuple(out)
+        return Partition.concat([iid_partition(order[d :: len(DOMAINS)], len(_domain_clients(cfg, d))) for d in range(len(DOMAINS))])
+    # digits5 (train and test), synthetic domains (test)
+    return Partition.concat(
+        [
+            iid_partition(np.random.default_rng(seed + d).permutation(_domain_size(cfg, d, train)), len(_domain_clients(cfg, d)))
+            for d in range(len(DOMAINS))
+        ]
+    )
 
 
-def _domain_labels(cfg: DataConfig, domain: int, train: bool) -> np.ndarray:
+@dataclass(frozen=True, eq=False)
+class PartitionSizes:
+    """Every client's split sizes, each ``(num_partitions,)`` int64 (read-only): ``train`` (what it
+    trains on), ``val`` and ``test`` — the lengths :func:`client_splits` would give."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def __post_init__(self) -> None:
+        for array in (self.train, self.val, self.test):
+            array.setflags(write=False)
+
+    def trainable(self, min_examples: int = 1) -> np.ndarray:
+        """Which clients have at least ``min_examples`` training examples (boolean mask). The rule:
+        a client with no training example is not asked to train; the server skips it and counts
+        it (``(~sizes.trainable()).sum()``)."""
+        return self.train >= min_examples
+
+
+@lru_cache(maxsize=8)
+def partition_sizes(cfg: DataConfig) -> PartitionSizes:
+    """Every client's train / validation / test sizes without building any tensor (cached per
+    process): the partition's share sizes, less :func:`val_counts`. The server derives the
+    clients' example counts from it without asking the nodes."""
+    share = partition_indices(cfg, True).sizes
+    val = val_counts(share, cfg.val_ratio)
+    return PartitionSizes(share - val, val, partition_indices(cfg, False).sizes.copy())
+
+
+def _domain_size(cfg: DataConfig, domain: int, train: bool) -> int:
     if cfg.dataset == "digits5":
-        return digits5_domains(cfg.root, train)[domain].y.numpy()
-    return load_split(cfg.dataset, cfg.root, train, cfg.download).y.numpy()
+        return len(digits5_domains(cfg.root, train)[domain])
+    return len(load_split(cfg.dataset, cfg.root, train, cfg.download))
 
 
 def _domain_test_set(cfg: DataConfig, domain: int) -> ArrayData:
@@ -544,12 +573,20 @@ def _check_partition_id(cfg: DataConfig, partition_id: int) -> None:
         raise ValueError(f"partition-id {partition_id} is out of range [0, {cfg.num_partitions})")
 
 
+def val_counts(sizes: np.ndarray, val_ratio: float) -> np.ndarray:
+    """Validation examples of training shares of ``sizes``: ``floor(val_ratio · size)``, at least
+    1 when ``val_ratio > 0`` and ``size ≥ 2``, and never the whole share (0 when ``size < 2``), so
+    a share of 1 trains on its one example and a share of 2 keeps one for validation."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if val_ratio <= 0:
+        return np.zeros_like(sizes)
+    counts = np.minimum(sizes - 1, np.maximum(1, np.floor(val_ratio * sizes + 1e-9).astype(np.int64)))
+    return np.where(sizes < 2, 0, counts)
+
+
 def val_count(size: int, val_ratio: float) -> int:
-    """Validation examples of a training share of ``size``: ``floor(val_ratio · size)``, at least
-    1 when ``val_ratio > 0`` and ``size ≥ 2``, and never the whole share (0 when ``size < 2``)."""
-    if val_ratio <= 0 or size < 2:
-        return 0
-    return min(size - 1, max(1, math.floor(val_ratio * size + 1e-9)))
+    """:func:`val_counts` of one share."""
+    return int(val_counts(np.array([size]), val_ratio)[0])
 
 
 @lru_cache(maxsize=4096)
@@ -605,8 +642,9 @@ def test_data(cfg: DataConfig) -> ArrayData:
         return load_split(cfg.dataset, cfg.root, False, cfg.download)
     parts = partition_indices(cfg, False)
     if cfg.partition == "iid":
-        return load_split(cfg.dataset, cfg.root, False, cfg.download).subset(np.concatenate(parts))
-    pieces = [_domain_test_set(cfg, d).subset(np.concatenate([parts[p] for p in _domain_clients(cfg, d)])) for d in range(len(DOMAINS))]
+        return load_split(cfg.dataset, cfg.root, False, cfg.download).subset(parts.flat)
+    groups = [_domain_clients(cfg, d) for d in range(len(DOMAINS))]
+    pieces = [_domain_test_set(cfg, d).subset(parts.flat[parts.offsets[g.start] : parts.offsets[g.stop]]) for d, g in enumerate(groups)]
     return ArrayData(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces]))
 
 
@@ -614,18 +652,21 @@ def train_sample(cfg: DataConfig, count: int, seed: int) -> ArrayData:
     """A seeded sample of ``count`` training examples from the union of all clients' train parts
     (as the clients see them, domain transforms included, validation splits excluded): the
     server's view of "training data" for the generalisation gap. In a deployment the server has
-    no such data; simulations do."""
-    parts = [client_train_data(cfg, i) for i in range(cfg.num_partitions)]
-    union = ArrayData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
-    order = np.random.default_rng(seed + 31337).permutation(len(union))[: min(count, len(union))]
-    return union.subset(np.sort(order))
+    no such data; simulations do.
 
-
-def train_example_counts(cfg: DataConfig) -> np.ndarray:
-    """Every client's training-example count (its share less its validation split), without
-    building any client's tensors: what the server derives profiles from in a simulation."""
-    sizes = np.fromiter((len(p) for p in partition_indices(cfg, True)), dtype=np.int64, count=cfg.num_partitions)
-    if cfg.val_ratio <= 0:
-        return sizes
-    held = np.minimum(sizes - 1, np.maximum(1, np.floor(cfg.val_ratio * sizes + 1e-9).astype(np.int64)))
-    return sizes - np.where(sizes < 2, 0, held)
+    The union is the clients' train parts in partition order; the sample is its positions
+    ``permutation(len)[:count]`` (seed ``seed + 31337``) in ascending order. Only the clients
+    that hold a sampled position build their train part, so 10⁵ clients cost at most ``count``."""
+    sizes = partition_sizes(cfg).train
+    ends = np.cumsum(sizes)
+    total = int(ends[-1])
+    picked = np.sort(np.random.default_rng(seed + 31337).permutation(total)[: min(count, total)])
+    owners = np.searchsorted(ends, picked, side="right")
+    clients, firsts = np.unique(owners, return_index=True)
+    pieces = [
+        client_train_data(cfg, int(c)).subset(local - (ends[c] - sizes[c]))
+        for c, local in zip(clients.tolist(), np.split(picked, firsts[1:]), strict=True)
+    ]
+    if not pieces:
+        return client_train_data(cfg, 0).subset(np.empty(0, dtype=np.int64))
+    return ArrayData(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces]))

@@ -81,7 +81,7 @@ def budgets_by_partition(num_partitions: int, budgets: str) -> np.ndarray:
 def derive_profiles(task: ClientTask, node_ids: Sequence[int], train_examples: np.ndarray) -> ProfileTable:
     """The profiles ``profile_of_node`` gives nodes whose node config is only their partition id
     (a simulation's virtual nodes), for partitions ``0..len(node_ids)-1``; ``train_examples[p]``
-    is partition ``p``'s training-example count (``splitmix.data.train_example_counts``)."""
+    is partition ``p``'s training-example count (``splitmix.data.partition_sizes(...).train``)."""
     n = task.data.num_partitions
     if len(node_ids) != n or len(train_examples) != n:
         raise ValueError(f"{len(node_ids)} node ids and {len(train_examples)} example counts for {n} partitions")

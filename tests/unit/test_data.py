@@ -43,9 +43,28 @@ def test_domains_partition_transforms_each_group():
     raw = load_split("digits", "", True)
     first, inverted = client_train_data(cfg, 0), client_train_data(cfg, 2)  # domains 0 and 1
     idx0, idx2 = partition_indices(cfg)[0], partition_indices(cfg)[2]
-    assert torch.equal(first.x, raw.x[torch.as_tensor(idx0)])
-    assert torch.allclose(inverted.x, 1.0 - raw.x[torch.as_tensor(idx2)])
+    assert torch.equal(first.x, raw.x[torch.tensor(idx0)])
+    assert torch.allclose(inverted.x, 1.0 - raw.x[torch.tensor(idx2)])
     assert len(central_test_set(cfg)) == len(DOMAINS) * 360
+
+
+def test_domain_groups_are_contiguous_ranges():
+    from splitmix.data import _domain_clients, domain_of_client
+
+    # 7 clients: p · 5 // 7 = 0, 0, 1, 2, 2, 3, 4
+    assert [list(_domain_clients(DataConfig(partition="domains", num_partitions=7), d)) for d in range(5)] == [[0, 1], [2], [3, 4], [5], [6]]
+    for n in (5, 12, 50, 1001):
+        cfg = DataConfig(partition="domains", num_partitions=n)
+        assert [p for d in range(5) for p in _domain_clients(cfg, d) if domain_of_client(p, n) == d] == list(range(n))
+
+
+def test_domains_partition_over_many_clients_leaves_some_empty():
+    cfg = DataConfig(partition="domains", num_partitions=2000)  # 1437 // 5 ≈ 287 examples for 400 clients per domain
+    parts = partition_indices(cfg)
+    assert len(parts) == 2000 and int(parts.sizes.sum()) == 1437
+    assert len(np.unique(parts.flat)) == 1437
+    assert parts.sizes[:400].tolist() == [1] * 288 + [0] * 112  # domain 0 holds order[0::5]: 288 examples
+    assert len(client_train_data(cfg, 399)) == 0
 
 
 def test_out_of_range_partition_is_rejected():
@@ -53,6 +72,8 @@ def test_out_of_range_partition_is_rejected():
         client_train_data(DataConfig(num_partitions=50), 50)
     with pytest.raises(ValueError, match="unknown dataset"):
         DataConfig(dataset="imagenet")
+    with pytest.raises(ValueError, match="num-partitions 0 is not allowed; it must be at least 1"):
+        DataConfig(num_partitions=0)
 
 
 def test_real_loaders_need_a_folder():

@@ -6,7 +6,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.federation import run_federation, simulation_node_ids
 from server.waiting import send_and_wait
-from splitmix.data import client_train_data, train_example_counts
+from splitmix.data import client_train_data, partition_sizes
 from splitmix.node_config import NodeConfig
 from splitmix.profiles import profile_of_node
 from splitmix.protocol import NodeProfile
@@ -29,7 +29,7 @@ def test_derived_profiles_are_what_each_node_would_report(tiny_config, overrides
     task = cfg.client_task()
     n = cfg.federation.num_clients
     ids = [10_000 + 7 * p for p in range(n)]
-    table = derive_profiles(task, ids, train_example_counts(task.data))
+    table = derive_profiles(task, ids, partition_sizes(task.data).train)
     for p in range(n):
         node = profile_of_node(NodeConfig(p), n, task.budgets, task.adv_fraction, task.seed, task.sparse_fraction)
         expected = NodeProfile(p, node.budget, node.adversarial, node.sparse, len(client_train_data(task.data, p)), ids[p])
