@@ -320,6 +320,7 @@ class Federation:
         start = time.perf_counter()
         ids = simulation_node_ids(self.grid)
         if ids is not None:
+            ids = self._all_registered(ids)
             from splitmix.data import partition_sizes
 
             table = derive_profiles(cfg.client_task(self.method.spec), ids, partition_sizes(cfg.data_config()).train)
@@ -342,6 +343,23 @@ class Federation:
         startup = time.perf_counter() - start
         self.say(f"{known} clients ready in {startup:.1f}s; run folder {self.store.root}")
         return startup
+
+    def _all_registered(self, ids: list[int]) -> list[int]:
+        """A simulation's ServerApp starts while Flower is still registering the virtual nodes
+        (seconds at 10⁵ nodes): wait, up to ``client-wait``, until all ``num-clients`` are in."""
+        from server.waiting import PROGRESS_EVERY
+
+        wanted, wait = self.cfg.federation.num_clients, self.cfg.federation.client_wait
+        start = next_report = time.monotonic()
+        while len(ids) < wanted and time.monotonic() - start < wait and not hasattr(self.grid, "partition_node_ids"):
+            if time.monotonic() >= next_report + PROGRESS_EVERY:
+                self.say(f"{len(ids)}/{wanted} virtual nodes registered; waiting up to {wait - (time.monotonic() - start):.0f}s more")
+                next_report = time.monotonic()
+            time.sleep(0.1)
+            ids = simulation_node_ids(self.grid) or []
+        if len(ids) != wanted:
+            raise RuntimeError(f"{len(ids)} of num-clients = {wanted} virtual nodes registered within client-wait = {wait:g}s")
+        return ids
 
     def send(self, messages: list, timeout: float, what: str) -> list:
         """Send and wait for the replies (up to ``timeout`` s), saying whom it still waits for."""
