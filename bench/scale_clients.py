@@ -162,7 +162,6 @@ def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from server.simulation import simulate
     from splitmix.config import load_config
-
     from splitmix.data import partition_sizes
 
     n = args.clients_one
