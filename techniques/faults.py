@@ -7,7 +7,7 @@ partition id): each train instruction is faulty with probability ``fault-fractio
 server needs to know nothing; it must cope from what it receives:
 
 - ``crash``: the ClientApp raises (Flower returns an error reply; counted as a failure);
-- ``timeout``: the client sleeps ``fault-delay`` seconds (the server sets it to round-timeout + 1)
+- ``timeout``: the client sleeps ``fault-delay`` seconds (the server sets it to max(round-timeout, client-wait) + 1)
   before training, so its reply misses the round (a failure: no reply in time). Use it with a
   small ``round-timeout``: with the default 600 s each such client sleeps 601 s (and holds a
   simulation actor meanwhile);
@@ -138,7 +138,8 @@ class Faults(Technique[FaultsConfig]):
 
     def prepare_task(self, task: Any, run: RunConfig) -> Any:
         """A ``timeout`` fault sleeps past the round's deadline (bounded)."""
-        return dataclasses.replace(task, fault_delay=run.federation.round_timeout + 1.0)
+        # longer than any round waits (the first waits max(round-timeout, client-wait): nodes may be starting)
+        return dataclasses.replace(task, fault_delay=max(run.federation.round_timeout, run.federation.client_wait) + 1.0)
 
     def client_round(self, rnd: ClientRound) -> RoundHooks | None:
         cfg = self.config

@@ -38,7 +38,7 @@ class ClientTask:
     num_rounds: int = 1
     active: tuple[str, ...] = ()  # techniques this run uses (registry names)
     techniques: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field values
-    fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server sets round-timeout + 1)
+    fault_delay: float = 0.0  # seconds a "timeout" fault sleeps (the server: longer than any round waits)
     state_dir: str = ""  # simulation: where nodes save their Context state per round (clients/node_state.py)
     eval_pgd: PGDConfig = PGDConfig()  # the attack of robust evaluation (eval-pgd-steps)
 
