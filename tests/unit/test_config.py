@@ -83,7 +83,8 @@ def test_shipped_configs_are_valid():
 def test_cli_rejects_bad_config_with_exit_code_2(capsys, override):
     from splitmix.cli import main
 
-    assert main(["simulate", "--run-config", override]) == 2  # before Ray starts: the config is checked first
+    # eval-lambdas without 0 fails in a later section: were the num-rounds check missing, no simulation could start either
+    assert main(["simulate", "--run-config", f"{override} eval-lambdas='0.5'"]) == 2  # before Ray starts: the config is checked first
     err = capsys.readouterr().err
     assert "'num-rounds'" in err and "integer in [1, 100000]" in err and len(err.strip().splitlines()) == 1
 
@@ -181,7 +182,8 @@ def test_a_repeated_run_config_key_is_an_error_naming_it():
 def test_cli_refuses_a_key_repeated_across_run_config_options(capsys, tmp_path):
     from splitmix.cli import main
 
-    assert main(["simulate", "--run-config", "num-rounds=3", "--run-config", "num-rounds=5"]) == 2
+    # num-clients=0 would fail later: were the repeat missed, no simulation could start either
+    assert main(["simulate", "--run-config", "num-rounds=3", "--run-config", "num-rounds=5 num-clients=0"]) == 2
     assert "run-config key 'num-rounds' is given twice" in capsys.readouterr().err
     # several options with different keys are one override string; a file layer below is no repeat
     (tmp_path / "run.toml").write_text("num-rounds = 7\n")
