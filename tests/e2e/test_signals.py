@@ -191,7 +191,7 @@ def test_sigterm_after_round_1_stops_within_seconds_and_the_run_resumes(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # Ray takes SIGTERM during ray.init, not SIGINT
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])  # Ray takes SIGTERM during ray.init, not SIGINT
 def test_a_signal_while_ray_starts_stops_within_seconds(tmp_path, sig):
     proc = _simulate(["--run-config", f"{TINY} num-rounds=2 out-dir='{tmp_path}' run-name=run"])
     try:  # Ray's GCS and raylet run, the clients are not ready: ray.init (or Flower's start) is under way
