@@ -37,7 +37,7 @@ def backend_config(cfg: RunConfig) -> dict:
     """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
     so a 2-core machine runs two actors without oversubscribing the cores. ``ray-address``
     connects to a running Ray cluster instead of starting one (never with ``num_cpus`` or
-    ``runtime_env`` in ``init_args``: Ray refuses those when connecting, Flower sets the latter)."""
+    ``runtime_env`` in ``init_args``: Ray refuses those when connecting; :func:`start_ray` sets the latter)."""
     init_args: dict = {"logging_level": "ERROR", "log_to_driver": True}
     if cfg.system.ray_address:  # join an existing cluster (`ray start --head` …): Ray then owns the resources
         init_args["address"] = cfg.system.ray_address

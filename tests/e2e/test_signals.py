@@ -95,17 +95,29 @@ def test_orphaned_ray_processes_are_those_whose_raylet_is_gone():
 TINY = "num-clients=2 local-epochs=1 pgd-steps=1 eval-pgd-steps=1 eval-lambdas='0,1'"
 
 
-def _simulate(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "splitmix.cli", "simulate", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # teardown can kill the whole group, whatever happens
-    )
+def _simulate(args: list[str], log: Path) -> subprocess.Popen:
+    """``splitmix simulate ARGS`` in its own process group, its output to ``log`` (a file: a pipe
+    nobody reads while the run goes on could fill up and stall it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "splitmix.cli", "simulate", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _kill_group(proc: subprocess.Popen | None) -> None:
+    """Teardown: the run's process group holds Ray's processes too (unless they left it)."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:  # the group is empty: everything ended
+        pass
+    proc.wait()
 
 
 def _cmd(pid: int) -> str:
@@ -137,7 +149,7 @@ def _stop_and_check(proc: subprocess.Popen, expect: set[str], sig: signal.Signal
     except subprocess.TimeoutExpired:
         raise AssertionError(f"splitmix simulate still runs 60 s after {sig.name}") from None
     took = time.monotonic() - sent
-    assert proc.returncode == 128 + sig, proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 128 + sig, f"exit code {proc.returncode}"
 
     def leftovers() -> list[int]:
         from server.shutdown import _environ, _pids
@@ -161,7 +173,7 @@ def test_sigterm_after_round_1_stops_within_seconds_and_the_run_resumes(tmp_path
 
     run = tmp_path / "run"
     rounds = 4  # the signal follows the first checkpoint by a fraction of a second; a round takes > 1 s
-    proc = _simulate(["--run-config", f"{TINY} num-rounds={rounds} out-dir='{tmp_path}' run-name=run"])
+    proc = _simulate(["--run-config", f"{TINY} num-rounds={rounds} out-dir='{tmp_path}' run-name=run"], tmp_path / "run.log")
     resumed = None
     try:
         _wait_until(lambda: (run / "checkpoint.safetensors").exists() or proc.poll() is not None, 600, "round 1's checkpoint written")
@@ -172,8 +184,10 @@ def test_sigterm_after_round_1_stops_within_seconds_and_the_run_resumes(tmp_path
         done = int(saved["round"])
         assert 1 <= done < rounds
 
-        resumed = _simulate(["--resume", str(run)])
-        out, _ = resumed.communicate(timeout=600)
+        assert "stopped by SIGTERM" in (tmp_path / "run.log").read_text()
+        resumed = _simulate(["--resume", str(run)], tmp_path / "resume.log")
+        resumed.wait(timeout=600)
+        out = (tmp_path / "resume.log").read_text()
         assert resumed.returncode == 0, out
         assert out.strip().splitlines()[-1] == str(run)
         assert f"after round {done}/{rounds}" in " ".join(out.split())  # "resuming RUN after round 1/4" (folded by rich)
@@ -181,19 +195,15 @@ def test_sigterm_after_round_1_stops_within_seconds_and_the_run_resumes(tmp_path
         assert [row["round"] for row in metrics] == list(range(1, rounds + 1))
         assert (run / "model.safetensors").stat().st_size > 0
     finally:
-        for p in (proc, resumed):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            if p is not None:
-                _sigkill(descendants(p.pid))
+        _kill_group(proc)
+        _kill_group(resumed)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])  # Ray takes SIGTERM during ray.init, not SIGINT
 def test_a_signal_while_ray_starts_stops_within_seconds(tmp_path, sig):
-    proc = _simulate(["--run-config", f"{TINY} num-rounds=2 out-dir='{tmp_path}' run-name=run"])
+    proc = _simulate(["--run-config", f"{TINY} num-rounds=2 out-dir='{tmp_path}' run-name=run"], tmp_path / "run.log")
     try:  # Ray's GCS and raylet run, the clients are not ready: ray.init (or Flower's start) is under way
         _wait_until(
             lambda: any("raylet" in _cmd(p).split(" ")[0] for p in descendants(proc.pid)) or proc.poll() is not None, 600, "Ray's raylet started"
@@ -202,7 +212,6 @@ def test_a_signal_while_ray_starts_stops_within_seconds(tmp_path, sig):
         took = _stop_and_check(proc, {"raylet", "gcs_server"}, sig)
         print(f"\n{sig.name} while Ray starts: exited after {took:.1f} s")
         assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+        assert f"stopped by {sig.name}" in (tmp_path / "run.log").read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
