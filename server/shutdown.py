@@ -114,21 +114,32 @@ def _is_raylet(pid: int) -> bool:
     return _stat(pid) is not None and "raylet" in _cmdline(pid).split(" ", 1)[0]
 
 
+def _pid_namespace(pid: int) -> str:
+    try:
+        return os.readlink(f"{_PROC}/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
 def orphaned_ray_processes() -> list[int]:
     """This user's Ray agents and workers (process title ``ray::…``) whose raylet is gone: what
-    a killed driver leaves behind. A process whose raylet still runs belongs to a live Ray
-    session (another run, a cluster) and is never listed."""
-    uid, found = os.getuid(), []
+    a killed driver leaves behind. Never listed: a process whose parent is a raylet, or whose
+    raylet (``RAY_RAYLET_PID``) still runs, since it belongs to a live Ray session (another run,
+    a cluster), and a process in another pid namespace (a container), whose pids mean other
+    processes."""
+    uid, me, found = os.getuid(), os.getpid(), []
+    namespace = _pid_namespace(me)
     for pid in _pids():
-        if pid == os.getpid() or not _cmdline(pid).startswith("ray::"):
+        stat = _stat(pid)
+        if pid == me or stat is None or not _cmdline(pid).startswith("ray::"):
             continue
         try:
-            if os.stat(f"{_PROC}/{pid}").st_uid != uid:
+            if os.stat(f"{_PROC}/{pid}").st_uid != uid or _pid_namespace(pid) != namespace:
                 continue
         except OSError:
             continue
         raylet = _environ(pid).get("RAY_RAYLET_PID", "")
-        if raylet.isdigit() and not _is_raylet(int(raylet)):
+        if raylet.isdigit() and not _is_raylet(int(raylet)) and not _is_raylet(stat[1]):
             found.append(pid)
     return found
 

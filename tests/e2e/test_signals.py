@@ -72,23 +72,34 @@ def test_orphaned_ray_processes_are_those_whose_raylet_is_gone():
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs: a killed run's raylet
     raylet = subprocess.Popen(["bash", "-c", "exec -a raylet sleep 300"])  # a live session's raylet
+    # a raylet's child, whatever its RAY_RAYLET_PID says (a pid of another namespace, say)
+    parent = subprocess.Popen(
+        ["bash", "-c", f'(export RAY_RAYLET_PID={gone.pid}; exec -a "ray::IDLE" sleep 300) >/dev/null 2>&1 & echo $!; exec -a raylet sleep 300'],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     spawned = []
     try:
-        _wait_until(lambda: "raylet" in Path(f"/proc/{raylet.pid}/cmdline").read_bytes().decode(), 30, "the fake raylet named")
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        spawned.append(child)
+        for pid in (raylet.pid, parent.pid):
+            _wait_until(lambda pid=pid: _cmd(pid).startswith("raylet"), 30, "the fake raylets named")
         orphan = _spawn_detached(gone.pid, "ray::DashboardAgent")
         live = _spawn_detached(raylet.pid, "ray::RuntimeEnvAgent")
         other = _spawn_detached(gone.pid, "sleep")  # not a Ray process: never touched
-        spawned = [orphan, live, other]
-        _wait_until(lambda: Path(f"/proc/{orphan}/cmdline").read_bytes().startswith(b"ray::"), 30, "the orphan named")
+        spawned += [orphan, live, other]
+        for pid in (orphan, child):
+            _wait_until(lambda pid=pid: _cmd(pid).startswith("ray::"), 30, "the fake Ray processes named")
         found = orphaned_ray_processes()
-        assert orphan in found and live not in found and other not in found
+        assert orphan in found and live not in found and other not in found and child not in found
         assert orphan in reap_orphaned_ray_processes()
         _wait_until(lambda: not _alive(orphan), 30, "the orphan ended")
-        assert _alive(live) and _alive(other)
+        assert _alive(live) and _alive(other) and _alive(child)
     finally:
         _sigkill(spawned)
-        raylet.kill()
-        raylet.wait()
+        for proc in (raylet, parent):
+            proc.kill()
+            proc.wait()
 
 
 # ----------------------------------------------------------------------------------- real runs
