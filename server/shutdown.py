@@ -111,7 +111,10 @@ def _cmdline(pid: int) -> str:
 
 
 def _is_raylet(pid: int) -> bool:
-    return _stat(pid) is not None and "raylet" in _cmdline(pid).split(" ", 1)[0]
+    """A live raylet; a dying one counts as gone: its leader thread is a zombie while its other
+    threads still exit, and its command line stays readable until the last one has."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and "raylet" in _cmdline(pid).split(" ", 1)[0]
 
 
 def _pid_namespace(pid: int) -> str:
