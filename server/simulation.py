@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Reporter, run_federation
+from server.shutdown import reap_orphaned_ray_processes, stop_on_signals
 from splitmix.config import RunConfig
 
 
@@ -34,7 +37,7 @@ def backend_config(cfg: RunConfig) -> dict:
     """Ray resources per virtual client: one CPU (and one torch thread) per actor by default,
     so a 2-core machine runs two actors without oversubscribing the cores. ``ray-address``
     connects to a running Ray cluster instead of starting one (never with ``num_cpus`` or
-    ``runtime_env`` in ``init_args``: Ray refuses those when connecting, Flower sets the latter)."""
+    ``runtime_env`` in ``init_args``: Ray refuses those when connecting; :func:`start_ray` sets the latter)."""
     init_args: dict = {"logging_level": "ERROR", "log_to_driver": True}
     if cfg.system.ray_address:  # join an existing cluster (`ray start --head` …): Ray then owns the resources
         init_args["address"] = cfg.system.ray_address
@@ -44,17 +47,35 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+def start_ray(init_args: dict) -> None:
+    """``ray.init`` as Flower's Ray backend would call it (the project's ``sys.path`` exported as
+    PYTHONPATH for the actors, no dashboard), but here, so that :func:`simulate` can take SIGTERM
+    back from Ray right after it (``server/shutdown.py``); Flower then finds Ray running and uses it."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+
+
 def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
     """Run one simulation (or, with ``resume``, continue that run folder after its last
     checkpoint); returns the run folder. Raises what the server loop raised, and
     :class:`splitmix.data.DataError` (one line) before the Ray backend starts when the dataset
     is missing or damaged (with ``download = true`` it is fetched here first, once), and
-    ``FileNotFoundError`` (one line) when a learned optimizer's artifact is missing."""
+    ``FileNotFoundError`` (one line) when a learned optimizer's artifact is missing.
+
+    SIGTERM and SIGINT end the run within seconds, also while Ray starts, with every Ray process
+    it started and exit code 128 + the signal; the last completed round's checkpoint stays
+    (``server/shutdown.py``). Ray processes that a killed earlier run left behind are ended first."""
     from splitmix.data import check_data
 
     check_data(cfg.data_config())  # fail fast, before the Ray backend starts
     cfg.client_task()  # the techniques' server-side set-up, e.g. hashing the learned optimizer's artifact (FileNotFoundError)
 
+    import ray
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
@@ -76,12 +97,23 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
             outcome["error"] = err
             raise
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),
-    )
+    backend = backend_config(cfg)
+    with stop_on_signals() as guard:
+        stale = reap_orphaned_ray_processes()
+        if stale and report is not None:
+            report(f"ended {len(stale)} Ray process(es) left behind by an earlier run that was killed (pids {', '.join(map(str, stale))})")
+        try:
+            start_ray(backend["init_args"])
+        except SystemExit as exc:  # Ray's own SIGTERM handler during ray.init: sys.exit(SIGTERM)
+            if exc.code == signal.SIGTERM:
+                guard.stop(signal.SIGTERM)
+            raise
+        guard.install()  # ray.init took SIGTERM (a sys.exit, then a C++ abort): ours again
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients, backend_config=backend)
+        finally:
+            if ray.is_initialized():  # Flower shuts Ray down when its backend ran; not when it failed before
+                ray.shutdown()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     if "run_dir" not in outcome:

@@ -41,6 +41,12 @@ def _summary_table(summary: dict) -> Table:
     return table
 
 
+def _overrides(args: argparse.Namespace) -> str:
+    """Every ``--run-config`` option as one override string: a key repeated within one option
+    or across several is then one error (``parse_overrides``), never a silent last-one-wins."""
+    return " ".join(args.run_config)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server import simulation
 
@@ -51,7 +57,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 raise ConfigError("--resume takes the run's own config.json; --config/--run-config cannot change it")
             cfg = simulation.resume_config(args.resume)
         else:
-            cfg = load_config(args.config, args.run_config)
+            cfg = load_config(args.config, _overrides(args))
     except ConfigError as exc:
         _fail(f"config error: {exc}")
         return 2
@@ -85,14 +91,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         experiment = load_experiment(args.experiment)
-        extra = parse_overrides(args.run_config) if args.run_config else None
+        extra = parse_overrides(_overrides(args)) if args.run_config else None
         if extra:
             experiment.check_extra(extra, Path(args.out_dir))
     except ConfigError as exc:
         _fail(f"config error: {exc}")
         return 2
     command = ["splitmix", "experiment", args.experiment, "--out-dir", str(args.out_dir)]
-    command += ["--run-config", args.run_config] if args.run_config else []
+    command += ["--run-config", _overrides(args)] if args.run_config else []
     command += ["--results", str(args.results)] if args.results else []
     command += ["--in-process"] if args.in_process else []
     report = lambda text: err.print(text, highlight=False)  # noqa: E731
@@ -176,14 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a Split-Mix simulation on Flower's simulation engine")
     sim.add_argument("--config", type=Path, help="TOML file with run-config keys (flat, or a pyproject)")
-    sim.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 dataset=digits"')
+    sim.add_argument(
+        "--run-config", action="append", type=str, default=[], help='overrides, e.g. "num-rounds=5 dataset=digits" (may be repeated; a key only once)'
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
     sim.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder after its last checkpoint")
     sim.set_defaults(func=cmd_simulate)
     exp = sub.add_parser("experiment", help="run every method × seed of an experiment and compare them")
     exp.add_argument("experiment", help="experiment name (configs/<name>.toml) or path to its TOML file")
     exp.add_argument("--out-dir", default="experiments", help="where experiment folders go")
-    exp.add_argument("--run-config", default="", help="overrides applied to every run (e.g. for a quick check)")
+    exp.add_argument("--run-config", action="append", type=str, default=[], help="overrides applied to every run (may be repeated; a key only once)")
     exp.add_argument("--results", type=Path, default=None, metavar="DIR", help="also copy comparison.json to DIR/<name>.json (e.g. results/)")
     exp.add_argument(
         "--in-process",

@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_overrides"]
 
+# Upper bounds of integer keys: far above any real run (the paper's runs have 50-100 clients and
+# a few hundred rounds), low enough to catch a typed extra zero or a mistyped exponent.
+MAX_COUNT = 100_000  # rounds, evaluation intervals, clients evaluated
+MAX_CLIENTS = 1_000_000  # the largest populations simulated in the literature (FedScale, pfl-research)
+MAX_STEPS = 1000  # PGD steps
+
 
 @dataclass(frozen=True)
 class FederationConfig(Section):
@@ -57,13 +63,13 @@ class FederationConfig(Section):
         "FedAvg/FedBN: each width model trained by the clients that afford it (`capable`, as in the paper), or by `all` (budget-violating)",
         choices=("capable", "all"),
     )
-    seed: int = option(0, "seed of everything (same config and seed: same weights)", lo=0)
-    num_clients: int = option(50, "number of clients (virtual SuperNodes)", lo=1)
+    seed: int = option(0, "seed of everything (same config and seed: same weights)", lo=0, hi=2**31 - 1)
+    num_clients: int = option(50, "number of clients (virtual SuperNodes)", lo=1, hi=MAX_CLIENTS)
     fraction_train: float = option(1.0, "share of clients sampled each round", lo=0, hi=1, lo_open=True)
-    min_train_clients: int = option(2, "fewest valid replies for a round to update the model", lo=1)
-    num_rounds: int = option(40, "federated rounds", lo=1)
+    min_train_clients: int = option(2, "fewest valid replies for a round to update the model", lo=1, hi=MAX_COUNT)
+    num_rounds: int = option(40, "federated rounds", lo=1, hi=MAX_COUNT)
     rewind_round: int = option(
-        2, "keep the served weights after this round as `rewind.safetensors`: `splitmix prune`'s IMP rewinds to them (0 = none)", lo=0
+        2, "keep the served weights after this round as `rewind.safetensors`: `splitmix prune`'s IMP rewinds to them (0 = none)", lo=0, hi=MAX_COUNT
     )
     budgets: str = option("8-4-2-1", "budget levels (N = width 1/N, `NdM` = M/N) over equal contiguous client groups")
     adv_fraction: float = option(0.5, "share of clients that train adversarially (PGD)", lo=0, hi=1)
@@ -78,7 +84,7 @@ class FederationConfig(Section):
         try:
             parse_budgets(self.budgets)
         except ValueError as err:
-            raise ConfigError(f"config key 'budgets' = '{self.budgets}': {err}") from None
+            raise ConfigError(f"config key 'budgets' = {err}") from None
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,10 @@ class ModelConfig(Section):
         "training data before evaluation). HeteroFL/SHeteroFL are always static, FedBN always tracked",
         choices=("tracked", "static"),
     )
-    vit_depth: int = option(4, "ViT: transformer blocks", lo=1)
-    vit_dim: int = option(256, "ViT: embedding width at width 1", lo=1)
-    vit_heads: int = option(32, "ViT: attention heads at width 1", lo=1)
-    vit_patch: int = option(0, "ViT: patch size (0 = automatic)", lo=0)
+    vit_depth: int = option(4, "ViT: transformer blocks", lo=1, hi=256)
+    vit_dim: int = option(256, "ViT: embedding width at width 1", lo=1, hi=65536)
+    vit_heads: int = option(32, "ViT: attention heads at width 1", lo=1, hi=4096)
+    vit_patch: int = option(0, "ViT: patch size (0 = automatic)", lo=0, hi=1024)
     vit_mlp_ratio: float = option(2.0, "ViT: MLP hidden width / embedding width", lo=0, lo_open=True)
 
     def validate(self) -> None:
@@ -138,8 +144,8 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class TrainingConfig(Section):
-    local_epochs: int = option(2, "local epochs per round", lo=1)
-    batch_size: int = option(32, "local batch size", lo=2)
+    local_epochs: int = option(2, "local epochs per round", lo=1, hi=1000)
+    batch_size: int = option(32, "local batch size", lo=2, hi=65536)
     lr: float = option(0.05, "learning rate", lo=0, lo_open=True)
     lr_schedule: str = option("cosine", "learning rate over rounds", choices=("cosine", "constant"))
     masked_loss: bool = option(False, "HeteroFL's masked cross-entropy: logits of classes absent from a client's data set to 0 in its loss")
@@ -148,17 +154,17 @@ class TrainingConfig(Section):
     adv_lambda: float = option(0.5, "adversarial clients' loss (1−λ)·clean + λ·adversarial", lo=0, hi=1)
     pgd_eps: float = option(0.1, "PGD L∞ radius in training", lo=0)
     pgd_alpha: float = option(0.036, "PGD step size", lo=0, lo_open=True)
-    pgd_steps: int = option(7, "PGD steps in training", lo=1)
+    pgd_steps: int = option(7, "PGD steps in training", lo=1, hi=MAX_STEPS)
 
 
 @dataclass(frozen=True)
 class EvaluationConfig(Section):
     eval_lambdas: str = option("0,0.5,1", "robustness levels λ evaluated (must include 0)")
-    eval_every: int = option(1, "clean evaluation every N rounds (and the last)", lo=1)
-    eval_robust_every: int = option(0, "PGD evaluation every N rounds (0 = final round only)", lo=0)
-    eval_pgd_steps: int = option(10, "PGD steps in evaluation (0 = no robust evaluation)", lo=0)
-    eval_train_examples: int = option(0, "training examples also evaluated (robust generalisation gap)", lo=0)
-    eval_clients: int = option(0, "clients that evaluate (a seeded sample fixed for the run; 0 = every client)", lo=0)
+    eval_every: int = option(1, "clean evaluation every N rounds (and the last)", lo=1, hi=MAX_COUNT)
+    eval_robust_every: int = option(0, "PGD evaluation every N rounds (0 = final round only)", lo=0, hi=MAX_COUNT)
+    eval_pgd_steps: int = option(10, "PGD steps in evaluation (0 = no robust evaluation)", lo=0, hi=MAX_STEPS)
+    eval_train_examples: int = option(0, "training examples also evaluated (robust generalisation gap)", lo=0, hi=10**7)
+    eval_clients: int = option(0, "clients that evaluate (a seeded sample fixed for the run; 0 = every client)", lo=0, hi=MAX_COUNT)
 
     def validate(self) -> None:
         if 0.0 not in self.lambdas:
@@ -181,7 +187,7 @@ class SystemConfig(Section):
     run_name: str = option("", "run folder name (default: a timestamp)")
     client_num_cpus: float = option(1.0, "Ray CPUs per virtual client (→ number of actors)", lo=0, lo_open=True)
     client_num_gpus: float = option(0.0, "Ray GPUs per virtual client", lo=0)
-    torch_threads: int = option(1, "torch threads per actor", lo=1)
+    torch_threads: int = option(1, "torch threads per actor", lo=1, hi=1024)
     device: str = option("auto", "`auto` uses CUDA when present", choices=("auto", "cpu", "cuda"))
     ray_address: str = option("", "join this Ray cluster instead of starting one")
 
@@ -342,7 +348,7 @@ class RunConfig:
             if key not in index:
                 raise ConfigError(f"unknown config key '{key}'; allowed keys: {', '.join(sorted(index))}")
             section, name, f = index[key]
-            values[section][name] = coerce(key, value, f.type)
+            values[section][name] = coerce(f, value)
         built = {name: sec(**values[name]) for name, sec in all_sections().items()}
         core = {name: built.pop(name) for name in CORE_SECTIONS}
         return cls(**core, techniques=MappingProxyType(built))  # type: ignore[arg-type]
@@ -350,16 +356,22 @@ class RunConfig:
 
 def parse_overrides(text: str) -> dict[str, Any]:
     """``"key=value key=value"`` → dict; values are TOML (numbers, true/false, quoted strings),
-    and a bare word is taken as a string, so ``dataset=mnist`` works as well as ``dataset='mnist'``."""
+    and a bare word is taken as a string, so ``dataset=mnist`` works as well as ``dataset='mnist'``.
+    A key given twice is an error: silently keeping the last value hides a typo'd command line."""
     out: dict[str, Any] = {}
+    raw_of: dict[str, str] = {}
     for token in shlex.split(text):
         if "=" not in token:
             raise ConfigError(f"run-config override '{token}' is not of the form key=value")
         key, raw = token.split("=", 1)
+        key = key.strip()
+        if key in raw_of:
+            raise ConfigError(f"run-config key '{key}' is given twice ({key}={raw_of[key]} and {key}={raw}); give each key once")
+        raw_of[key] = raw
         try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
+            out[key] = raw
     return out
 
 

@@ -8,6 +8,7 @@ A deployment can override a node's budget and robustness through its ``--node-co
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -15,27 +16,31 @@ import numpy as np
 from splitmix.node_config import NodeConfig, validate_node_config
 from splitmix.protocol import NodeProfile
 
+BUDGETS_FORM = "levels N (width 1/N) or NdM (width M/N; whole numbers 1 <= M <= N) joined by single '-', no spaces or signs: '8-4-2-1', '8-4-8d3-2'"
+_LEVEL = re.compile(r"([0-9]+)(?:d([0-9]+))?")  # [0-9], not \d: int() would also take other scripts' digits
+
 
 def parse_budgets(spec: str) -> list[float]:
-    """``'8-4-2-1'`` → ``[0.125, 0.25, 0.5, 1.0]``; ``'8-4-8d3-2'`` → ``[.125, .25, .375, .5]``."""
-    levels = [p for p in spec.split("-") if p]
-    if not levels:
-        raise ValueError(f"budgets '{spec}' is empty; expected levels like '8-4-2-1'")
+    """``'8-4-2-1'`` → ``[0.125, 0.25, 0.5, 1.0]``; ``'8-4-8d3-2'`` → ``[.125, .25, .375, .5]``.
+
+    Strict: an empty level (``'8--4'``, a leading or trailing ``-``), a space, a sign or a
+    non-integer is an error (ValueError naming the value and :data:`BUDGETS_FORM`), never skipped
+    or guessed, because each level is a group of clients and a dropped one changes the run."""
+    levels = spec.split("-")
+    if "" in levels:
+        where = "is empty" if not spec.strip() else "has an empty level (a leading, trailing or doubled '-')"
+        raise ValueError(f"'{spec}' {where}; allowed: {BUDGETS_FORM}")
     return [_level_to_width(level, spec) for level in levels]
 
 
 def _level_to_width(level: str, spec: str) -> float:
-    try:
-        if "d" in level:
-            den, num = level.split("d")
-            frac = Fraction(int(num), int(den))
-        else:
-            frac = Fraction(1, int(level))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"budget level '{level}' in '{spec}' is not an integer N or 'NdM'") from None
-    if not 0 < frac <= 1:
-        raise ValueError(f"budget level '{level}' in '{spec}' gives width {float(frac)}, outside (0, 1]")
-    return float(frac)
+    match = _LEVEL.fullmatch(level)
+    if match is None:
+        raise ValueError(f"'{spec}' has the level '{level}', which is not N or NdM; allowed: {BUDGETS_FORM}")
+    den, num = int(match[1]), int(match[2] or 1)
+    if den == 0 or not 0 < num <= den:
+        raise ValueError(f"'{spec}' has the level '{level}', a width of {num}/{den}, outside (0, 1]; allowed: {BUDGETS_FORM}")
+    return float(Fraction(num, den))
 
 
 def budget_of_client(partition_id: int, num_clients: int, widths: list[float]) -> float:

@@ -81,20 +81,22 @@ class Section:
         return {key: f.default for key, f in section_fields(cls) if f.default is not MISSING}
 
 
-def coerce(key: str, value: Any, type_name: Any) -> Any:
-    """``value`` as the field's type: ints stay ints (an integral float is accepted), numbers
-    become floats, bools must be bools, and a number given for a string key becomes a string
-    (``budgets=8`` typed without quotes)."""
-    expected = type_name if isinstance(type_name, str) else type_name.__name__
+def coerce(f: Field, value: Any) -> Any:
+    """``value`` as field ``f``'s type. An integer key takes only a TOML integer (``40``, not
+    ``40.0``, ``1e9``, ``"40"`` or ``true``): a float there is a typo far more often than a
+    deliberate count, and accepting integral floats would let ``1e9`` through while ``2.5`` fails.
+    A number key takes an integer or a float (as a float); a bool key only ``true``/``false``; a
+    number given for a string key becomes a string (``budgets=8`` typed without quotes)."""
+    key, expected = key_of(f), type_name(f)
     if expected == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config key '{key}' = {value!r} must be an integer")
+            raise ConfigError(
+                f"config key '{key}' = {value!r} must be a TOML integer (like {f.default!r}; not 1e9, 2.5, \"3\" or true); allowed: {allowed_text(f)}"
+            )
         return value
     if expected == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a number")
+            raise ConfigError(f"config key '{key}' = {value!r} must be a number; allowed: {allowed_text(f)}")
         return float(value)
     if expected == "bool":
         if not isinstance(value, bool):
@@ -107,10 +109,15 @@ def coerce(key: str, value: Any, type_name: Any) -> Any:
     return value
 
 
+def type_name(f: Field) -> str:
+    """A field's type as a name (``"int"``): annotations are strings under ``from __future__``."""
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
 def check_value(f: Field, value: Any) -> None:
     """Type, finiteness, choices and range of one field's value."""
     key = key_of(f)
-    coerced = coerce(key, value, f.type)
+    coerced = coerce(f, value)
     if isinstance(coerced, str) and not isinstance(value, str):
         raise ConfigError(f"config key '{key}' = {value!r} must be a string")
     if isinstance(value, float) and not math.isfinite(value):
@@ -122,20 +129,20 @@ def check_value(f: Field, value: Any) -> None:
         lo, hi, lo_open, hi_open = f.metadata["range"]
         bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and (value > hi or (hi_open and value == hi)))
         if bad:
-            interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
-            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {interval}")
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed_text(f)}")
 
 
 def allowed_text(f: Field) -> str:
-    """What a field allows, for the generated documentation."""
+    """What a field allows, for error messages and the generated documentation."""
     choices = choices_of(f)
     if choices is not None:
         return ", ".join(f"`{c}`" for c in choices)
+    kind = type_name(f)
     if "range" in f.metadata:
         lo, hi, lo_open, hi_open = f.metadata["range"]
-        return f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
-    type_name = f.type if isinstance(f.type, str) else f.type.__name__
-    return {"str": "text", "bool": "true / false"}.get(type_name, type_name)
+        interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        return f"integer in {interval}" if kind == "int" else interval
+    return {"str": "text", "bool": "true / false", "int": "integer"}.get(kind, kind)
 
 
-__all__ = ["ConfigError", "Section", "option", "section_fields", "coerce", "check_value", "allowed_text", "dataclass"]
+__all__ = ["ConfigError", "Section", "option", "section_fields", "coerce", "check_value", "allowed_text", "type_name", "dataclass"]

@@ -33,7 +33,13 @@ def test_overrides_parse_toml_values_and_bare_words():
     [
         ("nmu-rounds=3", ["unknown config key 'nmu-rounds'", "num-rounds"]),
         ("num-rounds=abc", ["'num-rounds'", "'abc'", "integer"]),
-        ("num-rounds=0", ["'num-rounds'", "0", "[1, inf]"]),
+        ("num-rounds=0", ["'num-rounds'", "0", "integer in [1, 100000]"]),
+        ("num-rounds=100001", ["'num-rounds'", "100001", "integer in [1, 100000]"]),
+        ("num-rounds=1e9", ["'num-rounds'", "1000000000.0", "TOML integer", "integer in [1, 100000]"]),
+        ("num-clients=2.5", ["'num-clients'", "2.5", "TOML integer", "integer in [1, 1000000]"]),
+        ("""num-clients='"3"'""", ["'num-clients'", "'3'", "TOML integer"]),
+        ("batch-size=true", ["'batch-size'", "True", "TOML integer", "integer in [2, 65536]"]),
+        ("budgets='8--4'", ["'budgets'", "'8--4'", "empty level", "NdM"]),
         ("dataset=imagenet", ["'dataset'", "'imagenet'", "digits, mnist, cifar10, svhn"]),
         ("fraction-train=1.5", ["'fraction-train'", "1.5", "(0, 1]"]),
         ("budgets='16-8'", ["'budgets'", "16-8", "atom width"]),
@@ -73,11 +79,14 @@ def test_shipped_configs_are_valid():
             load_config(path)
 
 
-def test_cli_rejects_bad_config_with_exit_code_2(capsys):
+@pytest.mark.parametrize("override", ["num-rounds=-1", "num-rounds=1e9", "num-rounds=1000000000"])
+def test_cli_rejects_bad_config_with_exit_code_2(capsys, override):
     from splitmix.cli import main
 
-    assert main(["simulate", "--run-config", "num-rounds=-1"]) == 2
-    assert "'num-rounds'" in capsys.readouterr().err
+    # eval-lambdas without 0 fails in a later section: were the num-rounds check missing, no simulation could start either
+    assert main(["simulate", "--run-config", f"{override} eval-lambdas='0.5'"]) == 2  # before Ray starts: the config is checked first
+    err = capsys.readouterr().err
+    assert "'num-rounds'" in err and "integer in [1, 100000]" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("override", ["lr=nan", "adv-lambda=inf", "fraction-train=nan"])
@@ -89,6 +98,97 @@ def test_non_finite_numbers_are_rejected(override):
 def test_direct_construction_is_type_checked():
     with pytest.raises(ConfigError, match="'num-rounds'.*integer"):
         FederationConfig(num_rounds=2.5)
+    with pytest.raises(ConfigError, match="'num-rounds' = 3.0 must be a TOML integer"):
+        FederationConfig(num_rounds=3.0)
+
+
+def _int_fields():
+    from splitmix.config import key_index
+    from splitmix.sections import type_name
+
+    return [(key, f) for key, (_, _, f) in key_index().items() if type_name(f) == "int"]
+
+
+@pytest.mark.parametrize("value", [1e9, 3.0, 2.5, "3", True, None])
+def test_every_integer_key_takes_only_toml_integers(value):
+    """One rule for all integer keys: a float (integral or not), a string, a bool is refused,
+    naming the key, the value and the allowed range."""
+    from splitmix.sections import allowed_text, check_value
+
+    fields = _int_fields()
+    assert len(fields) == 19  # 17 in the core sections, 2 in technique sections
+    for key, f in fields:
+        with pytest.raises(ConfigError) as err:
+            check_value(f, value)
+        assert f"config key '{key}' = {value!r} must be a TOML integer" in str(err.value)
+        assert allowed_text(f) in str(err.value)
+        check_value(f, f.default)  # while the default (an int) passes
+
+
+def test_core_integer_keys_have_upper_bounds_that_catch_typos():
+    from splitmix.config import CORE_SECTIONS
+    from splitmix.sections import check_value, section_fields, type_name
+
+    bounded = 0
+    for cls in CORE_SECTIONS.values():
+        for key, f in section_fields(cls):
+            if type_name(f) != "int":
+                continue
+            hi = f.metadata["range"][1]
+            assert hi is not None and f.default < hi, key
+            check_value(f, hi)
+            with pytest.raises(ConfigError, match=f"'{key}' = {hi + 1} is out of range"):
+                check_value(f, hi + 1)
+            bounded += 1
+    assert bounded == 17
+
+
+@pytest.mark.parametrize(
+    "budgets,problem",
+    [
+        ("8--4", "empty level"),
+        ("-8-4", "empty level"),
+        ("8-4-", "empty level"),
+        ("", "is empty"),
+        ("8 -4", "level '8 '"),
+        ("+8-4", "level '+8'"),
+        ("8-2.5", "level '2.5'"),
+        ("8-x", "level 'x'"),
+        ("8-0", "width of 1/0"),
+        ("8d9", "width of 9/8"),
+    ],
+)
+def test_budgets_are_parsed_strictly(budgets, problem):
+    with pytest.raises(ConfigError) as err:
+        FederationConfig(budgets=budgets)
+    message = str(err.value)
+    assert message.startswith(f"config key 'budgets' = '{budgets}' ") and problem in message
+    assert "N or NdM" not in message or problem.startswith("level")
+    assert "'8-4-2-1'" in message and "\n" not in message  # the allowed form, on one line
+
+
+def test_budget_levels_give_their_widths():
+    from splitmix.profiles import parse_budgets
+
+    assert parse_budgets("8-4-8d3-2") == [0.125, 0.25, 0.375, 0.5]
+    assert parse_budgets("1") == [1.0]
+
+
+def test_a_repeated_run_config_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="run-config key 'num-rounds' is given twice \\(num-rounds=3 and num-rounds=5\\)"):
+        parse_overrides("num-rounds=3 lr=0.1 num-rounds=5")
+
+
+def test_cli_refuses_a_key_repeated_across_run_config_options(capsys, tmp_path):
+    from splitmix.cli import main
+
+    # num-clients=0 would fail later: were the repeat missed, no simulation could start either
+    assert main(["simulate", "--run-config", "num-rounds=3", "--run-config", "num-rounds=5 num-clients=0"]) == 2
+    assert "run-config key 'num-rounds' is given twice" in capsys.readouterr().err
+    # several options with different keys are one override string; a file layer below is no repeat
+    (tmp_path / "run.toml").write_text("num-rounds = 7\n")
+    cfg = load_config(tmp_path / "run.toml", " ".join(["num-rounds=2", "lr=0.1"]))
+    assert (cfg.federation.num_rounds, cfg.training.lr) == (2, 0.1)
 
 
 def test_numbers_typed_for_string_keys_are_taken_as_strings():
