@@ -25,7 +25,10 @@ def tiny_config():
     """``tiny_config("key=value ...")``: the tiny run's config with these overrides on top."""
     from splitmix.config import load_config
 
-    return lambda overrides="": load_config(overrides=f"{TINY_RUN} {overrides}")
+    from splitmix.config import parse_overrides
+
+    # The overrides are a layer on top of the tiny run (a key given in both is not a repeat).
+    return lambda overrides="": load_config(overrides={**parse_overrides(TINY_RUN), **parse_overrides(overrides)})
 
 
 @pytest.fixture(scope="session")

@@ -116,7 +116,7 @@ def test_every_integer_key_takes_only_toml_integers(value):
     from splitmix.sections import allowed_text, check_value
 
     fields = _int_fields()
-    assert len(fields) == 19  # 17 in the core sections, 2 in technique sections
+    assert len(fields) == 20  # 18 in the core sections, 2 in technique sections
     for key, f in fields:
         with pytest.raises(ConfigError) as err:
             check_value(f, value)
@@ -140,7 +140,7 @@ def test_core_integer_keys_have_upper_bounds_that_catch_typos():
             with pytest.raises(ConfigError, match=f"'{key}' = {hi + 1} is out of range"):
                 check_value(f, hi + 1)
             bounded += 1
-    assert bounded == 17
+    assert bounded == 18
 
 
 @pytest.mark.parametrize(
