@@ -126,9 +126,18 @@ def test_superlink_run_survives_a_killed_supernode(deployment):
     assert summary["failures"] == 1 and math.isfinite(summary["widths"]["1.0"]["accuracy"])
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def test_deployment_teardown_leaves_no_process(deployment):
     marker = deployment.marker
-    assert marked_processes(marker)  # the link and the surviving nodes are running
+    running = {pid: _cmdline(pid) for pid in marked_processes(marker)}  # to name a leftover below
+    assert running  # the link and the surviving nodes are running
     leftovers = deployment.stop(grace=STOP_GRACE)
-    assert leftovers == []  # Flower's own children exited with their parents
+    # Flower's children exited with their parents
+    assert leftovers == [], {pid: running.get(pid, "(started after the snapshot)") for pid in leftovers}
     assert marked_processes(marker) == []
