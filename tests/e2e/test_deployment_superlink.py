@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,22 @@ NODE_CONFIGS = [
     'partition-id=1 num-partitions=3 budget="1/2"',
     'partition-id=2 num-partitions=3 budget="1/4" adversarial=true',
 ]
-FAST = {"num-clients": 3, "local-epochs": 1, "min-train-clients": 1, "eval-pgd-steps": 2, "round-timeout": 180.0}
+# Deadlines only bound a failure (a healthy deployment never waits for them), so they are sized
+# for a machine at load 15, where starting a Python process with torch takes minutes.
+START_TIMEOUT = 600.0  # SuperLink /health, every SuperNode online, a refused node's exit
+RUN_TIMEOUT = 1500.0  # `flwr run` to finished:*
+STOP_GRACE = 300.0  # SIGTERM → exit, before SIGKILL
+FAST = {"num-clients": 3, "local-epochs": 1, "min-train-clients": 1, "eval-pgd-steps": 2, "round-timeout": 600.0}
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     dep = LocalDeployment(tmp_path_factory.mktemp("deployment"), NODE_CONFIGS, app_dir=ROOT)
-    with dep:
+    try:
+        dep.start(timeout=START_TIMEOUT)
         yield dep
+    finally:
+        dep.stop(grace=STOP_GRACE)  # idempotent: after the teardown test it finds nothing left
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -47,7 +55,7 @@ def test_superlink_refuses_wrong_certificate_and_unregistered_key(deployment):
     generate_node_keys(deployment.keys, ["intruder"])
     wrong_ca = deployment.start_supernode("wrong-ca", "partition-id=0", root_certificates=other_ca, key=deployment.keys / "supernode-0")
     unregistered = deployment.start_supernode("unregistered", "partition-id=0", key=deployment.keys / "intruder")
-    assert wrong_ca.wait(90) != 0 and unregistered.wait(90) != 0
+    assert wrong_ca.wait(START_TIMEOUT) != 0 and unregistered.wait(START_TIMEOUT) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in (deployment.logs / "wrong-ca.log").read_text()
     assert "Failed to activate SuperNode" in (deployment.logs / "unregistered.log").read_text()
     deployment.processes.pop("wrong-ca"), deployment.processes.pop("unregistered")
@@ -55,7 +63,7 @@ def test_superlink_refuses_wrong_certificate_and_unregistered_key(deployment):
 
 
 def test_superlink_runs_splitmix_two_rounds(deployment):
-    outcome = deployment.run({**FAST, "num-rounds": 2}, timeout=420)
+    outcome = deployment.run({**FAST, "num-rounds": 2}, timeout=RUN_TIMEOUT)
     assert outcome.status == "finished:completed"
     rows = _rows(outcome.run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -79,16 +87,30 @@ def test_superlink_runs_splitmix_two_rounds(deployment):
 def test_superlink_run_survives_a_killed_supernode(deployment):
     victim = "supernode-2"
     run_name = "killed-node"
-    run_dir = deployment.workdir / "runs" / run_name
-    killed: list[float] = []
+    round_one = deployment.workdir / "runs" / run_name / "metrics.jsonl"
+    killed: list[str] = []
+    finished = threading.Event()
 
     def kill_after_round_one() -> None:
-        if not killed and (run_dir / "metrics.jsonl").exists():
-            deployment.kill_node(victim)  # SIGKILL: no goodbye to the SuperLink
-            killed.append(time.monotonic())
+        """Its own thread, polling every 50 ms: the kill must not wait behind a `flwr ls` status
+        call (a new Python process, seconds under load), or round 2 could be done first."""
+        while not finished.wait(0.05):
+            if round_one.exists():
+                try:
+                    deployment.kill_node(victim)  # SIGKILL: no goodbye to the SuperLink
+                    killed.append("killed")
+                except Exception as err:  # noqa: BLE001 - reported by the assertion below
+                    killed.append(f"kill failed: {err!r}")
+                return
 
-    outcome = deployment.run({**FAST, "num-rounds": 2, "run-name": run_name}, timeout=480, on_poll=kill_after_round_one)
-    assert killed, "the run finished before a node could be killed"
+    watcher = threading.Thread(target=kill_after_round_one, daemon=True)
+    watcher.start()
+    try:
+        outcome = deployment.run({**FAST, "num-rounds": 2, "run-name": run_name}, timeout=RUN_TIMEOUT)
+    finally:
+        finished.set()
+        watcher.join()
+    assert killed == ["killed"], "the run finished before a node could be killed" if not killed else killed
     assert outcome.status == "finished:completed"
     rows = _rows(outcome.run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -104,9 +126,18 @@ def test_superlink_run_survives_a_killed_supernode(deployment):
     assert summary["failures"] == 1 and math.isfinite(summary["widths"]["1.0"]["accuracy"])
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def test_deployment_teardown_leaves_no_process(deployment):
     marker = deployment.marker
-    assert marked_processes(marker)  # the link and the surviving nodes are running
-    leftovers = deployment.stop()
-    assert leftovers == []  # Flower's own children exited with their parents
+    running = {pid: _cmdline(pid) for pid in marked_processes(marker)}  # to name a leftover below
+    assert running  # the link and the surviving nodes are running
+    leftovers = deployment.stop(grace=STOP_GRACE)
+    # Flower's children exited with their parents
+    assert leftovers == [], {pid: running.get(pid, "(started after the snapshot)") for pid in leftovers}
     assert marked_processes(marker) == []

@@ -10,7 +10,6 @@ from server.store import load_weights
 pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
 
 
-@pytest.mark.timeout(300)
 def test_two_round_simulation_writes_a_complete_run_folder(tmp_path, capsys):
     """`splitmix simulate` end to end; the last line of stdout is the run folder."""
     from splitmix.cli import main

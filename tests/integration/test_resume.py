@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import InProcessGrid
-from safetensors import safe_open
 
 import server.simulation
 import server.store as store_module
@@ -54,16 +53,25 @@ def _resume_in_process(monkeypatch, run: Path) -> Path:
     return run
 
 
-def _assert_same_final_run(run: Path, reference: Path) -> None:
+def _assert_same_final_run(run: Path, reference: Path, exact: bool = True) -> None:
+    """Same weights and counts as ``reference``: bit for bit when both runs computed in this
+    process (``exact``); to float32 rounding when part of ``run`` was computed by another
+    process (a different process need not sum in the same order). A resume that loses any state
+    (RNG, sampling, optimizer) differs by far more than that tolerance."""
     weights, expected = load_weights(run / "model.safetensors"), load_weights(reference / "model.safetensors")
     assert set(weights) == set(expected)
-    assert all(torch.equal(weights[k], expected[k]) for k in weights), "resumed weights differ"
+    for k in weights:
+        if exact:
+            assert torch.equal(weights[k], expected[k]), f"resumed weights differ: {k}"
+        else:
+            torch.testing.assert_close(weights[k], expected[k], rtol=1e-5, atol=1e-6, msg=f"resumed weights differ: {k}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     for row, ref in zip(rows, ref_rows):
-        for key in ("sampled", "valid", "failures", "rejected", "bytes-down", "bytes-up", "examples", "train-loss"):
+        for key in ("sampled", "valid", "failures", "rejected", "bytes-down", "bytes-up", "examples"):
             assert row[key] == ref[key], (row["round"], key)
+        assert row["train-loss"] == (ref["train-loss"] if exact else pytest.approx(ref["train-loss"], rel=1e-5)), row["round"]
     summary, ref_summary = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     assert summary["communication"] == ref_summary["communication"]
     assert summary["widths"]["1.0"]["accuracy"] == ref_summary["widths"]["1.0"]["accuracy"]
@@ -95,49 +103,56 @@ def test_interrupted_after_round_two_and_resumed_equals_the_uninterrupted_run(un
     _assert_same_final_run(run, uninterrupted)
 
 
+# The child holds (blocked, alive) where round 3's checkpoint would be written — round 3 trained,
+# its metrics row and weights on disk, the checkpoint still round 2's — and tells the test so by
+# creating argv[2]. The kill then lands at one known point, whatever the machine's load.
 _CHILD = """
-import sys
+import sys, threading
+from pathlib import Path
 from conftest import InProcessGrid
+from server.store import RunStore
 from splitmix.config import load_config
 from server.federation import run_federation
+save = RunStore.save_checkpoint
+def save_or_hold(self, weights, tensors, state):
+    if state["round"] == 3:
+        Path(sys.argv[2]).touch()
+        threading.Event().wait()
+    return save(self, weights, tensors, state)
+RunStore.save_checkpoint = save_or_hold
 run_federation(InProcessGrid(6), load_config(overrides=sys.argv[1]))
 """
-
-
-def _checkpoint_round(path: Path) -> int:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return int(fh.metadata()["round"])
-    except Exception:  # noqa: BLE001 - not there yet
-        return 0
+CHILD_DEADLINE = 1200.0  # seconds for the child to reach round 3 on a heavily loaded machine (a bound for failures only)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
 def test_sigkilled_run_resumes_to_the_same_weights(uninterrupted, tmp_path, monkeypatch):
-    """A real SIGKILL of a running process once round 2's checkpoint exists."""
+    """A real SIGKILL of a running process after round 3 trained but before its checkpoint."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, f"{RUN} out-dir='{tmp_path}' run-name=killed"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    holding, log = tmp_path / "holding", tmp_path / "child.log"
+    with open(log, "wb") as err:  # a file, not a pipe: a chatty child can never block on a full pipe
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, f"{RUN} out-dir='{tmp_path}' run-name=killed", str(holding)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     run = tmp_path / "killed"
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + CHILD_DEADLINE
     try:
-        while _checkpoint_round(run / CHECKPOINT) < 2:
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint for round 2"
-            time.sleep(0.02)
+        while not holding.exists():
+            assert child.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"the child did not reach round 3 in {CHILD_DEADLINE:.0f} s"
+            time.sleep(0.2)
     finally:
-        child.send_signal(signal.SIGKILL)
+        child.kill()  # SIGKILL
         child.wait()
-    killed_at = load_checkpoint(run / CHECKPOINT)[2]["round"]
-    assert 2 <= killed_at < 4 and not (run / "summary.json").exists()
+    assert child.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / CHECKPOINT)[2]["round"] == 2 and not (run / "summary.json").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # round 3's row, past the checkpoint
     _resume_in_process(monkeypatch, run)
-    _assert_same_final_run(run, uninterrupted)
+    _assert_same_final_run(run, uninterrupted, exact=False)
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
