@@ -2,7 +2,7 @@
 (a) a naive Python loop over the same k bases and (b) one dense network of the same architecture
 with about the same number of parameters, served the same way. CPU, eval mode, no autograd.
 
-    python bench/inference.py [--run RUN] [--width 1.0] [--seconds 2] [--reps 21]
+    python bench/inference.py [--run RUN] [--width 1.0] [--seconds 2] [--reps 21] [--threads N]
 
 Without ``--run`` the bases are freshly initialised (throughput does not depend on the values).
 Models compared with each other are timed in interleaved repetitions (the machine may be shared)
@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per model and batch size")
     parser.add_argument("--reps", type=int, default=21, help="interleaved repetitions (the median is reported)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.run:
         from server.query import load_run

@@ -12,8 +12,8 @@ passes over those activations:
   (:func:`models.fuse.affine`), and its ReLU runs inside the convolution kernel (oneDNN's fused
   post-op, ``mkldnn._convolution_pointwise``; plain ``conv2d`` + ``relu`` off CPU);
 - the first convolution reads the one input every base shares: one plain conv with k·c outputs;
-- a hidden linear layer of the k bases is a grouped convolution whose kernel covers the whole
-  feature map (no flatten copy out of channels-last, ReLU fused);
+- the k bases' hidden linear layers are one batched matmul that reads the channels-last maps
+  in place (weights permuted to that order once) with the bias added in the same kernel;
 - the k bases' last linear layers and the mean of their logits are one matmul:
   ``mean_i(W_i h_i + b_i) = [W_1 … W_k]/k · h + mean_i b_i``;
 - 2×2 max-pooling is two element-wise maxima over channels-last views (no index tensor);
@@ -56,10 +56,11 @@ class ConvReLU(nn.Module):
         self.weight = _frozen(weight.contiguous(memory_format=torch.channels_last))
         self.bias = _frozen(bias)
         self.padding, self.groups = padding, groups
+        self.fused = _FUSED_CONV
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding
-        if _FUSED_CONV and x.device.type == "cpu":
+        if self.fused and x.device.type == "cpu":
             return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
         return F.relu(F.conv2d(x, self.weight, self.bias, 1, p, 1, self.groups))
 
@@ -95,8 +96,34 @@ class AvgPoolTo(nn.Module):
         return x if x.shape[-2:] == (self.size, self.size) else F.adaptive_avg_pool2d(x, self.size)
 
 
+class HiddenLinear(nn.Module):
+    """The k bases' hidden linear layers (BN folded) and their ReLU as one batched matmul.
+
+    Input: channels-last maps ``(B, k·c, s, s)`` (the NHWC memory read in place as each base's
+    ``(position, channel)`` features; the weights are permuted to that order once, here) or the
+    previous hidden layer's ``(k, B, f)``. Output ``(k, B, h)``.
+    """
+
+    def __init__(self, layer: StackedLinear, norm: nn.Module, channels: int) -> None:
+        super().__init__()
+        a, b = affine(norm)
+        k, h, n = layer.num_bases, layer.out_per_base, layer.in_per_base
+        weight = (layer.weight * a.view(-1, 1)).view(k, h, channels, n // channels)  # channel-major features
+        self.weight = _frozen(weight.permute(0, 3, 2, 1).reshape(k, n, h))
+        self.bias = _frozen((b if layer.bias is None else a * layer.bias + b).view(k, 1, h))
+        self.num_bases, self.channels = k, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            batch, _, height, width = x.shape
+            k, c = self.num_bases, self.channels
+            x = x.permute(0, 2, 3, 1).reshape(batch, height * width, k, c).permute(2, 0, 1, 3).reshape(k, batch, -1)
+        return torch.relu_(torch.baddbmm(self.bias, x, self.weight))
+
+
 class MixedHead(nn.Module):
-    """The k bases' last linear layers and the mean of their logits as one matmul."""
+    """The k bases' last linear layers and the mean of their logits as one matmul (input
+    ``(k, B, h)``)."""
 
     def __init__(self, layer: StackedLinear) -> None:
         super().__init__()
@@ -106,7 +133,7 @@ class MixedHead(nn.Module):
         self.weight, self.bias = _frozen(weight), _frozen(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.flatten(1), self.weight, self.bias)
+        return F.linear(x.permute(1, 0, 2).reshape(x.shape[1], -1), self.weight, self.bias)
 
 
 class FastCNN(nn.Module):
@@ -137,16 +164,6 @@ def _conv(conv: StackedConv2d, norm: nn.Module, shared_input: bool = False) -> C
     return ConvReLU(weight, bias, cast(int, conv.padding[0]), 1 if shared_input else conv.groups)
 
 
-def _linear_as_conv(layer: StackedLinear, norm: nn.Module, channels: int) -> ConvReLU:
-    """A hidden linear layer over each base's (channel-major) flattened ``channels``×s×s maps, as a
-    grouped conv whose kernel is the whole s×s map."""
-    a, b = affine(norm)
-    size = round((layer.in_per_base // channels) ** 0.5)
-    weight = (layer.weight * a.view(-1, 1)).view(layer.num_bases * layer.out_per_base, channels, size, size)
-    bias = b if layer.bias is None else a * layer.bias + b
-    return ConvReLU(weight, bias, 0, layer.num_bases)
-
-
 def _digit_cnn(m: DigitCNN) -> list[nn.Module]:
     # forward_bases: relu(bn1(conv1)), pool(relu(bn2(conv2))), pool(relu(bn3(conv3))),
     # adaptive pool to 2×2, relu(bn4(fc1)), fc2; mean over bases.
@@ -157,7 +174,7 @@ def _digit_cnn(m: DigitCNN) -> list[nn.Module]:
         _conv(m.conv3, m.bn3),
         MaxPool2(),
         AvgPoolTo(2),
-        _linear_as_conv(m.fc1, m.bn4, m.conv3.out_channels // m.num_bases),
+        HiddenLinear(m.fc1, m.bn4, m.conv3.out_channels // m.num_bases),
         MixedHead(m.fc2),
     ]
 
@@ -171,8 +188,8 @@ def _digit_model(m: DigitModel) -> list[nn.Module]:
         _conv(m.conv2, m.bn2),
         MaxPool2(),
         _conv(m.conv3, m.bn3),
-        _linear_as_conv(m.fc1, m.bn4, m.conv3.out_channels // m.num_bases),
-        _linear_as_conv(m.fc2, m.bn5, m.fc1.out_per_base),
+        HiddenLinear(m.fc1, m.bn4, m.conv3.out_channels // m.num_bases),
+        HiddenLinear(m.fc2, m.bn5, m.fc1.out_per_base),
         MixedHead(m.fc3),
     ]
 

@@ -72,11 +72,11 @@ def test_fallback_convolution_off_the_fused_kernel_gives_the_same_logits(monkeyp
     spec = SplitMixSpec(atom_width=0.25)
     state = _state(spec)
     x = torch.rand(5, 1, 8, 8)
+    model = build_mixture(spec, state, [0, 1, 2], 0.3)
     with torch.no_grad():
-        fast = inference_model(build_mixture(spec, state, [0, 1, 2], 0.3))
-        fused = fast(x)
+        fused = inference_model(model)(x)
         monkeypatch.setattr(mi, "_FUSED_CONV", False)
-        plain = fast(x)
+        plain = inference_model(model)(x)
     torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain, _per_base_loop(spec, state, 3, 0.3, x), rtol=1e-4, atol=1e-5)
 
@@ -90,7 +90,7 @@ def test_mixed_head_is_the_mean_of_the_bases_last_layers():
     layer.weight.data = torch.tensor([[2.0], [4.0]])
     layer.bias.data = torch.tensor([1.0, 3.0])
     head = MixedHead(layer)
-    assert head(torch.tensor([[1.0, 10.0]])).item() == pytest.approx(23.0)
+    assert head(torch.tensor([[[1.0]], [[10.0]]])).item() == pytest.approx(23.0)  # (k, B, h) = (2, 1, 1)
 
 
 def test_max_pool2_matches_max_pool2d_and_keeps_channels_last():
