@@ -2,7 +2,7 @@
 (a) a naive Python loop over the same k bases and (b) one dense network of the same architecture
 with about the same number of parameters, served the same way. CPU, eval mode, no autograd.
 
-    python bench/inference.py [--run RUN] [--width 1.0] [--seconds 2] [--reps 21] [--threads N]
+    python bench/inference.py [--run RUN] [--width 1.0] [--seconds 2] [--reps 21] [--threads N [--cpu-time]]
 
 Without ``--run`` the bases are freshly initialised (throughput does not depend on the values).
 Models compared with each other are timed in interleaved repetitions (the machine may be shared)
@@ -28,27 +28,31 @@ from models.registry import create_model
 from models.splitmix import SplitMixSpec, build_mixture, init_global_state
 
 
-def interleaved(models: dict[str, Callable], batch: int, shape: tuple[int, ...], seconds: float, reps: int) -> dict[str, float]:
+def interleaved(
+    models: dict[str, Callable], batch: int, shape: tuple[int, ...], seconds: float, reps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     """Median images/s of each model over ``reps`` repetitions taken in turn (mixed, dense,
-    mixed, …), so load from other processes hits every model alike. ``seconds``: per model."""
+    mixed, …), so load from other processes hits every model alike. ``seconds``: per model;
+    ``clock``: wall time, or this thread's CPU time (meaningful with one torch thread: the time
+    the thread waited for a core shared with other processes is not counted)."""
     x = torch.rand(batch, *shape)
     with torch.inference_mode():
         calls = {}
         for name, model in models.items():
             for _ in range(3):  # warm-up
                 model(x)
-            start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < seconds / reps or n < 1:
+            start, n = clock(), 0
+            while clock() - start < seconds / reps or n < 1:
                 model(x)
                 n += 1
             calls[name] = n  # calls per repetition: about seconds / reps of work
         rates: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(reps):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(calls[name]):
                     model(x)
-                rates[name].append(calls[name] * batch / (time.perf_counter() - start))
+                rates[name].append(calls[name] * batch / (clock() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -85,9 +89,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per model and batch size")
     parser.add_argument("--reps", type=int, default=21, help="interleaved repetitions (the median is reported)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1; for a shared machine)")
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        parser.error(f"--cpu-time needs --threads 1 (got --threads {args.threads}): other threads' work is not on this thread's clock")
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
 
     if args.run:
         from server.query import load_run
@@ -122,7 +130,7 @@ def main() -> None:
     }
     results = {}
     for batch in (1, 256):
-        for name, rate in interleaved(timed, batch, shape, args.seconds, args.reps).items():
+        for name, rate in interleaved(timed, batch, shape, args.seconds, args.reps, clock).items():
             results[(name, batch)] = rate
             print(f"batch {batch:>3}  {name:<16} {rate:>12,.0f} images/s")
     print(
@@ -144,7 +152,7 @@ def main() -> None:
         x = torch.rand(256, *shape)
         mixed_c(x), dense_c(x)
     print(f"torch.compile of both: {time.perf_counter() - start:.1f} s")
-    compiled = interleaved({"mixed, compiled": mixed_c, "dense, compiled": dense_c}, 256, shape, args.seconds, args.reps)
+    compiled = interleaved({"mixed, compiled": mixed_c, "dense, compiled": dense_c}, 256, shape, args.seconds, args.reps, clock)
     for name, rate in compiled.items():
         print(f"batch 256  {name:<16} {rate:>12,.0f} images/s")
     print(f"eager_mix_vs_dense_throughput: {eager:.3f}")
