@@ -1,5 +1,5 @@
-"""The fast inference form of the digits CNNs (``cnn``, ``digit-cnn``): what ``splitmix serve`` runs
-for a Split-Mix mixture of k bases, and for a single dense net (k = 1) alike.
+"""The fast inference form of a Split-Mix mixture of k ≥ 2 bases of the digits CNNs (``cnn``,
+``digit-cnn``): what ``splitmix serve`` runs for them.
 
 A mixture of k bases at atom width r has the channels of the width-k·r net but only k·r² of its
 weights, so next to a parameter-matched dense net it moves ~2.8× more activations through the
@@ -202,11 +202,13 @@ _BUILDERS: dict[type, Callable[[StackedNet], list[nn.Module]]] = {
 
 @torch.no_grad()
 def inference_model(model: nn.Module) -> nn.Module:
-    """The model as served: the fast form above for the digits CNNs (any k, any λ), otherwise the
-    folded channels-last copy of :func:`models.fuse.fuse_for_inference`. ``model`` is an
+    """The model as served: the fast form above for a mixture of k ≥ 2 bases of the digits CNNs
+    (any λ), otherwise the folded channels-last copy of :func:`models.fuse.fuse_for_inference`. ``model`` is an
     eval-mode network with batch-norm statistics; it is left untouched."""
     builder = _BUILDERS.get(type(model))
-    if builder is None:
+    # A single net (k = 1) has nothing to fuse across bases, and measured no faster this way at
+    # batch 256 but slower at batch 1 (fixed per-call cost of the fused kernels): it stays folded.
+    if builder is None or cast(StackedNet, model).num_bases == 1:
         return fuse_for_inference(model)
     return FastCNN(builder(cast(StackedNet, model))).eval()
 
