@@ -20,12 +20,14 @@ from torch import nn
 from models.blocks import DualBatchNorm
 
 
-def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` such that an eval-mode batch norm (or a dual one at its route) is ``a·x + b``
+    per channel."""
     if isinstance(norm, DualBatchNorm):
         route = norm.route
         lam = 0.0 if route == "clean" else 1.0 if route == "adv" else float(route)
-        a_c, b_c = _affine(norm.clean)
-        a_a, b_a = _affine(norm.adv)
+        a_c, b_c = affine(norm.clean)
+        a_a, b_a = affine(norm.adv)
         return (1 - lam) * a_c + lam * a_a, (1 - lam) * b_c + lam * b_a
     bn = cast(nn.modules.batchnorm._BatchNorm, norm)  # any other norm here is a batch norm
     if bn.running_mean is None:
@@ -57,7 +59,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     pairs = cast(_Fusable, fused).fusable_pairs() if hasattr(fused, "fusable_pairs") else []
     for layer_name, norm_name in pairs:
         layer, norm = fused.get_submodule(layer_name), fused.get_submodule(norm_name)
-        a, b = _affine(norm)
+        a, b = affine(norm)
         weight, layer_bias = cast(torch.Tensor, layer.weight), cast(torch.Tensor | None, layer.bias)  # a conv or linear
         weight.mul_(a.view((-1,) + (1,) * (weight.dim() - 1)))
         bias = layer_bias if layer_bias is not None else torch.zeros_like(a)

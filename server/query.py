@@ -14,13 +14,14 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from models.cost import count_macs, count_params
 from models.fuse import fuse_for_inference
+from models.mixture_inference import compile_inference, inference_model
 from models.splitmix import SplitMixSpec
 from server.store import WEIGHTS, load_weights
 from splitmix.config import RunConfig
@@ -36,7 +37,7 @@ class ServedModel:
     width: float
     robustness: float
     bases: list[int]
-    model: nn.Module  # what is served: BN folded, channels-last (models/fuse.py)
+    model: nn.Module  # what is served: the fast inference form (models/mixture_inference.py)
     module: nn.Module  # the same model unfused: the trained tensors, as exported to safetensors
 
 
@@ -119,9 +120,9 @@ class Run:
     @lru_cache(maxsize=64)  # noqa: B019
     def _served(self, width: float, robustness: float, select: str) -> ServedModel:
         bases, model = self._build(self.state, width, robustness, select)
-        served = fuse_for_inference(model)
+        served = inference_model(model)
         if self.compile:
-            served = cast(nn.Module, torch.compile(served, dynamic=True))  # an OptimizedModule; the stub says Callable
+            served = compile_inference(served)
         return ServedModel(width, robustness, bases, served, model)
 
     def _build(self, state: dict[str, torch.Tensor], width: float, robustness: float, select: str) -> tuple[list[int], nn.Module]:
