@@ -20,8 +20,9 @@ dropped from ``sys.modules`` and its folder from ``sys.path`` before the new one
 only third-party imports (torch, flwr) stay warm across app versions.
 
 ``supervise`` is what ``splitmix supernode --warm`` runs: ``flower-supernode --isolation
-process`` as a child and ``serve`` in the foreground, ending (with the child) when either ends,
-so a container restarts the pair as one.
+process`` as a child (polling the SuperLink every 0.5 s when idle instead of every 3 s, see
+``run_supernode``) and ``serve`` in the foreground, ending (with the child) when either ends, so a
+container restarts the pair as one.
 """
 
 from __future__ import annotations
@@ -44,14 +45,21 @@ from flwr.clientapp.client_app import LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import get_project_dir
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # type: ignore[attr-defined]
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # type: ignore[attr-defined]
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest, PullTaskInputRequest  # type: ignore[attr-defined]
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 DEFAULT_RUNTIME_API = "127.0.0.1:9094"
 
@@ -63,6 +71,39 @@ def _runtime_client(address: str, component: str, token: str | None = None) -> R
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None, interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker()
     )
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Flower's ``run_clientapp.pull_task_input`` with a short retry backoff (0.05 s, capped at
+    0.5 s, instead of 1 s doubling to 10 s).
+
+    A SuperNode creates the task *before* it has pulled the message's objects from the SuperLink.
+    A cold ``flwr-clientapp`` spends seconds importing, so the objects are there when it asks; a
+    warm process asks at once, finds them "unavailable" and, with Flower's backoff, waited 1 + 2 +
+    4 s: 8.5 s of a 12.6 s train task here."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=0.05,
+        backoff_cap=0.5,
+        max_tries_per_object=None,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, run, fab
 
 
 @dataclass
@@ -96,15 +137,19 @@ class WarmApp:
         reply: Message | None = None
         context: Context | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        times = [time.perf_counter()]
         try:
             heartbeat.start()
             message, context, run, fab = pull_task_input(client)
+            times.append(time.perf_counter())
             if fab.hash_str != self.fab_hash:
                 install_from_fab(fab.content, skip_prompt=True)
                 self.switch_to(fab.hash_str, get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
                 self.loads += 1
             client_app = self._load(run.fab_id, run.fab_version, fab.hash_str)
+            times.append(time.perf_counter())
             reply = client_app(message=message, context=context)
+            times.append(time.perf_counter())
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # the app's failure is the server's to count, not this process's end
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -123,6 +168,10 @@ class WarmApp:
                 heartbeat.stop()
             client.close()
             self.tasks += 1
+            times.append(time.perf_counter())
+            kind = message.metadata.message_type if message is not None else "?"
+            steps = " ".join(f"{b - a:.2f}" for a, b in zip(times, times[1:]))
+            log(INFO, "task %d (%s) %s in %.2f s (pull/load/app/push: %s)", self.tasks, kind, status, times[-1] - times[0], steps)
         return status
 
 
@@ -150,6 +199,34 @@ def serve(address: str = DEFAULT_RUNTIME_API, *, poll: float = 0.2, alive: Calla
     return app.tasks
 
 
+class _CappedSleep:
+    """``time`` for Flower's SuperNode loop with ``sleep`` capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def run_supernode(argv: list[str], idle_poll: float) -> None:
+    """``flower-supernode ARGV`` with its idle poll of the SuperLink every ``idle_poll`` s.
+
+    Flower 1.42's SuperNode sleeps 3 s whenever a poll finds no message
+    (``start_client_internal``: ``time.sleep(3)``), so every message waits 1.5 s on average
+    before the node even sees it, three times a round (train, BN statistics, evaluation). The
+    loop's other waits are 0.5 s and stay as they are."""
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    loop.time = _CappedSleep(idle_poll)  # type: ignore[assignment]
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
 def supervise(supernode_argv: list[str], address: str = DEFAULT_RUNTIME_API) -> int:
     """Run ``flower-supernode --isolation process`` + ``serve``; end both when either ends.
 
@@ -163,7 +240,9 @@ def supervise(supernode_argv: list[str], address: str = DEFAULT_RUNTIME_API) -> 
         except (OSError, AttributeError):
             pass
 
-    child = subprocess.Popen(["flower-supernode", *supernode_argv, "--isolation", "process"], preexec_fn=_die_with_parent)
+    idle_poll = float(os.environ.get("SPLITMIX_SUPERNODE_POLL", "0.5"))
+    command = [sys.executable, "-m", "deploy.warm_clientapp", "--idle-poll", str(idle_poll), *supernode_argv, "--isolation", "process"]
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent)
     stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -182,3 +261,9 @@ def supervise(supernode_argv: list[str], address: str = DEFAULT_RUNTIME_API) -> 
                 child.kill()
                 child.wait()
     return 0 if stopping.is_set() else (child.returncode or 1)
+
+
+if __name__ == "__main__":  # the SuperNode child of ``supervise``
+    _, flag, poll, *rest = sys.argv
+    assert flag == "--idle-poll", sys.argv
+    run_supernode(rest, float(poll))

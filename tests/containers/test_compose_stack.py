@@ -1,0 +1,94 @@
+"""docker-compose.yml in real containers: the image built (docker/build_image.sh, skipped when
+its inputs are unchanged), the stack brought up with generated certificates and registered keys,
+a 2-round run submitted with ``flwr run``, one SuperNode container killed mid-run, then
+``down -v`` (also when a step fails). Skipped, with the reason, when no docker engine answers.
+
+Every wait polls with a deadline of minutes: on a busy 2-core host the containers start slowly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import pytest
+
+from deploy.compose import SUPERNODES, ComposeStack, build_image, docker_unavailable
+
+pytestmark = [pytest.mark.containers, pytest.mark.slow]
+
+RUN = {
+    "num-clients": 4,
+    "num-rounds": 2,
+    "local-epochs": 1,
+    "min-train-clients": 1,
+    "eval-pgd-steps": 2,
+    "client-wait": 900.0,
+    "round-timeout": 600.0,
+}
+VICTIM = "supernode-3"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(f"containers: {reason}")
+    started = time.monotonic()
+    image = build_image()
+    print(f"\nimage {image} ready after {time.monotonic() - started:.0f}s")
+    with ComposeStack(tmp_path_factory.mktemp("compose"), image=image, say=lambda text: print(text, flush=True)) as deployment:
+        print(f"stack up after {time.monotonic() - started:.0f}s")
+        yield deployment
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compose_run_completes_with_a_killed_supernode_recorded(stack):
+    victim_logs = stack.service_logs(VICTIM)
+    victim_id = int(re.findall(r"SuperNode ID: (\d+)", victim_logs)[-1])
+    run_name = "compose-killed-node"
+    run_dir = stack.runs / run_name
+    killed: list[float] = []
+
+    def kill_after_round_one() -> None:  # round 2 starts as soon as round 1's row is written
+        if not killed and (run_dir / "metrics.jsonl").exists():
+            stack.kill_node(VICTIM)  # SIGKILL: no goodbye to the SuperLink
+            killed.append(time.monotonic())
+
+    outcome = stack.run({**RUN, "run-name": run_name}, timeout=2400, on_poll=kill_after_round_one)
+    assert killed, "the run finished before a node could be killed"
+    assert outcome.status == "finished:completed", stack.service_logs("superlink")[-5000:]
+    rows = _rows(outcome.run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["sampled"] == 4 and rows[0]["valid"] == 4 and rows[0]["failures"] == 0
+    # The SuperLink answers for the dead node after its missed heartbeats: round 2 completes with the others.
+    assert rows[1]["sampled"] == 4 and rows[1]["valid"] == 3 and rows[1]["failures"] == 1
+    events = [json.loads(line) for line in (outcome.run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["round"] == 2 and f"node {victim_id}" in e["problem"] for e in events)
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["failures"] == 1
+    assert set(summary["widths"]) == {str(k / 8) for k in range(1, 9)}  # every mix of k of the 8 bases
+    assert all(math.isfinite(w["accuracy"]) for w in summary["widths"].values())
+    assert summary["widths"]["1.0"]["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    print(f"run {outcome.run_id} in {outcome.seconds:.0f}s; per-width table (run in the containers):")
+    print("width  accuracy")
+    for width, row in sorted(summary["widths"].items(), key=lambda item: float(item[0])):
+        print(f"{float(width):5.3f}  {row['accuracy']:.4f}")
+    # Warm ClientApps: every message a surviving node handled ran in its one long-lived process.
+    for name in SUPERNODES:
+        if name != VICTIM:
+            tasks = re.findall(r"task (\d+) \(([\w.]+)\) completed", stack.service_logs(name))
+            assert len(tasks) >= 4 and len({n for n, _ in tasks}) == len(tasks)  # query, train ×2, evaluate, … in one process
+            assert "Start `flwr-clientapp` process" not in stack.service_logs(name)  # no per-message process
+
+
+def test_health_checks_pass_with_the_stdlib_probe(stack):
+    """The engine ran the probe (exit 0) on the SuperLink and the surviving SuperNodes."""
+    for name in ["superlink", *[n for n in SUPERNODES if n != VICTIM]]:
+        log = stack.health_log(name)
+        assert log and log[-1]["ExitCode"] == 0, (name, log[-3:])
