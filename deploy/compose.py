@@ -44,7 +44,8 @@ def docker_unavailable() -> str | None:
         return "no docker CLI on PATH"
     info = _run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=60)
     if info.returncode != 0:
-        return f"no docker engine answers `docker info` ({(info.stderr or info.stdout).strip().splitlines()[-1:]})"
+        said = (info.stderr or info.stdout).strip().splitlines() or ["no output"]
+        return f"no docker engine answers `docker info` ({said[-1]})"
     if compose_command() is None:
         return "neither `docker compose` (v2) nor `docker-compose` (v1) is installed"
     return None
