@@ -20,9 +20,9 @@ dropped from ``sys.modules`` and its folder from ``sys.path`` before the new one
 only third-party imports (torch, flwr) stay warm across app versions.
 
 ``supervise`` is what ``splitmix supernode --warm`` runs: ``flower-supernode --isolation
-process`` as a child (polling the SuperLink every 0.5 s when idle instead of every 3 s, see
-``run_supernode``) and ``serve`` in the foreground, ending (with the child) when either ends, so a
-container restarts the pair as one.
+process`` as a child (its idle poll of the SuperLink adjustable, see ``run_supernode``) and
+``serve`` in the foreground, ending (with the child) when either ends or the child stops
+answering, so a container restarts the pair as one.
 """
 
 from __future__ import annotations
@@ -175,19 +175,32 @@ class WarmApp:
         return status
 
 
-def serve(address: str = DEFAULT_RUNTIME_API, *, poll: float = 0.2, alive: Callable[[], bool] = lambda: True, app: WarmApp | None = None) -> int:
+def serve(
+    address: str = DEFAULT_RUNTIME_API,
+    *,
+    poll: float = 0.2,
+    alive: Callable[[], bool] = lambda: True,
+    app: WarmApp | None = None,
+    lost_after: float = 120.0,
+) -> int:
     """Acquire and run ClientApp tasks from the SuperNode's Runtime API at ``address`` until
-    ``alive()`` turns false; returns the number of tasks run."""
+    ``alive()`` turns false, or until the API, having answered once, stays silent for
+    ``lost_after`` seconds (a SuperNode that hangs on its way out); returns the tasks run."""
     app = app or WarmApp()
     client = _runtime_client(address, "SuperExec")
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     log(INFO, "warm ClientApp process %d serving the Runtime API at %s", os.getpid(), address)
+    answered: float | None = None
     try:
         while alive():
             try:
                 res = client.AcquireTask(request)
-            except Exception as ex:  # the SuperNode is starting or restarting: keep polling
-                log(INFO, "Runtime API at %s not answering yet (%s)", address, type(ex).__name__)
+                answered = time.monotonic()
+            except Exception as ex:  # the SuperNode is starting: keep polling
+                if answered is not None and time.monotonic() - answered > lost_after:
+                    log(ERROR, "Runtime API at %s silent for %.0f s: giving up", address, lost_after)
+                    break
+                log(INFO, "Runtime API at %s not answering (%s)", address, type(ex).__name__)
                 time.sleep(max(poll, 1.0))
                 continue
             if res.HasField("task") and res.token:
@@ -213,12 +226,14 @@ class _CappedSleep:
 
 
 def run_supernode(argv: list[str], idle_poll: float) -> None:
-    """``flower-supernode ARGV`` with its idle poll of the SuperLink every ``idle_poll`` s.
+    """``flower-supernode ARGV`` with its idle poll of the SuperLink at most every ``idle_poll`` s.
 
     Flower 1.42's SuperNode sleeps 3 s whenever a poll finds no message
-    (``start_client_internal``: ``time.sleep(3)``), so every message waits 1.5 s on average
-    before the node even sees it, three times a round (train, BN statistics, evaluation). The
-    loop's other waits are 0.5 s and stay as they are."""
+    (``start_client_internal``: ``time.sleep(3)``), so a message waits 1.5 s on average before
+    the node sees it, twice a round (train, evaluation). ``SPLITMIX_SUPERNODE_POLL`` (default 3:
+    Flower's) shortens it; but each poll is a write on the SuperLink's SQLite state, and with
+    0.5 s polls from 4 nodes on a loaded 2-core host the SuperLink answered "database is locked"
+    (HTTP 500), on which Flower's SuperNode exits. The loop's other waits (0.5 s) stay as they are."""
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
@@ -240,7 +255,7 @@ def supervise(supernode_argv: list[str], address: str = DEFAULT_RUNTIME_API) -> 
         except (OSError, AttributeError):
             pass
 
-    idle_poll = float(os.environ.get("SPLITMIX_SUPERNODE_POLL", "0.5"))
+    idle_poll = float(os.environ.get("SPLITMIX_SUPERNODE_POLL", "3"))
     command = [sys.executable, "-m", "deploy.warm_clientapp", "--idle-poll", str(idle_poll), *supernode_argv, "--isolation", "process"]
     child = subprocess.Popen(command, preexec_fn=_die_with_parent)
     stopping = threading.Event()
@@ -260,7 +275,7 @@ def supervise(supernode_argv: list[str], address: str = DEFAULT_RUNTIME_API) -> 
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-    return 0 if stopping.is_set() else (child.returncode or 1)
+    return 0 if stopping.is_set() else (child.returncode or 1)  # the node ended or hung: restart the pair
 
 
 if __name__ == "__main__":  # the SuperNode child of ``supervise``

@@ -17,7 +17,7 @@ import pytest
 
 from deploy.compose import SUPERNODES, ComposeStack, build_image, docker_unavailable
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow]
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(2700)]  # image build + a run on a busy host
 
 RUN = {
     "num-clients": 4,
