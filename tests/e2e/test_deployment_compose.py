@@ -5,7 +5,6 @@ parsers; node configs validated; certificate and connection helpers."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -168,12 +167,14 @@ def test_health_probe_imports_only_the_standard_library():
     assert imported and imported <= set(sys.stdlib_module_names) | {"encodings"}
 
 
-@pytest.mark.skipif(
-    shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="`docker compose` is not installed here",
-)
 def test_docker_compose_config_accepts_the_file():
-    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True)
+    """Compose v2 (`docker compose`) or v1 (`docker-compose`), whichever is installed."""
+    from deploy.compose import compose_command
+
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed here")
+    result = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
@@ -283,3 +284,30 @@ def test_write_connection_for_flwr_run_deployment(tmp_path):
     assert config["superlink"]["default"] == "deployment"
     assert config["superlink"]["deployment"] == {"address": "10.0.0.5:8000", "root-certificates": str((tmp_path / "ca.crt").resolve())}
     assert config["superlink"]["other"] == {"address": "127.0.0.1:9000", "insecure": True}
+
+
+def test_warm_clientapp_loads_a_new_fab_instead_of_the_cached_modules(tmp_path):
+    """A warm ClientApp process keeps the app's modules between messages, but a run with another
+    FAB must get that FAB's code: ``switch_to`` drops the previous app's modules and folder."""
+    import importlib
+
+    from deploy.warm_clientapp import WarmApp
+
+    old, new = tmp_path / "app-old", tmp_path / "app-new"
+    for folder, version in ((old, 1), (new, 2)):
+        (folder / "warmpkg").mkdir(parents=True)
+        (folder / "warmpkg" / "__init__.py").write_text("")
+        (folder / "warmpkg" / "code.py").write_text(f"VERSION = {version}\n")
+    app = WarmApp()
+    try:
+        app.switch_to("hash-old", old)
+        sys.path.insert(0, str(old))  # as Flower's load_app does for the installed FAB
+        assert importlib.import_module("warmpkg.code").VERSION == 1
+        app.switch_to("hash-new", new)
+        sys.path.insert(0, str(new))
+        assert str(old) not in sys.path
+        assert importlib.import_module("warmpkg.code").VERSION == 2
+    finally:
+        sys.path[:] = [p for p in sys.path if p not in (str(old), str(new))]
+        for name in [n for n in sys.modules if n == "warmpkg" or n.startswith("warmpkg.")]:
+            del sys.modules[name]
