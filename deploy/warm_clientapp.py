@@ -231,9 +231,8 @@ def run_supernode(argv: list[str], idle_poll: float) -> None:
     Flower 1.42's SuperNode sleeps 3 s whenever a poll finds no message
     (``start_client_internal``: ``time.sleep(3)``), so a message waits 1.5 s on average before
     the node sees it, twice a round (train, evaluation). ``SPLITMIX_SUPERNODE_POLL`` (default 3:
-    Flower's) shortens it; but each poll is a write on the SuperLink's SQLite state, and with
-    0.5 s polls from 4 nodes on a loaded 2-core host the SuperLink answered "database is locked"
-    (HTTP 500), on which Flower's SuperNode exits. The loop's other waits (0.5 s) stay as they are."""
+    Flower's) shortens it, at the cost of more requests to the SuperLink. The loop's other waits
+    (0.5 s) stay as they are."""
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
