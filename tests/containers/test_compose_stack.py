@@ -54,14 +54,20 @@ def test_compose_run_completes_with_a_killed_supernode_recorded(stack):
     run_name = "compose-killed-node"
     run_dir = stack.runs / run_name
     killed: list[float] = []
+    container = stack.container(VICTIM)
 
-    def kill_after_round_one() -> None:  # round 2 starts as soon as round 1's row is written
-        if not killed and (run_dir / "metrics.jsonl").exists():
+    def kill_in_round_two_training() -> None:
+        """Kill the victim once it has received round 2's train message (its second), before it
+        replies: on a busy host a kill at a fixed moment could land before or after its task."""
+        if killed or not (run_dir / "metrics.jsonl").exists():
+            return
+        logs = stack.container_logs(container)
+        if logs.count("Receiving: train message") >= 2 and logs.count("(train) completed") < 2:
             stack.kill_node(VICTIM)  # SIGKILL: no goodbye to the SuperLink
             killed.append(time.monotonic())
 
-    outcome = stack.run({**RUN, "run-name": run_name}, timeout=2400, on_poll=kill_after_round_one)
-    assert killed, "the run finished before a node could be killed"
+    outcome = stack.run({**RUN, "run-name": run_name}, timeout=2400, on_poll=kill_in_round_two_training)
+    assert killed, "the run finished before the node could be killed in round 2's training"
     assert outcome.status == "finished:completed", stack.service_logs("superlink")[-5000:]
     rows = _rows(outcome.run_dir)
     assert [r["round"] for r in rows] == [1, 2]
