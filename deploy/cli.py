@@ -8,7 +8,8 @@
 - ``deploy health``: exit 0 when a SuperLink/SuperNode answers ``/health`` (container health checks).
 - ``deploy local``: the whole topology as local processes on loopback, one run, teardown.
 - ``supernode``: validate ``--node-config`` and then exec ``flower-supernode`` with the same
-  arguments, so a typo in a node's profile stops it at start with a message naming the key.
+  arguments, so a typo in a node's profile stops it at start with a message naming the key;
+  ``--warm``: one long-lived ClientApp process for every message (``deploy/warm_clientapp.py``).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     out_dir = Path(cfg.system.out_dir).resolve()
     run_config = {**overrides, "out-dir": str(out_dir), "run-name": cfg.system.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")}
     deployment = LocalDeployment(
-        workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), say=say
+        workdir, node_configs, app_dir=Path(args.app), tls=not args.insecure, auth=not (args.insecure or args.no_auth), warm=args.warm, say=say
     )
     seen = [0]
 
@@ -168,9 +169,15 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_supernode(argv: list[str]) -> int:
-    """Validate ``--node-config`` in ``argv``, then replace this process by flower-supernode."""
+    """Validate ``--node-config`` in ``argv``, then replace this process by flower-supernode; with
+    ``--warm``, run flower-supernode (``--isolation process``) as a child and every ClientApp
+    message in this one long-lived process (``deploy/warm_clientapp.py``)."""
     parser = argparse.ArgumentParser(prog="splitmix supernode", add_help=False)
     parser.add_argument("--node-config", default=None)
+    parser.add_argument("--warm", action="store_true")
+    parser.add_argument("--isolation", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", default="9094")
     known, _ = parser.parse_known_args(argv)
     if known.node_config is None:
         _err('--node-config is required (e.g. --node-config "partition-id=0 num-partitions=4 budget=0.5")')
@@ -181,6 +188,15 @@ def cmd_supernode(argv: list[str]) -> int:
         _err(str(exc))
         return 2
     sys.stdout.flush()
+    if known.warm:
+        if known.isolation not in (None, "process"):
+            _err(f"--warm runs the ClientApps itself (--isolation process), not with --isolation {known.isolation}")
+            return 2
+        from deploy.warm_clientapp import supervise
+
+        host = "127.0.0.1" if known.host in ("0.0.0.0", "", "::") else known.host
+        rest = [a for a in argv if a != "--warm"]
+        return supervise(rest, address=f"{host}:{known.port}")
     os.execvp("flower-supernode", ["flower-supernode", *argv])
     return 0  # not reached
 
@@ -230,5 +246,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="certificates, keys, state and logs (default: a temp folder)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--no-auth", action="store_true", help="TLS without SuperNode authentication")
+    p.add_argument("--warm", action="store_true", help="one long-lived ClientApp process per SuperNode (splitmix supernode --warm)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (debugging only)")
     p.set_defaults(func=cmd_local)

@@ -100,6 +100,9 @@ class LocalDeployment:
     # Flower's SQLite state raised "database is locked" under heavy CPU load here (a run then
     # ends finished:failed); in-memory state is enough for a deployment that lives one command.
     persistent_state: bool = False
+    # One long-lived ClientApp process per SuperNode (``splitmix supernode --warm``) instead of
+    # a fresh ``flwr-clientapp`` per message.
+    warm: bool = False
     say: Callable[[str], None] = lambda text: None
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     port: int = 0
@@ -237,7 +240,8 @@ class LocalDeployment:
         return self._spawn("superlink", self.superlink_args())
 
     def supernode_args(self, name: str, node_config: str, root_certificates: Path | None = None, key: Path | None = None) -> list[str]:
-        args = [bin_path("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config]
+        start = [bin_path("splitmix"), "supernode", "--warm"] if self.warm else [bin_path("flower-supernode")]
+        args = [*start, "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config]
         args += ["--port", str(free_port()), "--max-wait-time", "120"]
         if self.tls:
             args += ["--root-certificates", str(root_certificates or self.certs / "ca.crt")]

@@ -5,7 +5,6 @@ parsers; node configs validated; certificate and connection helpers."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -25,7 +24,8 @@ from splitmix.node_config import NodeConfigError, parse_node_config_string, vali
 pytestmark = pytest.mark.slow  # end-to-end: real processes (Ray, SuperLink, subprocesses)
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+# ${VAR:-default} → default: the file as compose reads it with none of its variables set.
+COMPOSE = yaml.safe_load(re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", (ROOT / "docker-compose.yml").read_text()))
 SERVICES = COMPOSE["services"]
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 SUPERNODES = sorted(name for name in SERVICES if name.startswith("supernode-"))
@@ -66,7 +66,7 @@ def test_compose_topology_one_superlink_and_a_node_per_budget():
     budgets, partitions = [], []
     for name in SUPERNODES:
         command = SERVICES[name]["command"]
-        assert command[:2] == ["splitmix", "supernode"]  # node config checked before flower-supernode starts
+        assert command[:3] == ["splitmix", "supernode", "--warm"]  # node config checked before flower-supernode starts; warm ClientApp
         node = validate_node_config(parse_node_config_string(_flag(command, "--node-config")), num_clients=4)
         budgets.append(node.budget)
         partitions.append(node.partition_id)
@@ -85,7 +85,7 @@ def test_compose_commands_parse_with_flower_1_42():
     assert link.enable_supernode_auth
     assert link.runtime_dependency_install is False  # containers need no network at run time
     for name in SUPERNODES:
-        node = _parse_args_run_supernode().parse_args(SERVICES[name]["command"][2:])
+        node = _parse_args_run_supernode().parse_args(SERVICES[name]["command"][3:])
         assert node.superlink == f"superlink:{link.port}" and not node.insecure
         assert node.root_certificates and node.auth_supernode_private_key
 
@@ -96,7 +96,7 @@ def test_compose_ports_and_health_checks_agree():
     assert f"localhost:{link.port}/health" in " ".join(SERVICES["superlink"]["healthcheck"]["test"])
     assert f"--superlink=superlink:{link.port}" in SERVICES["register-nodes"]["command"]
     for name in SUPERNODES:
-        node = _parse_args_run_supernode().parse_args(SERVICES[name]["command"][2:])
+        node = _parse_args_run_supernode().parse_args(SERVICES[name]["command"][3:])
         assert f"127.0.0.1:{node.port}/health" in " ".join(SERVICES[name]["healthcheck"]["test"])
     assert "EXPOSE 8000" in DOCKERFILE
 
@@ -127,21 +127,54 @@ def test_compose_mounts_match_the_certificate_script(tmp_path):
 
 
 def test_dockerfile_installs_the_project_once_as_flower_uid():
-    assert DOCKERFILE.startswith("#") and "FROM python:3.11-slim" in DOCKERFILE
-    assert re.search(r"pip install --no-cache-dir \.$", DOCKERFILE, re.M)
+    assert DOCKERFILE.startswith("#") and "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}" in DOCKERFILE
+    assert re.search(r"pip install --no-cache-dir --no-deps \. ", DOCKERFILE)
     assert "useradd --uid 49999" in DOCKERFILE and "USER app" in DOCKERFILE and "WORKDIR /app" in DOCKERFILE
-    for package in ("server", "clients", "models", "strategies", "splitmix"):
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in {p.split(".")[0] for p in packages}:  # every top-level package pip installs
         assert f"COPY {package} ./{package}" in DOCKERFILE
     build = COMPOSE["x-splitmix"]["build"]
-    assert build == {"context": ".", "dockerfile": "docker/Dockerfile"}
+    assert build == {"context": ".", "dockerfile": "docker/Dockerfile", "args": {"BASE_IMAGE": "python:3.11-slim"}}
 
 
-@pytest.mark.skipif(
-    shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="`docker compose` is not installed here",
-)
+def test_dockerfile_takes_pip_settings_only_as_build_secrets():
+    """The index URL and CA bundle reach pip through RUN --mount=type=secret (not ARG/ENV/COPY,
+    which would keep them in the image's history or a layer)."""
+    pip_runs = [block for block in DOCKERFILE.split("\nRUN ") if "pip install" in block]
+    assert len(pip_runs) == 3
+    for block in pip_runs:
+        assert "--mount=type=secret,id=pip_index_url" in block and "--mount=type=secret,id=ca_bundle" in block
+    assert not re.search(r"^(ARG|ENV)\b.*(INDEX_URL|CERT|CA_BUNDLE)", DOCKERFILE, re.M)
+    script = (ROOT / "docker" / "pip_secrets.sh").read_text()
+    assert "/run/secrets/pip_index_url" in script and "PIP_CERT=/run/secrets/ca_bundle" in script
+
+
+def test_health_probe_imports_only_the_standard_library():
+    """Every health check runs docker/healthcheck.py with python3 -I -S (no site-packages)."""
+    probe = ["python3", "-I", "-S", "/usr/local/bin/splitmix-health"]
+    checks = [SERVICES[name]["healthcheck"]["test"][1:5] for name in ["superlink", *SUPERNODES]]
+    assert all(check == probe for check in checks)
+    assert 'CMD ["python3", "-I", "-S", "/usr/local/bin/splitmix-health"]' in DOCKERFILE
+    assert "COPY docker/healthcheck.py /usr/local/bin/splitmix-health" in DOCKERFILE
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", str(ROOT / "docker" / "healthcheck.py"), "http://127.0.0.1:9/health"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "127.0.0.1:9/health" in result.stderr  # nothing listens there: unhealthy, says why
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()[1:] if line.startswith("import time:")}
+    assert imported and imported <= set(sys.stdlib_module_names) | {"encodings"}
+
+
 def test_docker_compose_config_accepts_the_file():
-    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True)
+    """Compose v2 (`docker compose`) or v1 (`docker-compose`), whichever is installed."""
+    from deploy.compose import compose_command
+
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed here")
+    result = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
@@ -251,3 +284,30 @@ def test_write_connection_for_flwr_run_deployment(tmp_path):
     assert config["superlink"]["default"] == "deployment"
     assert config["superlink"]["deployment"] == {"address": "10.0.0.5:8000", "root-certificates": str((tmp_path / "ca.crt").resolve())}
     assert config["superlink"]["other"] == {"address": "127.0.0.1:9000", "insecure": True}
+
+
+def test_warm_clientapp_loads_a_new_fab_instead_of_the_cached_modules(tmp_path):
+    """A warm ClientApp process keeps the app's modules between messages, but a run with another
+    FAB must get that FAB's code: ``switch_to`` drops the previous app's modules and folder."""
+    import importlib
+
+    from deploy.warm_clientapp import WarmApp
+
+    old, new = tmp_path / "app-old", tmp_path / "app-new"
+    for folder, version in ((old, 1), (new, 2)):
+        (folder / "warmpkg").mkdir(parents=True)
+        (folder / "warmpkg" / "__init__.py").write_text("")
+        (folder / "warmpkg" / "code.py").write_text(f"VERSION = {version}\n")
+    app = WarmApp()
+    try:
+        app.switch_to("hash-old", old)
+        sys.path.insert(0, str(old))  # as Flower's load_app does for the installed FAB
+        assert importlib.import_module("warmpkg.code").VERSION == 1
+        app.switch_to("hash-new", new)
+        sys.path.insert(0, str(new))
+        assert str(old) not in sys.path
+        assert importlib.import_module("warmpkg.code").VERSION == 2
+    finally:
+        sys.path[:] = [p for p in sys.path if p not in (str(old), str(new))]
+        for name in [n for n in sys.modules if n == "warmpkg" or n.startswith("warmpkg.")]:
+            del sys.modules[name]
