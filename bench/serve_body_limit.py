@@ -134,7 +134,7 @@ def main() -> int:
     ok = all(s == 413 for s in statuses) and growth < GROWTH_LIMIT_MB
     if not ok:
         print(f"FAILED: statuses {statuses} (want all 413), growth {growth:.1f} MB (want < {GROWTH_LIMIT_MB:g}); log {scratch / 'server.log'}")
-    elif args.run is None:
+    else:
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
