@@ -27,6 +27,14 @@ from server.store import WEIGHTS, load_weights
 from splitmix.config import RunConfig
 from strategies.registry import make_method
 
+# The values a served model's inputs may take: every dataset reader scales pixels to [0, 1]
+# (splitmix/data.py: uint8 / 255, scikit-learn digits / 16; the domain transforms stay inside it)
+# and adversarial training clamps to it (splitmix/adversarial.py), so the models never saw
+# anything else. Outside it their outputs mean nothing (1e20 gets one class at probability 1.0).
+# Float rounding (e.g. antialiased resizing) may step a few ulps past the ends: tolerated.
+INPUT_RANGE = (0.0, 1.0)
+INPUT_TOLERANCE = 1e-6
+
 
 class QueryError(ValueError):
     """A query names something the run cannot serve (the message says what is allowed)."""

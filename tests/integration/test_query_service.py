@@ -1,8 +1,12 @@
 """Query job: served models, export round trip, and the HTTP service started for real."""
 
+import asyncio
 import json
+import math
 import os
 import random
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from safetensors.torch import load_file
 import splitmix
 from models.blocks import routed, set_route
 from server.federation import run_federation
+from server.service import MAX_BODY_BYTES, create_app
 from splitmix.config import load_config
 
 
@@ -122,19 +127,24 @@ def service(run_dir):
         env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("service did not start")
+        yield url
+    finally:
+        proc.terminate()
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("service did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_service_predicts_like_the_in_memory_model(run_dir, service):
@@ -173,11 +183,116 @@ def test_service_rejects_bad_input_with_4xx(service, body, fragment):
     assert 400 <= reply.status_code < 500 and fragment in reply.json()["detail"], reply.text
 
 
+ALLOWED_VALUES = "allowed: finite values in [0, 1] (pixels scaled to [0, 1], as in training)"
+
+
+@pytest.mark.parametrize(
+    "value,detail",
+    [
+        ("3e38", f"value 3e+38 in input 1 is outside the input range; {ALLOWED_VALUES}"),  # finite in float32: no Inf to catch
+        ("1e20", f"value 1e+20 in input 1 is outside the input range; {ALLOWED_VALUES}"),
+        ("-0.5", f"value -0.5 in input 1 is outside the input range; {ALLOWED_VALUES}"),
+        ("1.001", f"value 1.001 in input 1 is outside the input range; {ALLOWED_VALUES}"),
+        ("NaN", f"NaN or Inf in input 1; {ALLOWED_VALUES}"),
+        ("-Infinity", f"NaN or Inf in input 1; {ALLOWED_VALUES}"),
+        ("1e400", f"NaN or Inf in input 1; {ALLOWED_VALUES}"),  # JSON number parsed to inf
+    ],
+    ids=["3e38", "1e20", "negative", "above-1", "nan", "-inf", "1e400"],
+)
+def test_service_refuses_inputs_outside_the_range(service, value, detail):
+    # batch of 2: input 0 valid, input 1 all 0.5 except one pixel
+    row = ", ".join(["0.5"] * 7)
+    bad = f"[[[{value}, {row}]" + f", [0.5, {row}]" * 7 + "]]"
+    good = "[[" + ", ".join([f"[0.5, {row}]"] * 8) + "]]"
+    text = f'{{"width": 0.5, "inputs": [{good}, {bad}]}}'
+    reply = httpx.post(f"{service}/predict", content=text.encode(), headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json() == {"detail": detail}, reply.text
+
+
+def test_service_accepts_both_ends_of_the_range(service):
+    reply = httpx.post(f"{service}/predict", json={"width": 0.5, "inputs": [[[0.0] * 8] * 8, [[1.0] * 8] * 8]})
+    assert reply.status_code == 200 and len(reply.json()["predictions"]) == 2
+    assert httpx.get(f"{service}/models").json()["input_range"] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_non_finite_outputs_are_refused_not_returned(run_dir, poison):
+    run = splitmix.load_run(run_dir)
+    run.state = dict(run.state)
+    bias = run.state["base7.fc2.bias"].clone()
+    bias[3] = poison  # logit 3 of base 7 is NaN / Inf for every input: so is the width-1 mixture's (bases 0..7)
+    run.state["base7.fc2.bias"] = bias
+
+    app = create_app(run)
+
+    async def post(body: dict) -> httpx.Response:  # the app in-process
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
+            return await client.post("/predict", json=body)
+
+    reply = asyncio.run(post({"width": 1.0, "robustness": 0.5, "inputs": [[[0.5] * 8] * 8] * 2}))
+    assert reply.status_code == 422, reply.text
+    assert reply.json() == {
+        "detail": "the model at width 1, robustness 0.5 gives non-finite outputs (NaN or Inf) for inputs 0, 1 of 2: "
+        "the run's weights hold NaN or overflow there; no probabilities are returned"
+    }
+    assert asyncio.run(post({"width": 0.125, "inputs": [[[0.5] * 8] * 8]})).status_code == 200  # base 0 alone is sound
+
+
 def test_service_rejects_malformed_and_oversized_bodies(service):
     malformed = httpx.post(f"{service}/predict", content=b'{"width": 0.5, "inputs": [', headers={"content-type": "application/json"})
     assert malformed.status_code == 422
     huge = httpx.post(f"{service}/predict", content=b"0" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
     assert huge.status_code == 413
+    assert huge.json()["detail"] == ("request body over the 8388608 byte limit (8 MiB): Content-Length 9437184; send at most 8388608 bytes")
+
+
+def _post_chunked(url: str, total: int, chunk: int, deadline_s: float = 120.0) -> tuple[bytes, int]:
+    """POST ``total`` bytes of zeros to ``url``/predict as a chunked body (no Content-Length) while
+    reading the reply as it comes; stop sending once a complete reply is in. Returns (reply, body
+    bytes the server's socket accepted before then) — at most what it read plus the socket buffers."""
+    host, port = url.removeprefix("http://").split(":")
+    frame = f"{chunk:x}\r\n".encode() + b"0" * chunk + b"\r\n"
+    head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=deadline_s) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(False)
+        pending, frames, reply = memoryview(frame), 0, b""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            sending = frames * chunk < total
+            readable, writable, _ = select.select([sock], [sock] if sending else [], [], 1.0)
+            if readable:
+                try:
+                    data = sock.recv(1 << 16)
+                except ConnectionResetError:
+                    break
+                reply += data
+                header, _, body = reply.partition(b"\r\n\r\n")
+                length = re.search(rb"content-length: *(\d+)", header, re.IGNORECASE)
+                if not data or (length and len(body) >= int(length.group(1))):
+                    break
+            elif writable:
+                try:
+                    pending = pending[sock.send(pending) :]
+                except (BrokenPipeError, ConnectionResetError):
+                    sending = False
+                if not pending:
+                    frames += 1
+                    pending = memoryview(frame if frames * chunk < total else b"0\r\n\r\n")
+        return reply, frames * chunk
+
+
+def test_chunked_body_over_the_limit_gets_413_before_it_is_read(service):
+    total = 64 * 1024 * 1024  # 8× the limit, sent in 64 KiB chunks without a Content-Length
+    reply, sent = _post_chunked(service, total, 1 << 16)
+    header, _, body = reply.partition(b"\r\n\r\n")
+    assert header.startswith(b"HTTP/1.1 413 "), reply[:300]
+    assert b"connection: close" in header.lower()
+    detail = json.loads(body)["detail"]
+    assert detail.startswith(f"request body over the {MAX_BODY_BYTES} byte limit (8 MiB): ") and "bytes received so far" in detail
+    received = int(re.search(r": (\d+) bytes received so far", detail).group(1))
+    assert MAX_BODY_BYTES < received <= MAX_BODY_BYTES + (1 << 20)  # refused at the first read past the limit (uvicorn reads ≤ 256 KiB)
+    assert sent < total // 2, sent  # the server stopped reading: the rest was never sent
 
 
 def test_service_fuzz_never_answers_5xx(service):
