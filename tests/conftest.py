@@ -23,9 +23,7 @@ TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}
 @pytest.fixture(scope="session")
 def tiny_config():
     """``tiny_config("key=value ...")``: the tiny run's config with these overrides on top."""
-    from splitmix.config import load_config
-
-    from splitmix.config import parse_overrides
+    from splitmix.config import load_config, parse_overrides
 
     # The overrides are a layer on top of the tiny run (a key given in both is not a repeat).
     return lambda overrides="": load_config(overrides={**parse_overrides(TINY_RUN), **parse_overrides(overrides)})
