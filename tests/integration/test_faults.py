@@ -177,7 +177,7 @@ def test_thirty_percent_of_clients_crashing_each_round(tmp_path, tiny_config):
 
 
 def test_round_below_min_train_clients_leaves_the_model_unchanged(tmp_path, tiny_config):
-    cfg = tiny_config(f"{FAST} num-rounds=2 min-train-clients=2 fault-fraction=1.0 fault-kind=crash out-dir='{tmp_path}' run-name=all")
+    cfg = tiny_config(f"num-clients=6 num-rounds=2 min-train-clients=2 fault-fraction=1.0 fault-kind=crash out-dir='{tmp_path}' run-name=all")
     grid = FaultyGrid(6)
     run = run_federation(grid, cfg)
     rows = _rows(run)
