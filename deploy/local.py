@@ -156,7 +156,9 @@ class LocalDeployment:
     def stop(self, grace: float = 15.0) -> list[int]:
         """Stop nodes, then the link (SIGTERM, then SIGKILL), then anything still marked.
 
-        Returns the PIDs that had to be killed by marker (left behind by Flower's children).
+        Flower's children (ServerApp, ClientApp processes) exit after their parents; on a busy
+        machine that takes seconds, so they get up to ``grace`` seconds to go on their own before
+        the marker sweep kills them. Returns the PIDs that had to be killed by marker.
         """
         names = [n for n in self.processes if n != "superlink"] + (["superlink"] if "superlink" in self.processes else [])
         for name in names:
@@ -165,13 +167,16 @@ class LocalDeployment:
             except (subprocess.TimeoutExpired, OSError):  # the marker sweep below gets it
                 pass
         self.processes.clear()
+        deadline = time.monotonic() + grace
+        while marked_processes(self.marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
         leftovers = marked_processes(self.marker)
         for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + max(grace, 10.0)
         while marked_processes(self.marker) and time.monotonic() < deadline:
             time.sleep(0.2)
         return leftovers
@@ -191,7 +196,7 @@ class LocalDeployment:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.wait(10)
+            proc.wait(max(grace, 10.0))
 
     # ------------------------------------------------------------------ processes
     def env(self, home: str) -> dict[str, str]:
