@@ -154,9 +154,7 @@ def test_sign_flip_is_well_formed_so_it_is_accepted(reference, tmp_path, monkeyp
 
 
 def test_thirty_percent_of_clients_crashing_each_round(tmp_path, tiny_config):
-    cfg = tiny_config(
-        f"num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash out-dir='{tmp_path}' run-name=drop"
-    )
+    cfg = tiny_config(f"num-clients=10 num-rounds=3 min-train-clients=3 fault-fraction=0.3 fault-kind=crash out-dir='{tmp_path}' run-name=drop")
     run = run_federation(FaultyGrid(10), cfg)
     rows = _rows(run)
     expected = [sum(faults.fault_for(cfg.seed, r, p, 0.3, "crash") is not None for p in range(10)) for r in (1, 2, 3)]
