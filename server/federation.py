@@ -146,22 +146,35 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> list[int]:
     """In a deployment SuperNodes connect over time: wait up to ``client-wait`` seconds for
     ``num-clients`` of them (a line every ``PROGRESS_EVERY`` s says how many are in), then go on
     with whoever is connected; fewer than ``min-train-clients`` by then is an error."""
-    from server.waiting import PROGRESS_EVERY
-
     wait, wanted = cfg.federation.client_wait, cfg.federation.num_clients
-    start = time.monotonic()
-    nodes = list(grid.get_node_ids())
-    next_report = start
-    while len(nodes) < wanted and time.monotonic() - start < wait:
-        if time.monotonic() >= next_report:
-            say(f"{len(nodes)}/{wanted} nodes connected; waiting up to {wait - (time.monotonic() - start):.0f}s more (client-wait)")
-            next_report = time.monotonic() + PROGRESS_EVERY
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
+    nodes = _poll_until_count(
+        lambda: list(grid.get_node_ids()),
+        wanted,
+        wait,
+        1.0,
+        lambda n, left: say(f"{n}/{wanted} nodes connected; waiting up to {left:.0f}s more (client-wait)"),
+    )
     if len(nodes) < cfg.federation.min_train_clients:
         raise RuntimeError(
             f"only {len(nodes)} node(s) connected within client-wait = {wait:g}s (min-train-clients = {cfg.federation.min_train_clients})"
         )
+    return nodes
+
+
+def _poll_until_count(read: Callable[[], list[int]], wanted: int, wait: float, every: float, report: Callable[[int, float], None]) -> list[int]:
+    """Call ``read`` every ``every`` s until it lists ``wanted`` nodes or ``wait`` s passed; while
+    waiting, ``report(count, seconds left)`` every ``PROGRESS_EVERY`` s. Returns the last list."""
+    from server.waiting import PROGRESS_EVERY
+
+    start = time.monotonic()
+    next_report = start
+    nodes = read()
+    while len(nodes) < wanted and time.monotonic() - start < wait:
+        if time.monotonic() >= next_report:
+            report(len(nodes), wait - (time.monotonic() - start))
+            next_report = time.monotonic() + PROGRESS_EVERY
+        time.sleep(every)
+        nodes = read()
     return nodes
 
 
@@ -258,6 +271,7 @@ class Federation:
         self.device = resolve_device(cfg.system.device)
         self.best: dict | None = None  # the evaluated round with the best validation score
         self._contacted = False  # whether this process has sent the nodes work yet
+        self._eval_rows: np.ndarray | None = None  # simulation: the partitions that evaluate (fixed per run)
         self._served: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None  # (state, served)
         fed = cfg.federation
         self.lr_at = (
@@ -293,10 +307,12 @@ class Federation:
         data, or an ``eval-clients`` sample of them drawn once per run (seeded)."""
         strategy, cap = self.strategy, self.cfg.evaluation.eval_clients
         if strategy.table is not None:
-            rows = np.flatnonzero(strategy.table.num_examples > 0)
-            if 0 < cap < len(rows):
-                rows = np.sort(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(rows, size=cap, replace=False))
-            return [strategy.table.profile(int(r)) for r in rows]
+            if self._eval_rows is None:  # drawn once: O(population) numpy work, not per evaluation
+                rows = np.flatnonzero(strategy.table.num_examples > 0)
+                if 0 < cap < len(rows):
+                    rows = np.sort(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(rows, size=cap, replace=False))
+                self._eval_rows = rows
+            return [strategy.table.profile(int(r)) for r in self._eval_rows]
         online = sorted(strategy.online if strategy.online is not None else strategy.profiles)
         if 0 < cap < len(online):
             online = sorted(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(online, size=cap, replace=False).tolist())
@@ -347,16 +363,15 @@ class Federation:
     def _all_registered(self, ids: list[int]) -> list[int]:
         """A simulation's ServerApp starts while Flower is still registering the virtual nodes
         (seconds at 10⁵ nodes): wait, up to ``client-wait``, until all ``num-clients`` are in."""
-        from server.waiting import PROGRESS_EVERY
-
         wanted, wait = self.cfg.federation.num_clients, self.cfg.federation.client_wait
-        start = next_report = time.monotonic()
-        while len(ids) < wanted and time.monotonic() - start < wait and not hasattr(self.grid, "partition_node_ids"):
-            if time.monotonic() >= next_report + PROGRESS_EVERY:
-                self.say(f"{len(ids)}/{wanted} virtual nodes registered; waiting up to {wait - (time.monotonic() - start):.0f}s more")
-                next_report = time.monotonic()
-            time.sleep(0.1)
-            ids = simulation_node_ids(self.grid) or []
+        if not hasattr(self.grid, "partition_node_ids"):  # an in-process grid has every node from the start
+            ids = _poll_until_count(
+                lambda: simulation_node_ids(self.grid) or [],
+                wanted,
+                wait,
+                0.1,
+                lambda n, left: self.say(f"{n}/{wanted} virtual nodes registered; waiting up to {left:.0f}s more"),
+            )
         if len(ids) != wanted:
             raise RuntimeError(f"{len(ids)} of num-clients = {wanted} virtual nodes registered within client-wait = {wait:g}s")
         return ids
