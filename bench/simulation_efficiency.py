@@ -9,8 +9,9 @@
 Start-up is printed on its own line and excluded from the ratios: the seconds until the server
 is ready to train (imports, Ray, Flower's node registration, the derived profiles) plus what
 round 1 takes beyond a steady round (actors start, import torch, load their data). Steady-state
-efficiency compares rounds 2.. only. The last line is ``efficiency: X`` with X = time(b) / time(a)
-over all rounds.
+efficiency compares rounds 2.. only. The figures end the output as ``key: number`` lines
+(``startup_s``, ``ray_init_s``, ``round1_extra_s``, ``steady_state_efficiency``; ``tools/bench_record.py``
+stores them); the last line is ``efficiency: X`` with X = time(b) / time(a) over all rounds.
 
     python bench/simulation_efficiency.py [--clients 100] [--rounds 5]
 """
@@ -47,10 +48,12 @@ def framework(cfg: RunConfig) -> dict:
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["train-seconds"] for r in rounds]
     ready = next(t for t, text in said if "clients ready" in text)
+    ray_up = next(t for t, text in said if text.startswith("Ray started"))
     steady = float(np.median(train[1:])) if len(train) > 1 else train[0]
     return {
         "wall": wall,
         "ready": ready,
+        "ray_up": ray_up,
         "round1_extra": max(train[0] - steady, 0.0),
         "train": train,
         "client_time": [r["client-time"] for r in rounds],
@@ -126,7 +129,8 @@ def main() -> None:
         f"adv-fraction {cfg.federation.adv_fraction}, {cfg.training.local_epochs} local epochs"
     )
     print(
-        f"startup: {startup:.2f} s = {f['ready']:.2f} s until the server is ready (imports, Ray, node registration, profiles) "
+        f"startup: {startup:.2f} s = {f['ray_up']:.2f} s until Ray is up (data check, ray.init) "
+        f"+ {f['ready'] - f['ray_up']:.2f} s until the server is ready (Flower's node registration, profiles) "
         f"+ {f['round1_extra']:.2f} s that round 1 takes beyond a steady round (actors start, import, load data); "
         f"whole simulate() call {f['wall']:.2f} s"
     )
@@ -141,6 +145,10 @@ def main() -> None:
         f"  (1 thread {sum(b1):.2f} s, 2 threads {sum(b2):.2f} s)"
     )
     print(f"steady-state efficiency (rounds 2..{len(round_times)}): {steady:.3f}")
+    print(f"startup_s: {startup:.2f}")
+    print(f"ray_init_s: {f['ray_up']:.2f}")
+    print(f"round1_extra_s: {f['round1_extra']:.2f}")
+    print(f"steady_state_efficiency: {steady:.3f}")
     print(f"efficiency: {b / a:.3f}")
 
 

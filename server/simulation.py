@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from flwr.app import Context
@@ -50,14 +51,21 @@ def backend_config(cfg: RunConfig) -> dict:
 def start_ray(init_args: dict) -> None:
     """``ray.init`` as Flower's Ray backend would call it (the project's ``sys.path`` exported as
     PYTHONPATH for the actors, no dashboard), but here, so that :func:`simulate` can take SIGTERM
-    back from Ray right after it (``server/shutdown.py``); Flower then finds Ray running and uses it."""
+    back from Ray right after it (``server/shutdown.py``); Flower then finds Ray running and uses it.
+
+    A Ray instance started here inherits this process's environment, PYTHONPATH included, so the
+    actors need no runtime environment, and Flower's actors take the worker processes Ray
+    prestarts during ``ray.init`` (a job-level ``runtime_env`` would make Ray start new ones:
+    ~1 s more before round 1 can train). Joining a cluster (``ray-address``), the workers were
+    started elsewhere: there the path goes in the job's ``runtime_env``."""
     import ray
 
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    runtime_env = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}} if "address" in init_args else {}
+    ray.init(**{"include_dashboard": False, **runtime_env, **init_args})
 
 
 def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool = True, resume: str | Path | None = None) -> Path:
@@ -102,6 +110,7 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
         stale = reap_orphaned_ray_processes()
         if stale and report is not None:
             report(f"ended {len(stale)} Ray process(es) left behind by an earlier run that was killed (pids {', '.join(map(str, stale))})")
+        started = time.perf_counter()
         try:
             start_ray(backend["init_args"])
         except SystemExit as exc:  # Ray's own SIGTERM handler during ray.init: sys.exit(SIGTERM)
@@ -109,6 +118,8 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
                 guard.stop(signal.SIGTERM)
             raise
         guard.install()  # ray.init took SIGTERM (a sys.exit, then a C++ abort): ours again
+        if report is not None:
+            report(f"Ray started in {time.perf_counter() - started:.1f}s")
         try:
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients, backend_config=backend)
         finally:

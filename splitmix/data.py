@@ -214,16 +214,73 @@ def _download(dataset: str, root: str, train: bool) -> None:
         raise DataError(f"downloading into '{root}' with torchvision failed ({_oneline(err)})") from None
 
 
-def _digits_split(train: bool) -> ArrayData:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+DIGITS_TEST_SIZE = 360  # sklearn's train_test_split(test_size=0.2) of the 1,797 digits: ceil(0.2 · 1797)
 
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    x_s, y_s = (x_tr, y_tr) if train else (x_te, y_te)
-    return ArrayData(torch.from_numpy(np.ascontiguousarray(x_s)), torch.from_numpy(y_s))
+
+def _digits_split(train: bool) -> ArrayData:
+    """The fixed 80/20 stratified split of scikit-learn's digits: what
+    ``train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)`` returns, computed in numpy
+    from the CSV that scikit-learn ships. Importing scikit-learn costs ~1 s of CPU (several on a
+    busy machine) in every process that reads the data, the Ray actors included; the digits need
+    none of it (``tests/unit/test_data.py`` checks the split against scikit-learn's)."""
+    x, y = _digits_arrays()
+    train_idx, test_idx = _stratified_split(y, DIGITS_TEST_SIZE, seed=0)
+    idx = train_idx if train else test_idx
+    return ArrayData(torch.from_numpy(np.ascontiguousarray(x[idx])), torch.from_numpy(y[idx]))
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, 8, 8) scaled to [0, 1] and labels of ``sklearn/datasets/data/digits.csv.gz``,
+    found without importing scikit-learn."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("dataset 'digits': scikit-learn is not installed (it ships the digits data)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    x = (data[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0)[:, None]
+    return x, data[:, -1].astype(np.int64)
+
+
+def _stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices exactly as scikit-learn's ``StratifiedShuffleSplit`` (one split,
+    integer sizes, ``random_state=seed``) draws them: per-class counts by the approximate
+    hypergeometric mode with random tie-breaks, a permutation within each class, then a
+    permutation of each side."""
+    rng = np.random.RandomState(seed)
+    _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    n_train = len(y) - n_test
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, members in enumerate(class_indices):
+        order = members.take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(order[: n_i[i]])
+        test.extend(order[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's ``utils.extmath._approximate_mode``: floor of the proportional share, the
+    remainder handed out by largest fractional part, ties broken by ``rng``."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _from_uint8(images: np.ndarray, labels, channels_last: bool) -> ArrayData:

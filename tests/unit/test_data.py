@@ -22,6 +22,34 @@ def test_digits_split_is_fixed_and_disjoint():
     assert torch.bincount(test.y).min() >= 35  # stratified
 
 
+def test_digits_split_is_scikit_learns_without_importing_it():
+    """The numpy split reproduces ``train_test_split(test_size=0.2, stratify=y, random_state=0)``
+    bit for bit (the split every recorded digits result used), and reading the digits imports no
+    scikit-learn (a fresh interpreter: the Ray actors are such processes)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
+
+    from splitmix.data import _digits_split, _stratified_split
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    x_tr, x_te, y_tr, y_te = train_test_split(x, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0)
+    ours_tr, ours_te = _digits_split(True), _digits_split(False)
+    assert torch.equal(ours_tr.x, torch.from_numpy(x_tr)) and torch.equal(ours_te.x, torch.from_numpy(x_te))
+    assert ours_tr.y.tolist() == y_tr.tolist() and ours_te.y.tolist() == y_te.tolist()
+    # Ties in the per-class remainders (equal class sizes) exercise the random tie-breaks.
+    for seed, labels in enumerate([np.repeat(np.arange(4), 5), np.random.default_rng(1).integers(0, 7, 200), np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])]):
+        n_test = max(len(np.unique(labels)), len(labels) // 3)
+        theirs = next(StratifiedShuffleSplit(n_splits=1, test_size=n_test, random_state=seed).split(labels, labels))
+        ours = _stratified_split(labels, n_test, seed)
+        assert ours[0].tolist() == theirs[0].tolist() and ours[1].tolist() == theirs[1].tolist()
+    probe = "import sys; from splitmix.data import load_split; load_split('digits', '', True); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_iid_partition_covers_the_train_set_once():
     parts = partition_indices(DataConfig(partition="iid", num_partitions=50))
     sizes = [len(p) for p in parts]
