@@ -126,7 +126,7 @@ def test_fedbn_never_sends_or_overwrites_batch_norm():
     strategy = strategy_for(method, [NodeProfile(node_id=i, partition_id=i, budget=1.0, adversarial=False, num_examples=5) for i in range(3)])
     state = method.initial_state(seed=0)
     messages = list(strategy.configure_train(1, to_record(state), None, None))
-    assert all(not (set(m.content["arrays"].keys()) & bn_keys) for m in messages)
+    assert all(not (set(unpack(m.content["arrays"])) & bn_keys) for m in messages)
     new, metrics = strategy.aggregate_train(1, [reply(m, 7.0, 5, drop_adv=True) for m in messages])
     assert metrics["valid"] == 3
     after = to_tensors(new)

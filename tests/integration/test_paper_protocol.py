@@ -20,7 +20,7 @@ from server.store import load_weights
 from splitmix.config import load_config
 from splitmix.data import ArrayData, ClientSplits, client_splits, client_train_data
 from splitmix.protocol import NodeProfile, eval_key, split_size_key
-from splitmix.protocol.codec import to_record, to_tensors
+from splitmix.protocol.codec import to_record, to_tensors, unpack
 from strategies.heterofl import cached_slice_model
 from strategies.sheterofl import SlimmableTraining
 
@@ -153,7 +153,7 @@ def test_fedavg_trains_one_model_per_width_with_the_clients_that_afford_it():
     strategy = method.strategy(task_json, 1.0, 1, 0, lambda r: 0.05)
     strategy.profiles = {p.node_id: p for p in profiles}
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(method.initial_state(0)), None, None)}
-    prefixes = {n: sorted({k.split("/")[0] for k in m.content["arrays"].keys()}) for n, m in messages.items()}
+    prefixes = {n: sorted({k.split("/")[0] for k in unpack(m.content["arrays"])}) for n, m in messages.items()}
     assert prefixes == {1000: ["w0.25"], 1001: ["w0.25", "w0.5"], 1002: ["w0.25", "w0.5", "w1"]}
     assert all(method.respects_budgets(w) for w in method.widths())
     _, everyone, _, _ = _setup("fedavg", "budgets=4-2-1 fedavg-clients=all")
