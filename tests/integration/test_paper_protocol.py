@@ -71,6 +71,26 @@ def test_heterofl_bn_statistics_are_pooled_moments_of_the_clients_training_split
     assert not torch.allclose(moved["w0.5"]["bn1.clean.running_mean"], stats["w0.5"]["bn1.clean.running_mean"])
 
 
+def test_bn_statistics_skip_a_malformed_reply():
+    """Node 1000 sends moments (sum 2, 4; sum of squares 6, 20; count 2), node 1001 a truncated
+    packed buffer: the statistics are node 1000's alone — mean (1, 2), unbiased variance
+    ((6 − 2·1²)/1, (20 − 2·2²)/1) = (4, 12) — and the run is not stopped."""
+    from flwr.app import Array, ArrayRecord
+
+    _, method, nodes, task_json = _setup("heterofl")
+    moments = {"w1/bn.sum": torch.tensor([2.0, 4.0], dtype=torch.float64), "w1/bn.sumsq": torch.tensor([6.0, 20.0], dtype=torch.float64)}
+    good = to_record({**moments, "w1/bn.count": torch.tensor(2.0, dtype=torch.float64)})
+    data = good["packed"].data[:-3]
+    bad = ArrayRecord({"packed": Array(dtype="uint8", shape=(len(data),), stype=good["packed"].stype, data=data)})
+
+    def send(messages, timeout):
+        assert [m.metadata.dst_node_id for m in messages] == [1000, 1001] and timeout == 5
+        return [Message(RecordDict({"arrays": arrays}), reply_to=m) for m, arrays in zip(messages, (good, bad))]
+
+    stats = gather_bn_stats(None, nodes[:2], method, {}, task_json, timeout=5, send=send)
+    assert {k: v.tolist() for k, v in stats["w1"].items()} == {"bn.running_mean": [1.0, 2.0], "bn.running_var": [4.0, 12.0]}
+
+
 def test_heterofl_evaluates_with_the_gathered_statistics():
     cfg, method, _, _ = _setup("heterofl")
     state = method.initial_state(seed=0)
