@@ -73,9 +73,12 @@ def _as_numpy(key: str, value: torch.Tensor | np.ndarray) -> tuple[str, np.ndarr
     except TypeError:  # a torch dtype NumPy lacks (bfloat16)
         raise ValueError(f"tensor '{key}': dtype {value.dtype} cannot be packed (allowed: {', '.join(DTYPES)})") from None
     name = array.dtype.name
-    if name not in DTYPES:
+    dtype = DTYPES.get(name)
+    if dtype is None:
         raise ValueError(f"tensor '{key}': dtype {array.dtype} cannot be packed (allowed: {', '.join(DTYPES)})")
-    return name, np.asarray(array, dtype=DTYPES[name], order="C")  # (ascontiguousarray makes 0-d 1-d)
+    if array.dtype != dtype or not array.flags.c_contiguous:  # (ascontiguousarray would make 0-d 1-d)
+        array = array.astype(dtype, order="C")
+    return name, array
 
 
 def pack_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> bytes:
