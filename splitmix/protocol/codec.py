@@ -10,7 +10,8 @@ one byte buffer, so a message is a handful of objects whatever the model:
 
     buffer = MAGIC (8 bytes, the last one the version)
            | index length L (uint32, little-endian)
-           | index: L bytes of UTF-8 JSON, a list of [key, dtype, shape, offset]
+           | index: L bytes of UTF-8 JSON, a list of [key, dtype, shape, offset] (the encoder
+             writes the keys sorted)
            | zero padding to a multiple of ALIGN
            | payload: each tensor's bytes, C order, little-endian, at its offset (relative to the
              payload's start); tensors follow in index order, each starting at the previous one's
@@ -82,12 +83,14 @@ def _as_numpy(key: str, value: torch.Tensor | np.ndarray) -> tuple[str, np.ndarr
 
 
 def pack_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> bytes:
-    """The packed buffer of ``tensors`` (in their order); one copy of each tensor's bytes."""
+    """The packed buffer of ``tensors`` in sorted key order, so the bytes (and the byte counts in
+    a run's metrics) do not depend on the order a dict was built in (a resumed run loads its
+    weights sorted); one copy of each tensor's bytes."""
     index: list[list] = []
     parts: list[bytes | memoryview] = []
     end = 0
-    for key, value in tensors.items():
-        name, array = _as_numpy(key, value)
+    for key in sorted(tensors):
+        name, array = _as_numpy(key, tensors[key])
         start = _align(end)
         if start > end:
             parts.append(bytes(start - end))
