@@ -8,7 +8,10 @@ server's own ``train-seconds + eval-seconds`` (metrics.jsonl). Steady state: rou
 (round 1 carries start-up, the last round the final evaluation). The two simulations bracket
 the deployment so that a change in the machine's load shows up as a spread between them.
 
-    python bench/deploy_round.py [--rounds 4]
+    python bench/deploy_round.py [--rounds 4] [--local]
+
+``--local``: the same deployment as local processes instead of containers (``deploy/local.py``:
+SuperLink + 4 warm SuperNodes on loopback, TLS and node auth), for a machine without Docker.
 
 Last line: ``deploy_vs_sim_round: X`` (mean deployed round / mean simulated round).
 """
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.compose import ComposeStack, build_image, docker_unavailable  # noqa: E402
+from deploy.local import LocalDeployment, default_node_configs  # noqa: E402
 
 
 def workload(rounds: int) -> dict:
@@ -78,20 +82,32 @@ def deploy(config: dict, work: Path) -> list[float]:
     return seconds
 
 
+def deploy_local(config: dict, work: Path) -> list[float]:
+    nodes = default_node_configs(int(config["num-clients"]))
+    with LocalDeployment(work / "local", nodes, app_dir=ROOT, warm=True, say=lambda text: print(f"  {text}", flush=True)) as stack:
+        outcome = stack.run({**config, "run-name": "deployed"}, timeout=3600)
+        if outcome.status != "finished:completed":
+            raise SystemExit(f"deployed run ended {outcome.status}; logs in {stack.logs}")
+        seconds = round_seconds(outcome.run_dir)
+    print(f"deployed (local processes): rounds 2..{config['num-rounds'] - 1}: {[round(s, 1) for s in seconds]} s (whole run {outcome.seconds:.0f}s)")
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (steady state: 2 … rounds-1)")
+    parser.add_argument("--local", action="store_true", help="deploy as local processes (deploy/local.py) instead of the compose stack")
     args = parser.parse_args()
     if args.rounds < 3:
         raise SystemExit(f"--rounds={args.rounds}: at least 3 (rounds 2 … rounds-1 are measured)")
-    reason = docker_unavailable()
+    reason = None if args.local else docker_unavailable()
     if reason:
-        raise SystemExit(f"no container deployment here: {reason}")
+        raise SystemExit(f"no container deployment here: {reason} (--local runs the deployment as local processes)")
     config = workload(args.rounds)
     with tempfile.TemporaryDirectory(prefix="deploy-round-") as tmp:
         work = Path(tmp)
         sim = simulate(config, work / "runs", "sim-before")
-        deployed = deploy(config, work)
+        deployed = (deploy_local if args.local else deploy)(config, work)
         sim += simulate(config, work / "runs", "sim-after")
     sim_mean, deploy_mean = statistics.mean(sim), statistics.mean(deployed)
     print(f"simulated round {sim_mean:.2f} s (n={len(sim)}, {min(sim):.1f}-{max(sim):.1f}); deployed round {deploy_mean:.2f} s (n={len(deployed)})")

@@ -45,7 +45,7 @@ from conftest import InProcessGrid  # noqa: E402  (also sets Flower's task ident
 
 from server.federation import run_federation  # noqa: E402
 from splitmix.config import load_config  # noqa: E402
-from splitmix.protocol.codec import decode, to_record, to_tensors  # noqa: E402
+from splitmix.protocol.codec import to_record, to_tensors, unpack  # noqa: E402
 from strategies.aggregation import AGGREGATORS, aggregate  # noqa: E402
 from strategies.splitmix import SplitMixStrategy  # noqa: E402
 
@@ -100,10 +100,11 @@ class ErrorProbe:
         honest = [c for i, c in enumerate(contributions) if i not in self.attackers]
         reference = aggregate(strategy._current, honest)  # example-weighted mean
         num = den = 0.0
+        current, reference, new = unpack(strategy._current), unpack(reference), unpack(new)
         for key in {k for tensors, _ in honest for k in tensors}:
-            prev = torch.from_numpy(decode(strategy._current[key]).astype(np.float64))
-            ref = torch.from_numpy(decode(reference[key]).astype(np.float64))
-            got = torch.from_numpy(decode(new[key]).astype(np.float64))
+            prev = torch.from_numpy(current[key].astype(np.float64))
+            ref = torch.from_numpy(reference[key].astype(np.float64))
+            got = torch.from_numpy(new[key].astype(np.float64))
             num += float(((got - ref) ** 2).sum())
             den += float(((ref - prev) ** 2).sum())
         self.errors.append((num / den) ** 0.5 if den > 0 else float("nan"))

@@ -22,11 +22,12 @@ on a training sample; tools).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from flwr.app import Message
 from flwr.serverapp import Grid
 from torch.nn import functional as F
 
@@ -80,21 +81,35 @@ class WidthScores:
         return float(np.mean(values)) if values else float("nan")
 
 
-def _send(grid: Grid, messages: list, timeout: float) -> Iterable:
-    return grid.send_and_receive(messages, timeout=timeout) if messages else []
+# (messages, timeout) -> replies; the round loop's sender polls replies every 10-50 ms, where
+# Flower's Grid.send_and_receive sleeps 3 s between pulls in a deployment
+Send = Callable[[list[Message], float], Iterable[Message]]
 
 
-def gather_bn_stats(grid: Grid, nodes: list[NodeProfile], method: Method, state: State, task_json: str, timeout: float) -> dict[str, State]:
+def _send(grid: Grid, messages: list, timeout: float, send: Send | None) -> Iterable:
+    if not messages:
+        return []
+    return send(messages, timeout) if send is not None else grid.send_and_receive(messages, timeout=timeout)
+
+
+def gather_bn_stats(
+    grid: Grid, nodes: list[NodeProfile], method: Method, state: State, task_json: str, timeout: float, send: Send | None = None
+) -> dict[str, State]:
     """Static BN: every node's BN-input moments on its training split, summed, as running
     statistics per statistics-model tag (``{tag: {bn path.running_mean: …}}``)."""
     record = to_record(state)
     messages = [protocol.bn_stats_message(record, task_json, method.name, p.node_id) for p in nodes]
     totals: dict[str, dict[str, torch.Tensor]] = {}
-    for reply in _send(grid, messages, timeout):
+    for reply in _send(grid, messages, timeout, send):
         if reply.has_error():
             log.warning("bn-stats: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        for key, value in to_tensors(reply.content.array_records[protocol.ARRAYS]).items():
+        try:
+            moments = to_tensors(reply.content.array_records[protocol.ARRAYS])
+        except (KeyError, ValueError) as err:
+            log.warning("bn-stats: node %s sent malformed tensors: %s", reply.metadata.src_node_id, err)
+            continue
+        for key, value in moments.items():
             tag, _, rest = key.partition("/")
             add_moments(totals.setdefault(tag, {}), {rest: value})
     if not totals:
@@ -111,13 +126,14 @@ def evaluate_on_clients(
     lambdas: list[float],
     robust: bool,
     timeout: float,
+    send: Send | None = None,
 ) -> WidthScores:
     """Every node evaluates ``state`` on its own splits; the counts become :class:`WidthScores`."""
     widths = method.widths()
     record = to_record(state)
     messages = [protocol.evaluate_message(record, task_json, method.name, widths, lambdas, robust, p.node_id) for p in nodes]
     replies = []
-    for reply in _send(grid, messages, timeout):
+    for reply in _send(grid, messages, timeout, send):
         if reply.has_error():
             log.warning("evaluate: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue

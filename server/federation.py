@@ -297,7 +297,8 @@ class Federation:
         for technique in self.techniques:
             served = technique.served_state(served, self.context)
         if self.method.needs_bn_stats:
-            stats = gather_bn_stats(self.grid, self.nodes(), self.method, served, self.task_json, self.cfg.federation.round_timeout)
+            timeout, send = self.cfg.federation.round_timeout, lambda m, t: self.send(m, t, "BN statistics")
+            stats = gather_bn_stats(self.grid, self.nodes(), self.method, served, self.task_json, timeout, send)
             served = self.method.with_bn_stats(served, stats)
         self._served = (state, served)
         return served
@@ -323,7 +324,15 @@ class Federation:
     def evaluate(self, state: dict[str, torch.Tensor], robust: bool) -> WidthScores:
         """The served model on every client's own validation and test splits."""
         return evaluate_on_clients(
-            self.grid, self.nodes(), self.method, self.served(state), self.task_json, self.cfg.lambdas, robust, self.cfg.federation.round_timeout
+            self.grid,
+            self.nodes(),
+            self.method,
+            self.served(state),
+            self.task_json,
+            self.cfg.lambdas,
+            robust,
+            self.cfg.federation.round_timeout,
+            lambda messages, timeout: self.send(messages, timeout, "evaluation"),
         )
 
     def discover(self) -> float:

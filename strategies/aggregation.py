@@ -45,7 +45,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from models.slicing import leading_slices
-from splitmix.protocol.codec import decode, encode
+from splitmix.protocol.codec import pack, unpack
 
 DEFAULT_TRIM_FRACTION = 0.1
 
@@ -303,24 +303,23 @@ def aggregate(
     trim_fraction: float = DEFAULT_TRIM_FRACTION,
     placement: Placement = whole_tensor,
 ) -> ArrayRecord:
-    """The new global ``ArrayRecord``, what every strategy's ``combine`` returns.
+    """The new global ``ArrayRecord`` (packed), what every strategy's ``combine`` returns.
 
-    Results take the previous tensor's dtype; tensors nobody sent keep their previous ``Array``
-    object as is (no re-encoding), and only tensors with entries nobody holds are decoded.
+    Results take the previous tensor's dtype; tensors nobody sent keep their previous values
+    (copied from the previous record's buffer into the new one), and only tensors with entries
+    nobody holds are read as float64.
     """
-    targets = {key: (tuple(int(d) for d in array.shape), getattr(torch, str(array.dtype))) for key, array in previous.items()}
+    old = unpack(previous)  # read-only views of the previous buffer
+    targets = {key: (tuple(value.shape), getattr(torch, value.dtype.name)) for key, value in old.items()}
     new = _reduce(
         contributions,
         targets,
-        lambda key: torch.from_numpy(decode(previous[key]).astype(np.float64)),
+        lambda key: torch.from_numpy(old[key].astype(np.float64)),
         reducer,
         trim_fraction,
         placement,
     )
-    out = ArrayRecord()
-    for key, array in previous.items():
-        out[key] = encode(new[key]) if key in new else array
-    return out
+    return pack({key: new[key] if key in new else value for key, value in old.items()})
 
 
 def aggregate_tensors(

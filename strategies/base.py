@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import Strategy
 
 from splitmix import protocol
 from splitmix.protocol import NodeProfile, as_float
-from splitmix.protocol.codec import decode
-from splitmix.protocol.sparse_codec import sparse_from_record
+from splitmix.protocol.codec import pack, record_bytes, unpack
+from splitmix.protocol.sparse_codec import sparse_from_arrays
 from strategies.aggregation import Contribution, Entry
 from strategies.node_profiles import ProfileTable
 
@@ -74,22 +74,18 @@ class RoundStats:
         }
 
 
-def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord (serialized tensors)."""
-    return sum(len(array.data) for array in record.values())
-
-
-def is_sparse_record(record: ArrayRecord) -> bool:
+def is_sparse_reply(arrays: Mapping[str, np.ndarray]) -> bool:
     """A sparse client's reply: ``<key>::idx``/``<key>::val`` pairs and a ``::dense`` pack."""
-    return any("::" in key for key in record.keys())
+    return any("::" in key for key in arrays)
 
 
-def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
-    """Check keys, shapes, dtypes and finiteness; return the decoded tensors.
+def validate_arrays(arrays: Mapping[str, np.ndarray], expected: dict[str, TensorSpec]) -> dict[str, torch.Tensor]:
+    """Check keys, shapes, dtypes and finiteness of a dense reply's (unpacked) tensors; return
+    them as writable tensors.
 
     Raises :class:`ReplyRejected` naming the first problem found.
     """
-    keys = set(record.keys())
+    keys = set(arrays)
     missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing:
         raise ReplyRejected(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -97,15 +93,12 @@ def validate_arrays(record: ArrayRecord, expected: dict[str, TensorSpec]) -> dic
         raise ReplyRejected(f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}")
     values: dict[str, np.ndarray] = {}
     for key in sorted(expected):
-        array, spec = record[key], expected[key]
+        array, spec = arrays[key], expected[key]
         if tuple(array.shape) != spec.shape:
             raise ReplyRejected(f"tensor '{key}' has shape {tuple(array.shape)}, expected {spec.shape}")
-        if str(array.dtype) != spec.dtype:
-            raise ReplyRejected(f"tensor '{key}' has dtype {array.dtype}, expected {spec.dtype}")
-        try:
-            values[key] = decode(array)
-        except (ValueError, TypeError) as err:  # corrupt payload
-            raise ReplyRejected(f"tensor '{key}' cannot be decoded: {err}") from None
+        if array.dtype.name != spec.dtype:
+            raise ReplyRejected(f"tensor '{key}' has dtype {array.dtype.name}, expected {spec.dtype}")
+        values[key] = array
     return _checked_tensors(values)
 
 
@@ -239,7 +232,7 @@ class FederatedStrategy(Strategy):
         self._send: Sender | None = None  # deployment: how profile queries are sent (lazily)
         self._query_timeout = 0.0
         self.query_stats: list[RoundStats] = []  # lazy profile queries since the round loop last took them
-        self._current = ArrayRecord()
+        self._current = pack({})  # the global model of the round being trained
         self._bounds: tuple[ArrayRecord | None, dict[str, float]] = (None, {})
         self.aggregation = "mean"  # a reducer of strategies/aggregation.py
         self.trim_fraction = 0.1
@@ -443,15 +436,19 @@ class FederatedStrategy(Strategy):
                     raise ReplyRejected(f"reply has no '{protocol.ARRAYS}' record")
                 record = msg.content.array_records[protocol.ARRAYS]
                 stats.bytes_up += record_bytes(record)
+                try:
+                    arrays = unpack(record)
+                except ValueError as err:
+                    raise ReplyRejected(f"malformed tensors: {err}") from None
                 tensors: Mapping[str, Entry]
-                if is_sparse_record(record):  # kept entries of masked weights (+ packed dense tensors)
+                if is_sparse_reply(arrays):  # kept entries of masked weights (+ packed dense tensors)
                     try:
-                        tensors = sparse_from_record(record, sent)
+                        tensors = sparse_from_arrays(arrays, sent)
                     except ValueError as err:
                         raise ReplyRejected(str(err)) from None
                     stats.sparse_replies += 1
                 else:
-                    tensors = validate_arrays(record, sent)
+                    tensors = validate_arrays(arrays, sent)
                 check_magnitudes(tensors, self.magnitude_bounds())
                 num_examples = reply_num_examples(msg, profile.num_examples)
                 claimed = msg.content.metric_records[protocol.METRICS].get("partition-id")
@@ -477,8 +474,7 @@ class FederatedStrategy(Strategy):
         current, bounds = self._bounds
         if current is not self._current:
             bounds = {}
-            for key, array in self._current.items():
-                value = decode(array)
+            for key, value in unpack(self._current).items():
                 if np.issubdtype(value.dtype, np.floating):
                     bounds[key] = magnitude_bound(float(np.abs(value).max()) if value.size else 0.0)
             self._bounds = (self._current, bounds)

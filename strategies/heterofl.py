@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, cast
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -35,7 +35,7 @@ from models.scaler import attach_scaler
 from models.slicing import slice_state
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from splitmix.protocol import WIDTH, Instruction, NodeProfile
-from splitmix.protocol.codec import encode, to_record, to_tensors
+from splitmix.protocol.codec import record_bytes, to_record, to_tensors
 from strategies.aggregation import Contribution, aggregate, leading_slice
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 from strategies.registry import BN_STATS, LrSchedule, Method, State, register_method, width_tag
@@ -89,19 +89,17 @@ class WidthSliceStrategy(FederatedStrategy):
         self._current, self._sent, self.widths_sent = arrays, {}, {}
         self._state = to_tensors(arrays)
         stats = RoundStats()
-        payloads: dict[float, dict[str, Array]] = {}  # one encoding per width per round
+        payloads: dict[float, tuple[ArrayRecord, dict[str, TensorSpec]]] = {}  # one record per width per round
         messages = []
         for profile in self.sample(lambda p: self.width_of(p) is not None):
             width = float(cast(float, self.width_of(profile)))  # sampled: it has a width
             if width not in payloads:
-                payloads[width] = {k: encode(t) for k, t in self.payload(width).items()}
-            payload = ArrayRecord()
-            expected: dict[str, TensorSpec] = {}
-            for key, array in payloads[width].items():
-                payload[key] = array
-                stats.bytes_down += len(array.data)
-                if profile.adversarial or not is_adversarial_tensor(key):
-                    expected[key] = TensorSpec(tuple(array.shape), str(array.dtype))
+                tensors = self.payload(width)
+                specs = {k: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()}
+                payloads[width] = (to_record(tensors), specs)
+            payload, specs = payloads[width]
+            stats.bytes_down += record_bytes(payload)
+            expected = {k: spec for k, spec in specs.items() if profile.adversarial or not is_adversarial_tensor(k)}
             self._sent[profile.node_id] = expected
             self.widths_sent[profile.node_id] = width
             extra = {WIDTH: width, **(self.extra_of(profile, width) if self.extra_of else {})}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -38,6 +38,7 @@ from models.splitmix import (
     split_stacked_state,
 )
 from splitmix.protocol import BASES, Instruction, NodeProfile
+from splitmix.protocol.codec import pack, record_bytes, unpack
 from strategies.aggregation import Contribution, aggregate
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 from strategies.registry import LrSchedule, Method, State, register_method
@@ -89,30 +90,29 @@ class SplitMixStrategy(FederatedStrategy):
         self.assignments = {}
         stats = RoundStats()
         messages = []
-        # Group the global tensors by base once per round; messages reuse the Array objects.
-        by_base: dict[int, list[tuple[str, Array, TensorSpec, bool]]] = {}
-        for key, array in arrays.items():
+        # Group the global tensors (views of the packed global record) by base once per round.
+        by_base: dict[int, list[tuple[str, np.ndarray, TensorSpec, bool]]] = {}
+        for key, value in unpack(arrays).items():
             index, name = parse_base_key(key)
-            spec = TensorSpec(tuple(array.shape), str(array.dtype))
-            by_base.setdefault(index, []).append((key, array, spec, is_adversarial_tensor(name)))
+            spec = TensorSpec(tuple(value.shape), value.dtype.name)
+            by_base.setdefault(index, []).append((key, value, spec, is_adversarial_tensor(name)))
+        payloads: dict[tuple[int, ...], ArrayRecord] = {}  # nodes given the same bases share one record
         for profile in self.sample():
             k = self.spec.bases_for_budget(profile.budget)
             if k < 1:
                 stats.problems.append(f"node {profile.node_id}: budget {profile.budget} affords no base; skipped")
                 continue
             bases = self.scheduler.assign(k, group=profile.budget)
-            payload = ArrayRecord()
-            expected: dict[str, TensorSpec] = {}
-            for index in bases:
-                for key, array, spec, adversarial_only in by_base[index]:
-                    payload[key] = array
-                    stats.bytes_down += len(array.data)
-                    # A client that does not train adversarially never touches (and does not
-                    # return) the adversarial-BN tensors.
-                    if profile.adversarial or not adversarial_only:
-                        expected[key] = spec
+            if tuple(bases) not in payloads:
+                payloads[tuple(bases)] = pack({key: value for index in bases for key, value, _, _ in by_base[index]})
+            payload = payloads[tuple(bases)]
+            stats.bytes_down += record_bytes(payload)
+            # A client that does not train adversarially never touches (and does not return)
+            # the adversarial-BN tensors.
+            self._sent[profile.node_id] = {
+                key: spec for index in bases for key, _, spec, adversarial_only in by_base[index] if profile.adversarial or not adversarial_only
+            }
             self.assignments[profile.node_id] = bases
-            self._sent[profile.node_id] = expected
             messages.append(self.train_message(profile, payload, server_round, SplitMix.name, {BASES: bases}))
         stats.sampled = len(messages)
         self.last_round = stats

@@ -18,7 +18,8 @@ A round, as messages (Flower Message API):
   (``val``, ``test``), kind (``correct``, ``robust``), width and λ (:func:`eval_key`) and the
   split sizes (``val/n``, ``test/n``).
 
-Tensor codecs: ``splitmix/protocol/codec.py`` (dense), ``sparse_codec.py`` (sparse entries).
+Every ``arrays`` record holds ONE packed Flower ``Array`` (``splitmix/protocol/codec.py``: an
+index and the tensors' bytes); ``sparse_codec.py`` packs a sparse reply's kept entries the same way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compact encoding of a tensor's kept entries (sparse uploads).
 
-A masked tensor travels as two standard ``.npy`` Flower ``Array`` s (built with
-:func:`splitmix.protocol.codec.encode`, so any Flower peer reads them):
+A sparse reply is one packed record (:mod:`splitmix.protocol.codec`) whose entries are, for a
+masked tensor, two arrays:
 
 - ``<key>::idx``: uint8, 1-D: which entries are kept. Byte 0 says how, the rest is the payload:
   ``0`` = bitmap (``np.packbits`` of the flat mask, little bit order, ⌈N/8⌉ bytes, padding bits 0);
@@ -16,10 +16,10 @@ A masked tensor travels as two standard ``.npy`` Flower ``Array`` s (built with
 
 The server knows the dense shape and dtype it sent for ``<key>``, so it can check both arrays
 (:func:`sparse_from_record`); nothing else is trusted. A tensor sent without a mask keeps the
-plain ``<key>`` (dense, :func:`splitmix.protocol.codec.encode`), except that float32 tensors without a mask
-(batch norm, biases: many tiny arrays) are packed into one array ``::dense`` — their values
-concatenated in sorted key order. Every Flower ``Array`` carries a ~128-byte ``.npy`` header, which
-for a Split-Mix base's ~30 tiny tensors would otherwise cost as much as its sparse weights.
+plain ``<key>`` (dense), except that float32 tensors without a mask (batch norm, biases: many
+tiny arrays) are concatenated into one entry ``::dense`` in sorted key order: each entry costs
+an index line naming it, which for a Split-Mix base's ~30 tiny tensors adds up next to its
+sparse weights.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from splitmix.protocol.codec import decode, encode
+from splitmix.protocol.codec import pack, unpack
 
 IDX_SUFFIX = "::idx"
 VAL_SUFFIX = "::val"
@@ -200,64 +200,70 @@ def decode_sparse(
 # ---------------------------------------------------------------------------- ArrayRecord
 
 
-def to_sparse_record(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord: masked tensors as ``<key>::idx`` + ``<key>::val``, the rest dense."""
+def sparse_arrays(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The entries of a sparse reply: masked tensors as ``<key>::idx`` + ``<key>::val``, unmasked
+    float32 ones concatenated in ``::dense``, the rest dense under their own key."""
     unknown = sorted(set(masks) - set(tensors))
     if unknown:
         raise KeyError(f"masks for tensors not sent, e.g. {unknown[:3]}")
-    record = ArrayRecord()
+    out: dict[str, np.ndarray] = {}
     packed = []
     for key in sorted(tensors):
         tensor = tensors[key]
         if key in masks:
             idx, val = encode_sparse(tensor, masks[key])
-            record[key + IDX_SUFFIX] = encode(np.frombuffer(idx, dtype=np.uint8))
-            record[key + VAL_SUFFIX] = encode(val)
+            out[key + IDX_SUFFIX] = np.frombuffer(idx, dtype=np.uint8)
+            out[key + VAL_SUFFIX] = val
         elif tensor.dtype == torch.float32:
             packed.append(tensor.detach().cpu().reshape(-1))
         else:
-            record[key] = encode(tensor)
+            out[key] = tensor.detach().cpu().numpy()
     if packed:
-        record[DENSE_PACK] = encode(torch.cat(packed))
-    return record
+        out[DENSE_PACK] = torch.cat(packed).numpy()
+    return out
 
 
-def _unpack_dense(array, expected: Mapping[str, _Spec]) -> dict[str, tuple[None, torch.Tensor]]:
+def to_sparse_record(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A sparse reply as one packed ArrayRecord (:func:`splitmix.protocol.codec.pack`)."""
+    return pack(sparse_arrays(tensors, masks))
+
+
+def _unpack_dense(flat: np.ndarray, expected: Mapping[str, _Spec]) -> dict[str, tuple[None, torch.Tensor]]:
     """The ``::dense`` pack → the expected keys sent neither plain nor sparse (sorted order)."""
-    if str(array.dtype) != "float32" or len(array.shape) != 1:
-        raise ValueError(f"'{DENSE_PACK}' is {array.dtype} {tuple(array.shape)}, expected 1-D float32")
+    if flat.dtype != np.float32 or flat.ndim != 1:
+        raise ValueError(f"'{DENSE_PACK}' is {flat.dtype} {flat.shape}, expected 1-D float32")
     not_f32 = sorted(k for k, spec in expected.items() if str(spec.dtype) != "float32")
     if not_f32:
         raise ValueError(f"tensor '{not_f32[0]}' is missing (only float32 tensors travel in '{DENSE_PACK}')")
     sizes = {k: math.prod(int(d) for d in expected[k].shape) for k in sorted(expected)}
-    if sum(sizes.values()) != array.shape[0]:
-        raise ValueError(f"'{DENSE_PACK}' holds {array.shape[0]} values, the {len(sizes)} tensor(s) not sent otherwise need {sum(sizes.values())}")
-    flat = torch.from_numpy(decode(array).copy())
-    if not torch.isfinite(flat).all():
+    if sum(sizes.values()) != flat.shape[0]:
+        raise ValueError(f"'{DENSE_PACK}' holds {flat.shape[0]} values, the {len(sizes)} tensor(s) not sent otherwise need {sum(sizes.values())}")
+    values = torch.from_numpy(flat.copy())
+    if not torch.isfinite(values).all():
         raise ValueError(f"'{DENSE_PACK}' contains NaN or Inf")
     out, offset = {}, 0
     for key, size in sizes.items():
-        out[key] = (None, flat[offset : offset + size].view(tuple(int(d) for d in expected[key].shape)))
+        out[key] = (None, values[offset : offset + size].view(tuple(int(d) for d in expected[key].shape)))
         offset += size
     return out
 
 
-def sparse_from_record(record: ArrayRecord, expected: Mapping[str, _Spec]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-    """Check and decode a reply: ``{key: (mask or None if sent dense, dense values)}``.
+def sparse_from_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, _Spec]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """Check and decode a sparse reply's entries: ``{key: (mask or None if sent dense, values)}``.
 
     ``expected`` maps each tensor key to what the server sent (``shape``, ``dtype`` name). Each
     key must come either dense (its plain key, that shape and dtype) or as both sparse arrays;
     any other key, a mixed pair, wrong dtypes, inconsistent counts, out-of-range or repeated
     indices, or NaN/Inf values raise ``ValueError`` naming the key.
     """
-    keys = set(record.keys())
+    keys = set(arrays)
     allowed = {k for key in expected for k in (key, key + IDX_SUFFIX, key + VAL_SUFFIX)} | {DENSE_PACK}
     extra = sorted(keys - allowed)
     if extra:
         raise ValueError(f"unexpected {len(extra)} array(s), e.g. {extra[:3]}")
     out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     if DENSE_PACK in keys:
-        out.update(_unpack_dense(record[DENSE_PACK], {k: s for k, s in expected.items() if not (keys & {k, k + IDX_SUFFIX, k + VAL_SUFFIX})}))
+        out.update(_unpack_dense(arrays[DENSE_PACK], {k: s for k, s in expected.items() if not (keys & {k, k + IDX_SUFFIX, k + VAL_SUFFIX})}))
     for key in sorted(set(expected) - set(out)):
         spec = expected[key]
         shape = tuple(int(d) for d in spec.shape)
@@ -265,20 +271,20 @@ def sparse_from_record(record: ArrayRecord, expected: Mapping[str, _Spec]) -> di
         has_dense, has_idx, has_val = key in keys, key + IDX_SUFFIX in keys, key + VAL_SUFFIX in keys
         try:
             if has_dense and not (has_idx or has_val):
-                array = record[key]
-                if tuple(array.shape) != shape or str(array.dtype) != str(spec.dtype):
-                    raise ValueError(f"is {array.dtype} {tuple(array.shape)}, expected {spec.dtype} {shape}")
-                values = torch.from_numpy(decode(array).copy())
+                array = arrays[key]
+                if array.shape != shape or array.dtype.name != str(spec.dtype):
+                    raise ValueError(f"is {array.dtype} {array.shape}, expected {spec.dtype} {shape}")
+                values = torch.from_numpy(array.copy())
                 mask = None
             elif has_idx and has_val and not has_dense:
                 if dtype is None:
                     raise ValueError(f"dtype {spec.dtype} cannot travel sparse")
-                idx_array, val_array = record[key + IDX_SUFFIX], record[key + VAL_SUFFIX]
-                if str(idx_array.dtype) != "uint8" or len(idx_array.shape) != 1:
-                    raise ValueError(f"index array is {idx_array.dtype} {tuple(idx_array.shape)}, expected 1-D uint8")
-                if str(val_array.dtype) != str(_value_dtype(dtype).name) or len(val_array.shape) != 1:
-                    raise ValueError(f"value array is {val_array.dtype} {tuple(val_array.shape)}, expected 1-D {_value_dtype(dtype).name}")
-                values, mask = decode_sparse(decode(idx_array), decode(val_array), shape, dtype)
+                idx_array, val_array = arrays[key + IDX_SUFFIX], arrays[key + VAL_SUFFIX]
+                if idx_array.dtype != np.uint8 or idx_array.ndim != 1:
+                    raise ValueError(f"index array is {idx_array.dtype} {idx_array.shape}, expected 1-D uint8")
+                if val_array.dtype != _value_dtype(dtype) or val_array.ndim != 1:
+                    raise ValueError(f"value array is {val_array.dtype} {val_array.shape}, expected 1-D {_value_dtype(dtype).name}")
+                values, mask = decode_sparse(idx_array, val_array, shape, dtype)
             else:
                 raise ValueError("missing" if not (has_dense or has_idx or has_val) else "must come either dense or as ::idx and ::val")
             if values.is_floating_point() and not torch.isfinite(values).all():
@@ -287,3 +293,8 @@ def sparse_from_record(record: ArrayRecord, expected: Mapping[str, _Spec]) -> di
             raise ValueError(f"tensor '{key}': {err}") from None
         out[key] = (mask, values)
     return out
+
+
+def sparse_from_record(record: ArrayRecord, expected: Mapping[str, _Spec]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """:func:`sparse_from_arrays` of a packed record (a malformed buffer: ``ValueError`` too)."""
+    return sparse_from_arrays(unpack(record), expected)

@@ -4,13 +4,13 @@ per width model, byte counts match what was sent."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from models.blocks import norm_state_keys
 from models.slicing import leading_slices
 from models.splitmix import SplitMixSpec, is_adversarial_tensor
 from splitmix.protocol import NodeProfile
-from splitmix.protocol.codec import to_record, to_tensors
+from splitmix.protocol.codec import to_record, to_tensors, unpack
 from strategies.fedbn import FedBN
 from strategies.heterofl import HeteroFL
 from strategies.splitmix import SplitMix
@@ -19,10 +19,8 @@ SPEC = SplitMixSpec()
 
 
 def reply(msg: Message, fill: float, n: int, drop_adv: bool) -> Message:
-    arrays = ArrayRecord()
-    for key, array in msg.content["arrays"].items():
-        if not (drop_adv and is_adversarial_tensor(key)):
-            arrays[key] = Array(np.full(array.shape, fill, dtype=array.dtype))
+    sent = unpack(msg.content["arrays"])
+    arrays = to_record({key: np.full(a.shape, fill, dtype=a.dtype) for key, a in sent.items() if not (drop_adv and is_adversarial_tensor(key))})
     metrics = MetricRecord({"num-examples": n, "loss": 1.0, "train-time": 0.1})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -128,7 +126,7 @@ def test_fedbn_never_sends_or_overwrites_batch_norm():
     strategy = strategy_for(method, [NodeProfile(node_id=i, partition_id=i, budget=1.0, adversarial=False, num_examples=5) for i in range(3)])
     state = method.initial_state(seed=0)
     messages = list(strategy.configure_train(1, to_record(state), None, None))
-    assert all(not (set(m.content["arrays"].keys()) & bn_keys) for m in messages)
+    assert all(not (set(unpack(m.content["arrays"])) & bn_keys) for m in messages)
     new, metrics = strategy.aggregate_train(1, [reply(m, 7.0, 5, drop_adv=True) for m in messages])
     assert metrics["valid"] == 3
     after = to_tensors(new)
@@ -161,9 +159,9 @@ def test_byte_counts_equal_the_tensors_sent_and_received():
         messages = list(strategy.configure_train(1, to_record(method.initial_state(0)), None, None))
         sent = sum(len(a.data) for m in messages for a in m.content["arrays"].values())
         assert strategy.last_round.bytes_down == sent
-        tensors = sum(a.numpy().nbytes for m in messages for a in m.content["arrays"].values())
-        headers = 128 * sum(len(m.content["arrays"]) for m in messages)  # .npy header per tensor
-        assert sent == tensors + headers
+        assert all(list(m.content["arrays"].keys()) == ["packed"] for m in messages)  # one Array per message
+        tensors = sum(a.nbytes for m in messages for a in unpack(m.content["arrays"]).values())
+        assert tensors < sent < tensors + 120 * sum(len(unpack(m.content["arrays"])) for m in messages)  # index + padding
         replies = [reply(m, 1.0, 5, drop_adv=not p.adversarial) for m, p in zip(messages, sorted(profiles, key=lambda p: p.partition_id))]
         received = sum(len(a.data) for r in replies for a in r.content["arrays"].values())
         _, metrics = strategy.aggregate_train(1, replies)

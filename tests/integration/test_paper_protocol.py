@@ -20,7 +20,7 @@ from server.store import load_weights
 from splitmix.config import load_config
 from splitmix.data import ArrayData, ClientSplits, client_splits, client_train_data
 from splitmix.protocol import NodeProfile, eval_key, split_size_key
-from splitmix.protocol.codec import to_record, to_tensors
+from splitmix.protocol.codec import to_record, to_tensors, unpack
 from strategies.heterofl import cached_slice_model
 from strategies.sheterofl import SlimmableTraining
 
@@ -69,6 +69,26 @@ def test_heterofl_bn_statistics_are_pooled_moments_of_the_clients_training_split
     monkeypatch.setattr(client_app, "client_train_data", lambda data, pid: (lambda d: ArrayData(1 - d.x, d.y))(client_train_data(data, pid)))
     moved = gather_bn_stats(grid, nodes, method, state, task_json, timeout=600)
     assert not torch.allclose(moved["w0.5"]["bn1.clean.running_mean"], stats["w0.5"]["bn1.clean.running_mean"])
+
+
+def test_bn_statistics_skip_a_malformed_reply():
+    """Node 1000 sends moments (sum 2, 4; sum of squares 6, 20; count 2), node 1001 a truncated
+    packed buffer: the statistics are node 1000's alone — mean (1, 2), unbiased variance
+    ((6 − 2·1²)/1, (20 − 2·2²)/1) = (4, 12) — and the run is not stopped."""
+    from flwr.app import Array, ArrayRecord
+
+    _, method, nodes, task_json = _setup("heterofl")
+    moments = {"w1/bn.sum": torch.tensor([2.0, 4.0], dtype=torch.float64), "w1/bn.sumsq": torch.tensor([6.0, 20.0], dtype=torch.float64)}
+    good = to_record({**moments, "w1/bn.count": torch.tensor(2.0, dtype=torch.float64)})
+    data = good["packed"].data[:-3]
+    bad = ArrayRecord({"packed": Array(dtype="uint8", shape=(len(data),), stype=good["packed"].stype, data=data)})
+
+    def send(messages, timeout):
+        assert [m.metadata.dst_node_id for m in messages] == [1000, 1001] and timeout == 5
+        return [Message(RecordDict({"arrays": arrays}), reply_to=m) for m, arrays in zip(messages, (good, bad))]
+
+    stats = gather_bn_stats(None, nodes[:2], method, {}, task_json, timeout=5, send=send)
+    assert {k: v.tolist() for k, v in stats["w1"].items()} == {"bn.running_mean": [1.0, 2.0], "bn.running_var": [4.0, 12.0]}
 
 
 def test_heterofl_evaluates_with_the_gathered_statistics():
@@ -153,7 +173,7 @@ def test_fedavg_trains_one_model_per_width_with_the_clients_that_afford_it():
     strategy = method.strategy(task_json, 1.0, 1, 0, lambda r: 0.05)
     strategy.profiles = {p.node_id: p for p in profiles}
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(method.initial_state(0)), None, None)}
-    prefixes = {n: sorted({k.split("/")[0] for k in m.content["arrays"].keys()}) for n, m in messages.items()}
+    prefixes = {n: sorted({k.split("/")[0] for k in unpack(m.content["arrays"])}) for n, m in messages.items()}
     assert prefixes == {1000: ["w0.25"], 1001: ["w0.25", "w0.5"], 1002: ["w0.25", "w0.5", "w1"]}
     assert all(method.respects_budgets(w) for w in method.widths())
     _, everyone, _, _ = _setup("fedavg", "budgets=4-2-1 fedavg-clients=all")

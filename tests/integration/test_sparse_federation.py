@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from models.splitmix import SplitMixSpec
 from server.federation import run_federation
 from server.store import load_weights
 from splitmix.config import load_config
 from splitmix.protocol import NodeProfile
-from splitmix.protocol.codec import encode, to_tensors
+from splitmix.protocol.codec import pack, to_record, to_tensors, unpack
 from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
 from strategies.base import TensorSpec
 from strategies.splitmix import SplitMixStrategy
@@ -101,7 +101,7 @@ def test_sparse_aggregation_through_the_strategy_equals_a_hand_computation():
     spec = SplitMixSpec()
     state = {f"base{i}.{k}": v for i in range(8) for k, v in spec.build(1).state_dict().items() if "num_batches" not in k}
     strategy = SplitMixStrategy(spec, "{}", 1.0, 1, 0, lambda r: 0.1)
-    arrays = ArrayRecord({k: encode(v) for k, v in state.items()})
+    arrays = to_record(state)
     strategy._current = arrays
     key = "base0.fc2.weight"
     shape = state[key].shape
@@ -136,8 +136,8 @@ def test_sparse_aggregation_through_the_strategy_equals_a_hand_computation():
 def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path, in_process_grid, tiny_config):
     def truncate_pack(node, reply):
         if node == 1001 and "arrays" in reply.content.array_records:
-            arrays = reply.content["arrays"]
-            arrays[DENSE_PACK] = Array(arrays[DENSE_PACK].numpy()[:-1].copy())  # one value short
+            entries = unpack(reply.content["arrays"])
+            reply.content["arrays"] = pack({**entries, DENSE_PACK: entries[DENSE_PACK][:-1]})  # one value short
         return reply
 
     base = f"{FAST} num-rounds=1 sparse-method=dynamic sparsity=0.9 out-dir='{tmp_path}'"

@@ -134,12 +134,11 @@ def test_reply_for_another_partition_is_rejected():
     """A derived node-to-partition map gone wrong shows: the reply names another partition."""
     strategy = SplitMixStrategy(SPEC, "{}", fraction_train=1.0, min_train_clients=1, seed=0, lr_at_round=lambda r: 0.1)
     strategy.use_table(_table([5, 5]))
-    from flwr.app import ArrayRecord
-
     from models.splitmix import init_global_state
+    from splitmix.protocol.codec import to_record
     from tests.unit.test_strategy import reply_with
 
-    messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
+    messages = list(strategy.configure_train(1, to_record(init_global_state(SPEC, seed=0)), None, None))
     replies = [reply_with(m, 0.0, 5, drop_adv=True) for m in messages]
     replies[1].content.metric_records["metrics"] = MetricRecord({"num-examples": 5, "loss": 1.0, "train-time": 0.1, "partition-id": 0})
     _, metrics = strategy.aggregate_train(1, replies)

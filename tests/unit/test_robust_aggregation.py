@@ -4,7 +4,7 @@ slices, and an attack where 20 % of the clients send sign-flipped ×10 updates."
 import pytest
 import torch
 
-from splitmix.protocol.codec import decode, to_record
+from splitmix.protocol.codec import to_record, unpack
 from strategies.aggregation import (
     AGGREGATORS,
     aggregate,
@@ -109,10 +109,11 @@ def test_mean_is_the_float64_example_weighted_mean_bit_for_bit():
     expected_a = (sums / 45.0).to(torch.float32)
     via_record = aggregate(record, contributions, "mean")
     via_dict = aggregate_tensors(previous, contributions, "mean")
-    assert torch.equal(torch.from_numpy(decode(via_record["a"]).copy()), expected_a)
+    unpacked = unpack(via_record)
+    assert torch.equal(torch.from_numpy(unpacked["a"].copy()), expected_a)
     for key in previous:
-        torch.testing.assert_close(via_dict[key], torch.from_numpy(decode(via_record[key]).copy()), rtol=0, atol=0)
-    assert via_record["untouched"] is record["untouched"]
+        torch.testing.assert_close(via_dict[key], torch.from_numpy(unpacked[key].copy()), rtol=0, atol=0)
+    assert unpacked["untouched"].tolist() == [1.0, 1.0]
     # each tensor over the contributions that hold it: 'b' only over the first and third
     b = (10 * contributions[0][0]["b"].double() + 5 * contributions[2][0]["b"].double()) / 15
     torch.testing.assert_close(via_dict["b"], b.float())
@@ -129,11 +130,10 @@ def test_robust_rules_per_tensor_over_its_holders(name):
         ({"base0.w": torch.tensor([3.0, -500.0]), "base1.w": torch.tensor([4.0, 8.0])}, 1.0),
     ]
     out = aggregate(record, contributions, name, trim_fraction=0.34)  # k = 1 of 3, 0 of 2
-    assert out["base2.w"] is record["base2.w"]  # nobody sent it: the previous Array object, as is
-    got = {k: torch.from_numpy(decode(v).copy()) for k, v in out.items()}
+    got = {k: torch.from_numpy(v.copy()) for k, v in unpack(out).items()}
     assert got["base0.w"].tolist() == [2.0, 10.0]  # median of 3 = the 1-trimmed mean of 3
     assert got["base1.w"].tolist() == [2.0, 4.0]  # two holders: their (unweighted) mean
-    assert got["base2.w"].tolist() == [-1.0, -1.0, -1.0]
+    assert got["base2.w"].tolist() == [-1.0, -1.0, -1.0]  # nobody sent it: its previous value
     assert aggregate_tensors(previous, contributions, name, trim_fraction=0.34)["base1.w"].tolist() == [2.0, 4.0]
     with pytest.raises(KeyError, match="nope"):
         aggregate(record, [({"nope": torch.zeros(1)}, 1.0)], name)
@@ -151,7 +151,7 @@ def test_sparse_entries_over_the_clients_whose_mask_holds_them(name):
     nobody = aggregate_tensors(previous, [({"w": (torch.tensor([True, False, False, False]), values[0])}, 1.0)], name)["w"]
     assert nobody.tolist() == [1.0, 7.0, 7.0, 7.0]  # entries nobody holds keep their previous value
     record = aggregate(to_record(previous), contributions, name, trim_fraction=0.34)
-    assert decode(record["w"]).tolist() == [3.0, 3.0, 5.5, 0.0]
+    assert unpack(record)["w"].tolist() == [3.0, 3.0, 5.5, 0.0]
     with pytest.raises(ValueError, match="previous"):
         aggregate_tensors(None, contributions, name)  # sparse entries need the previous state
 
@@ -188,7 +188,7 @@ def test_reducers_on_nested_slices_by_hand(name, expected):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor(expected))
     record = aggregate(to_record(previous), contributions, name, trim_fraction=0.2, placement=leading_slice)
-    torch.testing.assert_close(torch.from_numpy(decode(record["w"]).copy()), torch.tensor(expected))
+    torch.testing.assert_close(torch.from_numpy(unpack(record)["w"].copy()), torch.tensor(expected))
     with pytest.raises(ValueError, match="does not match"):  # whole-tensor placement: no slices
         aggregate_tensors(previous, contributions, name)
     with pytest.raises(ValueError, match="does not fit"):

@@ -5,10 +5,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, Message, MetricRecord, RecordDict
 
 from models.splitmix import SplitMixSpec, init_global_state, is_adversarial_tensor, parse_base_key
 from splitmix.protocol import NodeProfile
+from splitmix.protocol.codec import to_record, unpack
 from strategies.base import ReplyRejected, TensorSpec, validate_arrays
 from strategies.splitmix import BaseScheduler, SplitMixStrategy
 
@@ -21,12 +22,16 @@ def make_strategy(profiles):
     return strategy
 
 
-def reply_with(msg: Message, fill: float, num_examples: int, drop_adv: bool) -> Message:
-    arrays = ArrayRecord()
-    for key, array in msg.content["arrays"].items():
+def reply_with(msg: Message, fill: float, num_examples: int, drop_adv: bool, change=None) -> Message:
+    """A reply of ``fill`` everywhere; ``change`` edits the tensors (a dict) before packing."""
+    tensors = {}
+    for key, array in unpack(msg.content["arrays"]).items():
         if drop_adv and is_adversarial_tensor(parse_base_key(key)[1]):
             continue
-        arrays[key] = Array(np.full(array.shape, fill, dtype=array.dtype))
+        tensors[key] = np.full(array.shape, fill, dtype=array.dtype)
+    if change is not None:
+        change(tensors)
+    arrays = to_record(tensors)
     metrics = MetricRecord({"num-examples": num_examples, "loss": 1.0, "train-time": 0.1})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -38,7 +43,7 @@ def test_per_base_aggregation_matches_hand_computation():
         NodeProfile(node_id=13, partition_id=2, budget=0.5, adversarial=False, num_examples=60),  # 2 bases
     ]
     strategy = make_strategy(profiles)
-    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    initial = to_record(init_global_state(SPEC, seed=0))
     messages = list(strategy.configure_train(1, initial, None, None))
     assert len(messages) == 3
     fills = {11: 1.0, 12: 2.0, 13: 4.0}
@@ -47,14 +52,13 @@ def test_per_base_aggregation_matches_hand_computation():
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["valid"] == 3 and metrics["rejected"] == 0
 
-    for key, array in new.items():
+    for key, value in unpack(new).items():
         base, name = parse_base_key(key)
         holders = [n for n, bases in strategy.assignments.items() if base in bases]
         if is_adversarial_tensor(name):
             holders = [n for n in holders if n == 12]  # only the adversarial client trained adv BN
-        value = array.numpy()
         if not holders:  # nobody trained it: unchanged
-            np.testing.assert_array_equal(value, initial[key].numpy())
+            np.testing.assert_array_equal(value, unpack(initial)[key])
             continue
         expected = sum(fills[n] * sizes[n] for n in holders) / sum(sizes[n] for n in holders)
         np.testing.assert_allclose(value, expected, rtol=1e-6)
@@ -71,49 +75,39 @@ def test_robust_per_base_aggregation_over_the_clients_that_trained_each_base(agg
     ]
     strategy = make_strategy(profiles)
     strategy.aggregation, strategy.trim_fraction = aggregation, 0.34  # ≤ 3 holders: the median
-    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    initial = to_record(init_global_state(SPEC, seed=0))
     messages = list(strategy.configure_train(1, initial, None, None))
     fills = {11: 1.0, 12: 2.0, 13: 40.0}
     sizes = {11: 10, 12: 30, 13: 60}
     replies = [reply_with(m, fills[m.metadata.dst_node_id], sizes[m.metadata.dst_node_id], drop_adv=m.metadata.dst_node_id != 12) for m in messages]
     new, metrics = strategy.aggregate_train(1, replies)
     assert metrics["valid"] == 3
-    for key, array in new.items():
+    for key, value in unpack(new).items():
         base, name = parse_base_key(key)
         holders = [n for n, bases in strategy.assignments.items() if base in bases]
         if is_adversarial_tensor(name):
             holders = [n for n in holders if n == 12]
         if not holders:
-            assert array is initial[key]  # untouched: the previous Array object
+            np.testing.assert_array_equal(value, unpack(initial)[key])  # untouched: its previous value
             continue
-        np.testing.assert_allclose(array.numpy(), float(np.median([fills[n] for n in holders])), rtol=1e-6)
+        np.testing.assert_allclose(value, float(np.median([fills[n] for n in holders])), rtol=1e-6)
 
 
 def test_bad_replies_are_rejected_and_the_aggregate_ignores_them():
     profiles = [NodeProfile(node_id=20 + i, partition_id=i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
     strategy = make_strategy(profiles)
-    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    initial = to_record(init_global_state(SPEC, seed=0))
     messages = list(strategy.configure_train(1, initial, None, None))
     good = [reply_with(m, 1.0 + i, 10, drop_adv=False) for i, m in enumerate(messages)]
 
     def missing_key(msg):
-        r = reply_with(msg, 9.0, 10, drop_adv=False)
-        del r.content["arrays"][next(iter(r.content["arrays"].keys()))]
-        return r
+        return reply_with(msg, 9.0, 10, drop_adv=False, change=lambda t: t.pop(next(iter(t))))
 
     def wrong_shape(msg):
-        r = reply_with(msg, 9.0, 10, drop_adv=False)
-        key = next(iter(r.content["arrays"].keys()))
-        r.content["arrays"][key] = Array(np.zeros((3, 3), dtype=np.float32))
-        return r
+        return reply_with(msg, 9.0, 10, drop_adv=False, change=lambda t: t.update({next(iter(t)): np.zeros((3, 3), dtype=np.float32)}))
 
     def with_nan(msg):
-        r = reply_with(msg, 9.0, 10, drop_adv=False)
-        key = next(iter(r.content["arrays"].keys()))
-        bad = r.content["arrays"][key].numpy().copy()
-        bad.flat[0] = np.nan
-        r.content["arrays"][key] = Array(bad)
-        return r
+        return reply_with(msg, 9.0, 10, drop_adv=False, change=lambda t: t[next(iter(t))].flat.__setitem__(0, np.nan))
 
     # Baseline: only the first message's client replies, validly.
     strategy_a = make_strategy(profiles)
@@ -123,15 +117,15 @@ def test_bad_replies_are_rejected_and_the_aggregate_ignores_them():
     bad = [missing_key(messages[1]), wrong_shape(messages[2]), with_nan(messages[3])]
     new, metrics = strategy.aggregate_train(1, [good[0], *bad])
     assert metrics["rejected"] == 3 and metrics["valid"] == 1
-    for key in new.keys():
-        np.testing.assert_array_equal(new[key].numpy(), reference[key].numpy())
+    for key, value in unpack(new).items():
+        np.testing.assert_array_equal(value, unpack(reference)[key])
 
 
 def test_round_below_minimum_keeps_global_model():
     profiles = [NodeProfile(node_id=30 + i, partition_id=i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
     strategy = make_strategy(profiles)
     strategy.min_train_clients = 2
-    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    initial = to_record(init_global_state(SPEC, seed=0))
     messages = list(strategy.configure_train(1, initial, None, None))
     new, metrics = strategy.aggregate_train(1, [reply_with(messages[0], 1.0, 5, drop_adv=True)])
     assert new is None and metrics["round-failed"] == 1 and metrics["failures"] == 1
@@ -142,21 +136,27 @@ def test_failed_client_counts_as_failure():
 
     profiles = [NodeProfile(node_id=40 + i, partition_id=i, budget=0.25, adversarial=False, num_examples=5) for i in range(2)]
     strategy = make_strategy(profiles)
-    messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
+    messages = list(strategy.configure_train(1, to_record(init_global_state(SPEC, seed=0)), None, None))
     error = Message(Error(code=0, reason="boom"), reply_to=messages[1])
     _, metrics = strategy.aggregate_train(1, [reply_with(messages[0], 1.0, 5, drop_adv=True), error])
     assert metrics["failures"] == 1 and metrics["valid"] == 1
 
 
 def test_validate_arrays_names_the_problem():
-    record = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float32))})
+    arrays = unpack(to_record({"base0.w": np.ones((2, 2), dtype=np.float32)}))  # read-only views
     specs = {"base0.w": TensorSpec((2, 2), "float32")}
-    assert torch.equal(validate_arrays(record, specs)["base0.w"], torch.ones(2, 2))
-    wrong_dtype = ArrayRecord({"base0.w": Array(np.ones((2, 2), dtype=np.float64))})
-    with pytest.raises(ReplyRejected, match="dtype"):
-        validate_arrays(wrong_dtype, specs)
+    checked = validate_arrays(arrays, specs)["base0.w"]
+    assert torch.equal(checked, torch.ones(2, 2))
+    checked += 1  # writable: a copy, not the received buffer
+    assert arrays["base0.w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(ReplyRejected, match="dtype float64, expected float32"):
+        validate_arrays({"base0.w": np.ones((2, 2), dtype=np.float64)}, specs)
+    with pytest.raises(ReplyRejected, match="shape"):
+        validate_arrays({"base0.w": np.ones((4,), dtype=np.float32)}, specs)
     with pytest.raises(ReplyRejected, match="unexpected"):
-        validate_arrays(ArrayRecord({**record, "base0.x": Array(np.ones(1, dtype=np.float32))}), specs)
+        validate_arrays({**arrays, "base0.x": np.ones(1, dtype=np.float32)}, specs)
+    with pytest.raises(ReplyRejected, match="missing"):
+        validate_arrays({}, specs)
 
 
 def test_base_assignment_is_even_over_rounds():
@@ -190,33 +190,33 @@ def test_base_assignment_is_even_over_rounds():
 def test_assigned_bases_are_distinct_and_sent_alone():
     profiles = [NodeProfile(node_id=50, partition_id=0, budget=0.75, adversarial=True, num_examples=5)]
     strategy = make_strategy(profiles)
-    initial = ArrayRecord(init_global_state(SPEC, seed=0))
+    initial = to_record(init_global_state(SPEC, seed=0))
     (msg,) = strategy.configure_train(1, initial, None, None)
     bases = list(msg.content["config"]["bases"])
     assert len(bases) == 3 and len(set(bases)) == 3
-    sent = {parse_base_key(k)[0] for k in msg.content["arrays"].keys()}
+    sent = {parse_base_key(k)[0] for k in unpack(msg.content["arrays"])}
     assert sent == set(bases)
 
 
 def test_replies_with_bad_metrics_or_forged_payloads_are_rejected():
     profiles = [NodeProfile(node_id=60 + i, partition_id=i, budget=0.25, adversarial=True, num_examples=10) for i in range(4)]
     strategy = make_strategy(profiles)
-    messages = list(strategy.configure_train(1, ArrayRecord(init_global_state(SPEC, seed=0)), None, None))
+    messages = list(strategy.configure_train(1, to_record(init_global_state(SPEC, seed=0)), None, None))
 
     too_many = reply_with(messages[0], 1.0, 10**9, drop_adv=False)  # claims more data than it has
     no_loss = reply_with(messages[1], 1.0, 10, drop_adv=False)
     del no_loss.content["metrics"]["loss"]
-    big_endian = reply_with(messages[2], 1.0, 10, drop_adv=False)  # same bytes, other byte order
-    key = next(iter(big_endian.content["arrays"].keys()))
-    values = big_endian.content["arrays"][key].numpy()
-    forged = Array(np.ascontiguousarray(values.astype(">f4")))
-    big_endian.content["arrays"][key] = Array(dtype="float32", shape=forged.shape, stype=forged.stype, data=forged.data)
+    forged = reply_with(messages[2], 1.0, 10, drop_adv=False)  # its index names a dtype outside the allow-list
+    packed = forged.content["arrays"]["packed"]
+    data = packed.data.replace(b'"float32"', b'"float31"', 1)
+    forged.content["arrays"]["packed"] = Array(dtype="uint8", shape=packed.shape, stype=packed.stype, data=data)
     good = reply_with(messages[3], 1.0, 10, drop_adv=False)
 
-    _, metrics = strategy.aggregate_train(1, [too_many, no_loss, big_endian, good])
+    _, metrics = strategy.aggregate_train(1, [too_many, no_loss, forged, good])
     assert metrics["rejected"] == 3 and metrics["valid"] == 1
     problems = " ".join(strategy.last_round.problems)
-    assert "exceeds the 10 examples" in problems and "'loss'" in problems and ".npy header" in problems
+    assert "exceeds the 10 examples" in problems and "'loss'" in problems
+    assert "malformed tensors: tensor 'base" in problems and "unknown dtype 'float31'" in problems
 
 
 def test_discovery_rejects_impossible_profiles():
