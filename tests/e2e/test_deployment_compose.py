@@ -311,3 +311,14 @@ def test_warm_clientapp_loads_a_new_fab_instead_of_the_cached_modules(tmp_path):
         sys.path[:] = [p for p in sys.path if p not in (str(old), str(new))]
         for name in [n for n in sys.modules if n == "warmpkg" or n.startswith("warmpkg.")]:
             del sys.modules[name]
+
+
+def test_supernode_idle_poll_is_read_and_bounded():
+    """SPLITMIX_SUPERNODE_POLL: default 0.5 s, a number in [0.05, 60], else one line naming it."""
+    from deploy.warm_clientapp import DEFAULT_IDLE_POLL, idle_poll_seconds
+
+    assert idle_poll_seconds({}) == DEFAULT_IDLE_POLL == 0.5
+    assert idle_poll_seconds({"SPLITMIX_SUPERNODE_POLL": "2.5"}) == 2.5
+    for bad in ("0", "61", "fast", "nan"):
+        with pytest.raises(SystemExit, match=f"SPLITMIX_SUPERNODE_POLL = '{bad}': allowed: seconds between 0.05 and 60"):
+            idle_poll_seconds({"SPLITMIX_SUPERNODE_POLL": bad})
