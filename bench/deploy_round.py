@@ -111,6 +111,8 @@ def main() -> None:
         sim += simulate(config, work / "runs", "sim-after")
     sim_mean, deploy_mean = statistics.mean(sim), statistics.mean(deployed)
     print(f"simulated round {sim_mean:.2f} s (n={len(sim)}, {min(sim):.1f}-{max(sim):.1f}); deployed round {deploy_mean:.2f} s (n={len(deployed)})")
+    print(f"sim_round_s: {sim_mean:.2f}")
+    print(f"deploy_round_s: {deploy_mean:.2f}")
     print(f"deploy_vs_sim_round: {deploy_mean / sim_mean:.2f}")
 
 

@@ -12,8 +12,9 @@ Reported per size:
   sampled every 0.25 s — separate processes, not server memory;
 - start-up: from the ``simulate()`` call until the server is ready to train (Ray, Flower's
   registration of the nodes, the derived profiles; no message per node), the per-round train
-  seconds (round 1 also starts the actors), and total wall time. ``startup_s:`` and
-  ``round_vs_smallest:`` (steady-state train round at the largest size / at the smallest) are
+  seconds (round 1 also starts the actors), and total wall time. ``startup_s_<n>:``,
+  ``steady_round_s_<n>:``, ``examples_per_round_<n>:`` (the examples the round's clients hold)
+  and ``round_vs_smallest:`` (steady-state train round at the largest size / at the smallest) are
   printed before the last line. Evaluation: the same seeded 100 clients, final round only.
 
 The last line is ``rss_growth: X`` with X = peak RSS at the largest size / peak RSS at the
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import struct
 import subprocess
 import sys
@@ -245,6 +247,7 @@ def child(args: argparse.Namespace) -> None:
             round_train_s=[r["train-seconds"] for r in rounds],
             round_eval_s=[r["eval-seconds"] for r in rounds],
             valid=[r.get("valid", 0) for r in rounds],
+            examples=[r.get("examples", 0) for r in rounds],
             accuracy=summary["widths"]["1.0"]["accuracy"],
         )
     print("RESULT " + json.dumps(result), flush=True)
@@ -374,10 +377,13 @@ def main() -> int:
             f"growth {b['rss_last_round_mib'] / a['rss_last_round_mib'] - 1:.3f})"
         )
     if len(results) > 1 and not a.get("error") and not b.get("error"):
-        ready = " ".join(f"{r['clients']}={r['ready_s']:.1f}" for r in results)
-        print(f"startup_s: {ready}")
+        for r in results:  # figures as `key: number` lines (tools/bench_record.py)
+            print(f"startup_s_{r['clients']}: {r['ready_s']:.1f}")
+            print(f"steady_round_s_{r['clients']}: {r['steady_round_s']:.2f}")
+            print(f"examples_per_round_{r['clients']}: {statistics.mean(r['examples']):.0f}")
         ratio = b["steady_round_s"] / a["steady_round_s"]
-        print(f"round_vs_smallest: {ratio:.2f} (steady-state train round, {b['clients']} vs {a['clients']} clients)")
+        print(f"steady-state train round, {b['clients']} vs {a['clients']} clients:")
+        print(f"round_vs_smallest: {ratio:.2f}")
     first, last = results[0].get("peak_rss_mib"), results[-1].get("peak_rss_mib")
     if not first or not last or results[-1].get("error"):
         print("rss_growth: nan")
