@@ -148,15 +148,18 @@ def test_other_families_keep_the_folded_form():
 
 
 @pytest.mark.slow
-def test_compiled_fast_form_equals_the_eager_one():
-    """Two compiled models of different λ (the programs have frozen weights: each must keep its
-    own) at a full, a padded and a one-image chunk."""
+def test_compiled_fast_form_equals_the_eager_one(monkeypatch):
+    """Models of several k and λ compiled side by side (the programs have frozen weights: each must
+    keep its own) at a full chunk plus a padded one, one image and a padded 20; 18 programs in all,
+    none of them falling back to eager (dynamo's limit is 8 programs per code object)."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     spec = SplitMixSpec(atom_width=0.25)
     state = _state(spec)
-    for lam in (0.0, 1.0):
-        eager = inference_model(build_mixture(spec, state, [0, 1], lam))
-        compiled = compile_inference(inference_model(build_mixture(spec, state, [0, 1], lam)))
-        for x in (torch.rand(CHUNK + 3, 1, 8, 8), torch.rand(1, 1, 8, 8)):
-            with torch.no_grad():
-                torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(compiled(x), _per_base_loop(spec, state, 2, lam, x), rtol=1e-4, atol=1e-5)
+    for k in (1, 2, 3):
+        for lam in (0.0, 1.0):
+            eager = inference_model(build_mixture(spec, state, list(range(k)), lam))
+            compiled = compile_inference(inference_model(build_mixture(spec, state, list(range(k)), lam)))
+            for x in (torch.rand(CHUNK + 3, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.rand(20, 1, 8, 8)):
+                with torch.no_grad():
+                    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(compiled(x), _per_base_loop(spec, state, k, lam, x), rtol=1e-4, atol=1e-5)
