@@ -27,8 +27,8 @@ Formulations tried and measured slower on the development CPU (so not used): the
 im2col + one batched matmul, in oneDNN's blocked (``to_mkldnn``) layout, in NCHW, and through
 aten's native (non-oneDNN) kernel; one reduction (``amax``) for the pooling; chunks of 32–128.
 
-:func:`compile_inference` compiles the layer chain with inductor's freezing (weights become
-constants it prepacks, each conv fused with its ReLU) for static chunk shapes; eager and compiled
+:func:`compile_inference` compiles the layer chain for static chunk shapes (under compilation the
+convolutions are plain ``conv2d`` + ``relu``, which inductor lowers itself); eager and compiled
 measured about the same, so plain ``splitmix serve`` (no compile latency) is the default.
 
 The result is exact up to float rounding (``tests/unit/test_mixture_inference.py`` compares it
@@ -80,8 +80,8 @@ class ConvReLU(nn.Module):
         # One image: aten's conv2d takes a cheaper path than a oneDNN primitive (measured faster).
         if self.packed is not None and x.shape[0] > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
-        # Under torch.compile the plain form: inductor folds the weights as constants and fuses the
-        # ReLU itself (its meta kernel of the private op misreads a one-channel input's layout).
+        # Under torch.compile the plain form, which inductor lowers itself (its meta kernel of the
+        # private op misreads a one-channel input's layout and the compiled program fails).
         return F.relu(F.conv2d(x, self.weight, self.bias, 1, p, 1, self.groups))
 
     def extra_repr(self) -> str:
@@ -182,13 +182,12 @@ class FastCNN(nn.Module):
         return torch.cat([self._run(part) for part in x.split(self.chunk)])
 
     def compile_layers(self) -> FastCNN:
-        """``torch.compile`` the layer chain with the weights frozen into the program (inductor
-        prepacks them and fuses each conv's ReLU), for static shapes: whole chunks, and partial
-        chunks padded to a power of two of at least 8 images, so at most log2(chunk) − 2 programs
-        (inductor's freezing failed on these channels-last nets with a dynamic batch, and a
-        program per batch size would compile on every new request size). Measured, freezing was
-        the fastest compiled form for the mixture and the dense net alike (not freezing, a dynamic
-        batch, and ``max-autotune`` were slower). Chunking stays in Python."""
+        """``torch.compile`` the layer chain for static shapes: whole chunks, and partial chunks
+        padded to a power of two of at least 8 images, so at most log2(chunk) − 2 programs per
+        model. Measured, static shapes served both the mixture and the dense net faster than a
+        dynamic batch (and a program per batch size would compile on every new request size);
+        inductor's freezing (weights prepacked as constants) and ``max-autotune`` were no faster.
+        Chunking stays in Python."""
         layers = self.layers
 
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +197,7 @@ class FastCNN(nn.Module):
         # this model's programs get a code object of their own, not nn.Sequential.forward's, which
         # every served model shares (a run of 8 widths would need up to 48 programs).
         run.__code__ = run.__code__.replace()
-        self.compiled = torch.compile(run, dynamic=False, options={"freezing": True})
+        self.compiled = torch.compile(run, dynamic=False)
         self.static = True
         return self
 

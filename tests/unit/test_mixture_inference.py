@@ -149,9 +149,9 @@ def test_other_families_keep_the_folded_form():
 
 @pytest.mark.slow
 def test_compiled_fast_form_equals_the_eager_one(monkeypatch):
-    """Models of several k and λ compiled side by side (the programs have frozen weights: each must
-    keep its own) at a full chunk plus a padded one, one image and a padded 20; 18 programs in all,
-    none of them falling back to eager (dynamo's limit is 8 programs per code object)."""
+    """Models of several k and λ compiled side by side (each must keep its own weights) at a full
+    chunk plus a padded one, one image and a padded 20: 18 programs in all, none of them falling
+    back to eager (dynamo's limit is 8 programs per code object)."""
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     spec = SplitMixSpec(atom_width=0.25)
     state = _state(spec)
