@@ -18,14 +18,16 @@ computes the same function with fewer passes over those activations and fewer pe
   in place (weights permuted to that order once) with the bias added in the same kernel;
 - the k bases' last linear layers and the mean of their logits are one matmul:
   ``mean_i(W_i h_i + b_i) = [W_1 … W_k]/k · h + mean_i b_i``;
-- 2×2 max-pooling is two element-wise maxima over channels-last views (no index tensor);
+- 2×2 max-pooling is two element-wise maxima over channels-last views (no index tensor) when the
+  channels are not a multiple of 16, otherwise aten's channels-last kernel (:func:`max_pool2`);
 - a large batch runs in chunks of :data:`CHUNK` images.
 
 A single net (k = 1, e.g. the dense baseline a mixture is compared with) gets the same form: the
 rewrites are not specific to mixtures, and measured they serve it faster than the folded form.
 Formulations tried and measured slower on the development CPU (so not used): the grouped convs as
 im2col + one batched matmul, in oneDNN's blocked (``to_mkldnn``) layout, in NCHW, and through
-aten's native (non-oneDNN) kernel; one reduction (``amax``) for the pooling; chunks of 32–128.
+aten's native (non-oneDNN) kernel; one reduction (``amax``) for the pooling, or maxima written in
+place; chunks of 32–128.
 
 :func:`compile_inference` compiles the layer chain for static chunk shapes (under compilation the
 convolutions are plain ``conv2d`` + ``relu``, which inductor lowers itself); eager and compiled
@@ -91,9 +93,13 @@ class ConvReLU(nn.Module):
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` of a channels-last batch as two element-wise maxima (the NHWC memory
-    seen as (B, H/2, 2, W/2, 2·C): row pairs, then the two channel halves of column pairs)."""
+    seen as (B, H/2, 2, W/2, 2·C): row pairs, then the two channel halves of column pairs).
+
+    aten's own channels-last kernel is one pass but vectorised over whole blocks of 16 channels:
+    measured, it is the faster one when C is a multiple of 16 and the slower one otherwise (the
+    maxima run over contiguous rows of W·C values, whatever C is)."""
     b, c, h, w = x.shape
-    if h % 2 or w % 2 or not x.is_contiguous(memory_format=torch.channels_last):
+    if h % 2 or w % 2 or c % 16 == 0 or not x.is_contiguous(memory_format=torch.channels_last):
         return F.max_pool2d(x, 2)
     v = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2 * c)
     rows = torch.maximum(v[:, :, 0], v[:, :, 1])

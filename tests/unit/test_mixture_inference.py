@@ -100,10 +100,11 @@ def test_mixed_head_is_the_mean_of_the_bases_last_layers():
 
 
 def test_max_pool2_matches_max_pool2d_and_keeps_channels_last():
-    x = torch.randn(3, 5, 6, 4).contiguous(memory_format=torch.channels_last)
-    pooled = max_pool2(x)
-    assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2))
-    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    for channels in (5, 32):  # the two maxima; aten's kernel (a multiple of 16 channels)
+        x = torch.randn(3, channels, 6, 4).contiguous(memory_format=torch.channels_last)
+        pooled = max_pool2(x)
+        assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2))
+        assert pooled.is_contiguous(memory_format=torch.channels_last)
     odd = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)  # floor, as max_pool2d
     assert torch.equal(max_pool2(odd), torch.nn.functional.max_pool2d(odd, 2))
 
