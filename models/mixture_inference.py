@@ -1,24 +1,37 @@
-"""The fast inference form of a Split-Mix mixture of k ≥ 2 bases of the digits CNNs (``cnn``,
-``digit-cnn``): what ``splitmix serve`` runs for them.
+"""The fast inference form of the digits CNNs (``cnn``, ``digit-cnn``), a single net or a Split-Mix
+mixture of k bases: what ``splitmix serve`` runs for them.
 
 A mixture of k bases at atom width r has the channels of the width-k·r net but only k·r² of its
 weights, so next to a parameter-matched dense net it moves ~2.8× more activations through the
 same number of MACs, in grouped convolutions with few channels per group. The stacked training
-model (grouped convs, batched matmuls, BN and ReLU as separate passes) therefore served at
-0.4–0.5× the dense net's throughput eagerly. This form computes the same function with fewer
-passes over those activations:
+model (grouped convs, batched matmuls, BN and ReLU as separate passes) is slow to serve; this form
+computes the same function with fewer passes over those activations and fewer per-call costs:
 
 - every conv/linear → (dual, λ-mixed) batch norm pair is folded into one layer
   (:func:`models.fuse.affine`), and its ReLU runs inside the convolution kernel (oneDNN's fused
-  post-op, ``mkldnn._convolution_pointwise``; plain ``conv2d`` + ``relu`` off CPU);
+  post-op, ``mkldnn._convolution_pointwise``), whose weight is reordered into oneDNN's blocked
+  layout once, when the form is built (``conv2d`` reorders it on every call); one image takes
+  plain ``conv2d`` + ``relu`` (aten's path for a single image costs less than a oneDNN call), and
+  so does everything off CPU;
 - the first convolution reads the one input every base shares: one plain conv with k·c outputs;
 - the k bases' hidden linear layers are one batched matmul that reads the channels-last maps
   in place (weights permuted to that order once) with the bias added in the same kernel;
 - the k bases' last linear layers and the mean of their logits are one matmul:
   ``mean_i(W_i h_i + b_i) = [W_1 … W_k]/k · h + mean_i b_i``;
-- 2×2 max-pooling is two element-wise maxima over channels-last views (no index tensor);
-- a large batch runs in chunks of :data:`CHUNK` images, so each layer's output is still in the L2
-  cache when the next layer reads it.
+- 2×2 max-pooling is two element-wise maxima over channels-last views (no index tensor) when the
+  channels are not a multiple of 16, otherwise aten's channels-last kernel (:func:`max_pool2`);
+- a large batch runs in chunks of :data:`CHUNK` images.
+
+A single net (k = 1, e.g. the dense baseline a mixture is compared with) gets the same form: the
+rewrites are not specific to mixtures, and measured they serve it faster than the folded form.
+Formulations tried and measured slower on the development CPU (so not used): the grouped convs as
+im2col + one batched matmul, in oneDNN's blocked (``to_mkldnn``) layout, in NCHW, and through
+aten's native (non-oneDNN) kernel; one reduction (``amax``) for the pooling, or maxima written in
+place; chunks of 32–128.
+
+:func:`compile_inference` compiles the layer chain for static chunk shapes (under compilation the
+convolutions are plain ``conv2d`` + ``relu``, which inductor lowers itself); eager and compiled
+measured about the same, so plain ``splitmix serve`` (no compile latency) is the default.
 
 The result is exact up to float rounding (``tests/unit/test_mixture_inference.py`` compares it
 with the per-base loop for every k and λ). It is for inference only; export keeps the portable
@@ -39,7 +52,7 @@ from models.cnn import DigitCNN
 from models.digit_model import DigitModel
 from models.fuse import affine, fuse_for_inference
 
-CHUNK = 64  # images per pass: a default mixture's largest activation is then 2 MB (L2 holds it)
+CHUNK = 256  # images per pass: measured, smaller chunks (64, 128) were no faster at 1 thread and slower at 2
 
 _FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -49,19 +62,28 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class ConvReLU(nn.Module):
-    """``relu(conv2d(x, weight, bias))`` with stride 1, as one oneDNN kernel on CPU."""
+    """``relu(conv2d(x, weight, bias))`` with stride 1, as one oneDNN kernel on CPU with the weight
+    reordered once into oneDNN's blocked layout (``conv2d`` reorders it on every call)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, padding: int, groups: int) -> None:
         super().__init__()
         self.weight = _frozen(weight.contiguous(memory_format=torch.channels_last))
         self.bias = _frozen(bias)
         self.padding, self.groups = padding, groups
-        self.fused = _FUSED_CONV
+        self.packed: torch.Tensor | None = None
+        if _FUSED_CONV:
+            # The blocked layout oneDNN picks depends on the channels and the CPU, not on the batch or
+            # image size (a weight packed for one input size gives the same result for any other).
+            size = [CHUNK, weight.shape[1] * groups, 8, 8]
+            self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, [padding] * 2, [1, 1], [1, 1], groups, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding
-        if self.fused and x.device.type == "cpu":
-            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
+        # One image: aten's conv2d takes a cheaper path than a oneDNN primitive (measured faster).
+        if self.packed is not None and x.shape[0] > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
+        # Under torch.compile the plain form, which inductor lowers itself (its meta kernel of the
+        # private op misreads a one-channel input's layout and the compiled program fails).
         return F.relu(F.conv2d(x, self.weight, self.bias, 1, p, 1, self.groups))
 
     def extra_repr(self) -> str:
@@ -71,9 +93,13 @@ class ConvReLU(nn.Module):
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` of a channels-last batch as two element-wise maxima (the NHWC memory
-    seen as (B, H/2, 2, W/2, 2·C): row pairs, then the two channel halves of column pairs)."""
+    seen as (B, H/2, 2, W/2, 2·C): row pairs, then the two channel halves of column pairs).
+
+    aten's own channels-last kernel is one pass but vectorised over whole blocks of 16 channels:
+    measured, it is the faster one when C is a multiple of 16 and the slower one otherwise (the
+    maxima run over contiguous rows of W·C values, whatever C is)."""
     b, c, h, w = x.shape
-    if h % 2 or w % 2 or not x.is_contiguous(memory_format=torch.channels_last):
+    if h % 2 or w % 2 or c % 16 == 0 or not x.is_contiguous(memory_format=torch.channels_last):
         return F.max_pool2d(x, 2)
     v = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2 * c)
     rows = torch.maximum(v[:, :, 0], v[:, :, 1])
@@ -137,22 +163,48 @@ class MixedHead(nn.Module):
 
 
 class FastCNN(nn.Module):
-    """A chain of the layers above on a channels-last batch, run in chunks of :data:`CHUNK`."""
+    """A chain of the layers above on a channels-last batch, run in chunks of ``chunk`` images."""
 
     def __init__(self, layers: list[nn.Module], chunk: int = CHUNK) -> None:
         super().__init__()
         self.layers: nn.Module = nn.Sequential(*layers)
         self.chunk = chunk
+        self.static = False  # compiled for fixed chunk sizes: a partial chunk is padded to a power of two
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self.compiled or self.layers
+        n = x.shape[0]
+        if not self.static or n == self.chunk:
+            return layers(x)
+        size = min(self.chunk, max(8, 1 << (n - 1).bit_length()))
+        padded = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+        return layers(padded)[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[0] <= self.chunk:
-            return self.layers(x)
-        return torch.cat([self.layers(part) for part in x.split(self.chunk)])
+            return self._run(x)
+        return torch.cat([self._run(part) for part in x.split(self.chunk)])
 
     def compile_layers(self) -> FastCNN:
-        """``torch.compile`` the layer chain (one graph, dynamic batch); chunking stays in Python."""
-        self.layers = cast(nn.Module, torch.compile(self.layers, dynamic=True))
+        """``torch.compile`` the layer chain for static shapes: whole chunks, and partial chunks
+        padded to a power of two of at least 8 images, so at most log2(chunk) − 2 programs per
+        model. Measured, static shapes served both the mixture and the dense net faster than a
+        dynamic batch (and a program per batch size would compile on every new request size);
+        inductor's freezing (weights prepacked as constants) and ``max-autotune`` were no faster.
+        Chunking stays in Python."""
+        layers = self.layers
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return layers(x)
+
+        # Dynamo counts compiled programs per code object (``recompile_limit``, then it runs eagerly):
+        # this model's programs get a code object of their own, not nn.Sequential.forward's, which
+        # every served model shares (a run of 8 widths would need up to 48 programs).
+        run.__code__ = run.__code__.replace()
+        self.compiled = torch.compile(run, dynamic=False)
+        self.static = True
         return self
 
 
@@ -202,13 +254,11 @@ _BUILDERS: dict[type, Callable[[StackedNet], list[nn.Module]]] = {
 
 @torch.no_grad()
 def inference_model(model: nn.Module) -> nn.Module:
-    """The model as served: the fast form above for a mixture of k ≥ 2 bases of the digits CNNs
-    (any λ), otherwise the folded channels-last copy of :func:`models.fuse.fuse_for_inference`. ``model`` is an
-    eval-mode network with batch-norm statistics; it is left untouched."""
+    """The model as served: the fast form above for the digits CNNs (any k, any λ), otherwise the
+    folded channels-last copy of :func:`models.fuse.fuse_for_inference`. ``model`` is an eval-mode
+    network with batch-norm statistics; it is left untouched."""
     builder = _BUILDERS.get(type(model))
-    # A single net (k = 1) has nothing to fuse across bases, and measured no faster this way at
-    # batch 256 but slower at batch 1 (fixed per-call cost of the fused kernels): it stays folded.
-    if builder is None or cast(StackedNet, model).num_bases == 1:
+    if builder is None:
         return fuse_for_inference(model)
     return FastCNN(builder(cast(StackedNet, model))).eval()
 

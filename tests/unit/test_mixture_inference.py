@@ -1,5 +1,6 @@
 """The fast inference form (models/mixture_inference.py) computes what the per-base loop computes:
-for every k, every λ, both digits CNNs, batches below and above one chunk."""
+for every k (a single net too), every λ, both digits CNNs, batches below and above one chunk, one
+image (plain conv) and several (prepacked oneDNN kernel), and padded static chunks."""
 
 import pytest
 import torch
@@ -43,16 +44,20 @@ def _per_base_loop(spec: SplitMixSpec, state: dict[str, torch.Tensor], k: int, l
 def test_fast_form_equals_the_per_base_loop_for_every_width_and_lambda(arch, image_size):
     spec = SplitMixSpec(arch=arch, image_size=image_size, atom_width=0.25)
     state = _state(spec)
-    x = torch.rand(CHUNK + 7, 1, image_size, image_size)  # two chunks, the second a partial one
+    chunk = 16  # a smaller chunk than CHUNK keeps the reference loop cheap; the code path is the same
+    x = torch.rand(chunk + 7, 1, image_size, image_size)  # two chunks, the second a partial one
     for k in range(1, spec.num_bases + 1):
         outputs = {}
         for lam in (0.0, 0.3, 1.0):
             fast = inference_model(build_mixture(spec, state, list(range(k)), lam))
-            assert isinstance(fast, FastCNN if k > 1 else ChannelsLast)  # a single net stays folded
+            assert isinstance(fast, FastCNN)  # a single net (k = 1) too
             assert not any(isinstance(m, (DualBatchNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)) for m in fast.modules())
+            fast.chunk = chunk
             with torch.no_grad():
                 outputs[lam] = fast(x)
+                one = fast(x[:1])  # one image takes aten's conv2d, not the prepacked kernel
             torch.testing.assert_close(outputs[lam], _per_base_loop(spec, state, k, lam, x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(one, outputs[lam][:1], rtol=1e-4, atol=1e-5)
         # λ reaches the served logits (the clean and adversarial statistics differ).
         assert (outputs[0.0] - outputs[1.0]).abs().max() > 1e-2
 
@@ -60,7 +65,7 @@ def test_fast_form_equals_the_per_base_loop_for_every_width_and_lambda(arch, ima
 def test_default_mixture_of_eight_bases_and_a_single_example():
     spec = SplitMixSpec()  # the default: 8 bases of the 8×8 digits CNN
     state = _state(spec)
-    for x in (torch.rand(1, 1, 8, 8), torch.rand(3 * CHUNK, 1, 8, 8)):
+    for x in (torch.rand(1, 1, 8, 8), torch.rand(CHUNK + 3, 1, 8, 8)):
         with torch.no_grad():
             fast = inference_model(build_mixture(spec, state, list(range(8)), 0.7))(x)
         torch.testing.assert_close(fast, _per_base_loop(spec, state, 8, 0.7, x), rtol=1e-4, atol=1e-5)
@@ -95,12 +100,45 @@ def test_mixed_head_is_the_mean_of_the_bases_last_layers():
 
 
 def test_max_pool2_matches_max_pool2d_and_keeps_channels_last():
-    x = torch.randn(3, 5, 6, 4).contiguous(memory_format=torch.channels_last)
-    pooled = max_pool2(x)
-    assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2))
-    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    for channels in (5, 32):  # the two maxima; aten's kernel (a multiple of 16 channels)
+        x = torch.randn(3, channels, 6, 4).contiguous(memory_format=torch.channels_last)
+        pooled = max_pool2(x)
+        assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 2))
+        assert pooled.is_contiguous(memory_format=torch.channels_last)
     odd = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)  # floor, as max_pool2d
     assert torch.equal(max_pool2(odd), torch.nn.functional.max_pool2d(odd, 2))
+
+
+def test_static_chunks_pad_a_partial_chunk_to_a_power_of_two_and_drop_the_padding(monkeypatch):
+    """What the compiled form runs (without compiling here): chunks of exactly ``chunk`` images, a
+    partial one padded with zero images to a power of two (at least 8), the padding's logits cut."""
+    spec = SplitMixSpec(atom_width=0.25)
+    state = _state(spec)
+    fast = inference_model(build_mixture(spec, state, [0, 1], 0.4))
+    fast.chunk = 32
+    seen: list[int] = []
+    monkeypatch.setattr(fast, "layers", _Recording(fast.layers, seen))
+    x = torch.rand(32 + 32 + 11, 1, 8, 8)
+    with torch.no_grad():
+        plain = fast(x)
+        fast.static = True
+        seen.clear()
+        static = fast(x)
+        assert seen == [32, 32, 16]  # 11 → the next power of two
+        seen.clear()
+        assert fast(x[:3]).shape == (3, 10) and seen == [8]  # 3 → at least 8
+    torch.testing.assert_close(static, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, _per_base_loop(spec, state, 2, 0.4, x), rtol=1e-4, atol=1e-5)
+
+
+class _Recording(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, seen: list[int]) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape[0])
+        return self.inner(x)
 
 
 def test_other_families_keep_the_folded_form():
@@ -111,11 +149,18 @@ def test_other_families_keep_the_folded_form():
 
 
 @pytest.mark.slow
-def test_compiled_fast_form_equals_the_eager_one():
+def test_compiled_fast_form_equals_the_eager_one(monkeypatch):
+    """Models of several k and λ compiled side by side (each must keep its own weights) at a full
+    chunk plus a padded one, one image and a padded 20: 18 programs in all, none of them falling
+    back to eager (dynamo's limit is 8 programs per code object)."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     spec = SplitMixSpec(atom_width=0.25)
     state = _state(spec)
-    x = torch.rand(CHUNK + 3, 1, 8, 8)
-    eager = inference_model(build_mixture(spec, state, [0, 1], 0.5))
-    compiled = compile_inference(inference_model(build_mixture(spec, state, [0, 1], 0.5)))
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    for k in (1, 2, 3):
+        for lam in (0.0, 1.0):
+            eager = inference_model(build_mixture(spec, state, list(range(k)), lam))
+            compiled = compile_inference(inference_model(build_mixture(spec, state, list(range(k)), lam)))
+            for x in (torch.rand(CHUNK + 3, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.rand(20, 1, 8, 8)):
+                with torch.no_grad():
+                    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(compiled(x), _per_base_loop(spec, state, k, lam, x), rtol=1e-4, atol=1e-5)
