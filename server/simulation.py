@@ -109,7 +109,8 @@ def simulate(cfg: RunConfig, report: Reporter | None = None, quiet_flower: bool 
     with stop_on_signals() as guard:
         stale = reap_orphaned_ray_processes()
         if stale and report is not None:
-            report(f"ended {len(stale)} Ray process(es) left behind by an earlier run that was killed (pids {', '.join(map(str, stale))})")
+            pids = ", ".join(map(str, stale))
+            report(f"ended {len(stale)} Ray process(es) whose Ray session had ended (a killed earlier run's, or one still exiting): pids {pids}")
         started = time.perf_counter()
         try:
             start_ray(backend["init_args"])

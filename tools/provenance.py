@@ -30,11 +30,11 @@ def _git(*args: str, root: Path = ROOT) -> str | None:
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """``{"commit": <HEAD sha>, "dirty": <uncommitted changes?>}``; ``"unknown"``/``None`` outside a checkout."""
+    """``{"commit": <HEAD sha>, "dirty": <uncommitted changes to tracked files?>}``; ``"unknown"``/``None`` outside a checkout."""
     head = _git("rev-parse", "HEAD", root=root)
     if head is None:
         return {"commit": "unknown", "dirty": None}
-    status = _git("status", "--porcelain", root=root)
+    status = _git("status", "--porcelain", "--untracked-files=no", root=root)  # new files (run folders, records) change no code
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
