@@ -322,3 +322,17 @@ def test_supernode_idle_poll_is_read_and_bounded():
     for bad in ("0", "61", "fast", "nan"):
         with pytest.raises(SystemExit, match=f"SPLITMIX_SUPERNODE_POLL = '{bad}': allowed: seconds between 0.05 and 60"):
             idle_poll_seconds({"SPLITMIX_SUPERNODE_POLL": bad})
+
+
+def test_supernode_clock_shortens_the_idle_poll_and_the_local_waits(monkeypatch):
+    """Flower's SuperNode loop sleeps 3 s after an empty poll (→ the idle poll) and 0.5 s while
+    it waits on its own state (→ 20 ms); other names are the time module's."""
+    from deploy import warm_clientapp
+
+    slept: list[float] = []
+    monkeypatch.setattr(warm_clientapp.time, "sleep", slept.append)
+    clock = warm_clientapp.SuperNodeClock(idle_poll=0.5)
+    for seconds in (3, 0.5, 0.01, 10):
+        clock.sleep(seconds)
+    assert slept == [0.5, 0.02, 0.01, 0.5]
+    assert clock.monotonic is warm_clientapp.time.monotonic
