@@ -317,7 +317,7 @@ def test_supernode_idle_poll_is_read_and_bounded():
     """SPLITMIX_SUPERNODE_POLL: default 0.5 s, a number in [0.05, 60], else one line naming it."""
     from deploy.warm_clientapp import DEFAULT_IDLE_POLL, idle_poll_seconds
 
-    assert idle_poll_seconds({}) == DEFAULT_IDLE_POLL == 0.5
+    assert idle_poll_seconds({}) == DEFAULT_IDLE_POLL == 0.25
     assert idle_poll_seconds({"SPLITMIX_SUPERNODE_POLL": "2.5"}) == 2.5
     for bad in ("0", "61", "fast", "nan"):
         with pytest.raises(SystemExit, match=f"SPLITMIX_SUPERNODE_POLL = '{bad}': allowed: seconds between 0.05 and 60"):
