@@ -170,6 +170,12 @@ class ComposeStack(LocalDeployment):
         if proc.returncode != 0:
             raise DeploymentError(f"docker kill {name} failed: {proc.stderr.strip()}")
 
+    def throttle_node(self, name: str, cpus: float) -> None:
+        """Cap a SuperNode container at ``cpus`` CPUs (``docker update --cpus``): a slow device."""
+        proc = _run(["docker", "update", "--cpus", str(cpus), self.container(name)], timeout=120)
+        if proc.returncode != 0:
+            raise DeploymentError(f"docker update --cpus {cpus} {name} failed: {proc.stderr.strip()}")
+
     def container_logs(self, container: str) -> str:
         """One container's output (``docker logs``: cheaper to poll than compose's logs)."""
         proc = _run(["docker", "logs", container], timeout=120)
