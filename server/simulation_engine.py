@@ -28,6 +28,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from splitmix.protocol.codec import record_bytes
+
 SWEEP_SECONDS = 0.005  # pause between dispatch sweeps (Flower's: 0.1 s)
 
 _INSTALLED = False
@@ -35,7 +37,7 @@ _INSTALLED = False
 
 def payload_bytes(message: Message) -> int:
     """Bytes of the tensors a message carries: the dispatch priority (more tensors, more work)."""
-    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+    return sum(record_bytes(record) for record in message.content.array_records.values())
 
 
 def pending_nodes(state: Any) -> list[int]:

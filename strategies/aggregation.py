@@ -45,7 +45,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from models.slicing import leading_slices
-from splitmix.protocol.codec import pack, unpack
+from splitmix.protocol.codec import to_record, unpack
 
 DEFAULT_TRIM_FRACTION = 0.1
 
@@ -319,7 +319,7 @@ def aggregate(
         trim_fraction,
         placement,
     )
-    return pack({key: new[key] if key in new else value for key, value in old.items()})
+    return to_record({key: new[key] if key in new else value for key, value in old.items()})
 
 
 def aggregate_tensors(

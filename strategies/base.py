@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from splitmix import protocol
 from splitmix.protocol import NodeProfile, as_float
-from splitmix.protocol.codec import pack, record_bytes, unpack
+from splitmix.protocol.codec import record_bytes, to_record, unpack
 from splitmix.protocol.sparse_codec import sparse_from_arrays
 from strategies.aggregation import Contribution, Entry
 from strategies.node_profiles import ProfileTable
@@ -232,7 +232,7 @@ class FederatedStrategy(Strategy):
         self._send: Sender | None = None  # deployment: how profile queries are sent (lazily)
         self._query_timeout = 0.0
         self.query_stats: list[RoundStats] = []  # lazy profile queries since the round loop last took them
-        self._current = pack({})  # the global model of the round being trained
+        self._current = to_record({})  # the global model of the round being trained
         self._bounds: tuple[ArrayRecord | None, dict[str, float]] = (None, {})
         self.aggregation = "mean"  # a reducer of strategies/aggregation.py
         self.trim_fraction = 0.1

@@ -38,7 +38,7 @@ from models.splitmix import (
     split_stacked_state,
 )
 from splitmix.protocol import BASES, Instruction, NodeProfile
-from splitmix.protocol.codec import pack, record_bytes, unpack
+from splitmix.protocol.codec import record_bytes, to_record, unpack
 from strategies.aggregation import Contribution, aggregate
 from strategies.base import FederatedStrategy, RoundStats, TensorSpec
 from strategies.registry import LrSchedule, Method, State, register_method
@@ -104,7 +104,7 @@ class SplitMixStrategy(FederatedStrategy):
                 continue
             bases = self.scheduler.assign(k, group=profile.budget)
             if tuple(bases) not in payloads:
-                payloads[tuple(bases)] = pack({key: value for index in bases for key, value, _, _ in by_base[index]})
+                payloads[tuple(bases)] = to_record({key: value for index in bases for key, value, _, _ in by_base[index]})
             payload = payloads[tuple(bases)]
             stats.bytes_down += record_bytes(payload)
             # A client that does not train adversarially never touches (and does not return)

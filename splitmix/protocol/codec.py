@@ -23,7 +23,7 @@ key, a dtype from :data:`DTYPES`, non-negative integer dimensions, the offset th
 gives) and the payload's length are checked, and any mismatch raises ``ValueError`` naming it. It
 returns read-only NumPy views of the buffer (no copy); :func:`to_tensors` copies the payload once
 for tensors that training updates in place. This module is the format's only home: the sparse
-codec and the server build on :func:`pack` / :func:`unpack`.
+codec and the server build on :func:`to_record` / :func:`unpack`.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def pack_bytes(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> bytes:
     return b"".join([prefix, bytes(_align(len(prefix)) - len(prefix)), *parts])
 
 
-def pack(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """``tensors`` as an ArrayRecord holding one packed Array."""
+def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """``tensors`` as a message's ArrayRecord: one packed Array."""
     data = pack_bytes(tensors)
     return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=data)})
 
@@ -190,11 +190,6 @@ def unpack(record: ArrayRecord) -> dict[str, np.ndarray]:
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes a record carries (index and payload): what a message's tensors cost on the wire."""
     return sum(len(array.data) for array in record.values())
-
-
-def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """Tensors as a message's ArrayRecord (:func:`pack`)."""
-    return pack(tensors)
 
 
 def to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:

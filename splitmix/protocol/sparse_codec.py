@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from splitmix.protocol.codec import pack, unpack
+from splitmix.protocol.codec import to_record, unpack
 
 IDX_SUFFIX = "::idx"
 VAL_SUFFIX = "::val"
@@ -224,8 +224,8 @@ def sparse_arrays(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch
 
 
 def to_sparse_record(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """A sparse reply as one packed ArrayRecord (:func:`splitmix.protocol.codec.pack`)."""
-    return pack(sparse_arrays(tensors, masks))
+    """A sparse reply as one packed ArrayRecord (:func:`splitmix.protocol.codec.to_record`)."""
+    return to_record(sparse_arrays(tensors, masks))
 
 
 def _unpack_dense(flat: np.ndarray, expected: Mapping[str, _Spec]) -> dict[str, tuple[None, torch.Tensor]]:

@@ -14,7 +14,7 @@ from server.federation import run_federation
 from server.store import load_weights
 from splitmix.config import load_config
 from splitmix.protocol import NodeProfile
-from splitmix.protocol.codec import pack, to_record, to_tensors, unpack
+from splitmix.protocol.codec import to_record, to_tensors, unpack
 from splitmix.protocol.sparse_codec import DENSE_PACK, to_sparse_record
 from strategies.base import TensorSpec
 from strategies.splitmix import SplitMixStrategy
@@ -137,7 +137,7 @@ def test_malformed_sparse_reply_is_rejected_and_the_aggregate_unchanged(tmp_path
     def truncate_pack(node, reply):
         if node == 1001 and "arrays" in reply.content.array_records:
             entries = unpack(reply.content["arrays"])
-            reply.content["arrays"] = pack({**entries, DENSE_PACK: entries[DENSE_PACK][:-1]})  # one value short
+            reply.content["arrays"] = to_record({**entries, DENSE_PACK: entries[DENSE_PACK][:-1]})  # one value short
         return reply
 
     base = f"{FAST} num-rounds=1 sparse-method=dynamic sparsity=0.9 out-dir='{tmp_path}'"

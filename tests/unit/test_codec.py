@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from splitmix.protocol.codec import DTYPES, MAGIC, MAX_INDEX_BYTES, PACKED, STYPE, pack, pack_bytes, to_tensors, unpack, unpack_bytes
+from splitmix.protocol.codec import DTYPES, MAGIC, MAX_INDEX_BYTES, PACKED, STYPE, pack_bytes, to_record, to_tensors, unpack, unpack_bytes
 
 
 def rebuild(data: bytes, edit: Callable[[list], object] = lambda index: None, payload: Callable[[bytes], bytes] = lambda p: p) -> bytes:
@@ -37,7 +37,7 @@ def test_the_bytes_are_the_documented_layout():
     prefix = b"SMXPACK\x01" + struct.pack("<I", 42) + index  # 12 + 42 = 54 bytes
     payload = struct.pack("<3e", 1.0, -2.0, 0.5) + b"\0\0" + struct.pack("<q", 7)
     assert data == prefix + b"\0\0" + payload  # the payload starts at 56
-    record = pack({"a": np.array([1.0, -2.0, 0.5], np.float16), "b": torch.tensor(7)})
+    record = to_record({"a": np.array([1.0, -2.0, 0.5], np.float16), "b": torch.tensor(7)})
     assert list(record.keys()) == [PACKED]
     array = record[PACKED]
     assert (array.dtype, tuple(array.shape), array.stype, array.data) == ("uint8", (72,), STYPE, data)
@@ -62,20 +62,20 @@ def test_every_dtype_round_trips_bit_for_bit():
         "scalar": np.float64(2.5),
     }
     assert {t.dtype.name for t in tensors.values()} == set(DTYPES)
-    back = unpack(pack(tensors))
+    back = unpack(to_record(tensors))
     assert list(back) == sorted(tensors)  # the encoder writes keys sorted: bytes independent of dict order
     assert pack_bytes(dict(reversed(tensors.items()))) == pack_bytes(tensors)
     for key, value in tensors.items():
         got = back[key]
         assert got.dtype.name == value.dtype.name and got.shape == value.shape, key
         assert got.tobytes() == np.asarray(value).tobytes(), key
-    big_endian = unpack(pack({"w": np.array([1.5, -2.0], ">f8")}))["w"]  # stored little-endian
+    big_endian = unpack(to_record({"w": np.array([1.5, -2.0], ">f8")}))["w"]  # stored little-endian
     assert big_endian.dtype.str == "<f8" and big_endian.tolist() == [1.5, -2.0]
 
 
 def test_torch_tensors_any_layout_and_writable_copies():
     w = torch.arange(6, dtype=torch.float32).view(2, 3)
-    record = pack({"t": w.t(), "s": torch.tensor(3.0), "m": torch.tensor([True, False])})  # transposed: not contiguous
+    record = to_record({"t": w.t(), "s": torch.tensor(3.0), "m": torch.tensor([True, False])})  # transposed: not contiguous
     tensors = to_tensors(record)
     assert tensors["t"].tolist() == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     assert tensors["s"].shape == () and tensors["s"].item() == 3.0
@@ -83,9 +83,9 @@ def test_torch_tensors_any_layout_and_writable_copies():
     tensors["t"] += 10  # writable, and a copy: the record is unchanged
     assert unpack(record)["t"].tolist() == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     with pytest.raises(ValueError, match="tensor 'b': dtype torch.bfloat16 cannot be packed"):
-        pack({"b": torch.zeros(2, dtype=torch.bfloat16)})
+        to_record({"b": torch.zeros(2, dtype=torch.bfloat16)})
     with pytest.raises(ValueError, match="tensor 'c': dtype complex64"):
-        pack({"c": np.zeros(2, np.complex64)})
+        to_record({"c": np.zeros(2, np.complex64)})
 
 
 def test_unpack_returns_read_only_views_of_the_buffer():
@@ -149,4 +149,4 @@ def test_records_must_hold_exactly_one_packed_array():
         unpack(ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(GOOD),), stype="numpy.ndarray", data=GOOD)}))
     with pytest.raises(ValueError, match="expected splitmix.packed uint8"):
         unpack(ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(GOOD) + 1,), stype=STYPE, data=GOOD)}))
-    assert unpack(pack({})) == {} and len(pack({})[PACKED].data) == 16  # 12 + "[]", padded to 16
+    assert unpack(to_record({})) == {} and len(to_record({})[PACKED].data) == 16  # 12 + "[]", padded to 16

@@ -11,7 +11,7 @@ import torch
 from flwr.app import RecordDict
 
 from models.cnn import DigitCNN
-from splitmix.protocol.codec import pack, record_bytes, to_record, unpack
+from splitmix.protocol.codec import record_bytes, to_record, unpack
 from splitmix.protocol.sparse_codec import (
     DENSE_PACK,
     IDX_SUFFIX,
@@ -303,13 +303,13 @@ def test_sparse_record_round_trip_and_validation():
         mask, values = decoded[key]
         assert torch.equal(values, tensor)
         assert (mask is None) == (key not in masks) and (mask is None or torch.equal(mask, masks[key]))
-    bad = pack({k: v for k, v in entries.items() if k != "conv2.weight" + VAL_SUFFIX})
+    bad = to_record({k: v for k, v in entries.items() if k != "conv2.weight" + VAL_SUFFIX})
     with pytest.raises(ValueError, match="conv2.weight"):
         sparse_from_record(bad, expected)
-    bad = pack({**entries, "conv2.weight" + VAL_SUFFIX: np.zeros(3, np.float32)})
+    bad = to_record({**entries, "conv2.weight" + VAL_SUFFIX: np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="conv2.weight"):
         sparse_from_record(bad, expected)
-    bad = pack({**entries, "conv2.weight": tensors["conv2.weight"]})
+    bad = to_record({**entries, "conv2.weight": tensors["conv2.weight"]})
     with pytest.raises(ValueError, match="conv2.weight"):  # dense and sparse at once
         sparse_from_record(bad, expected)
     bf16 = {"w": torch.randn(6, 5).to(torch.bfloat16)}
