@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import Message
-from flwr.serverapp import Grid
 from torch.nn import functional as F
 
 from models.bn_moments import add_moments, moments_to_stats
@@ -81,26 +80,18 @@ class WidthScores:
         return float(np.mean(values)) if values else float("nan")
 
 
-# (messages, timeout) -> replies; the round loop's sender polls replies every 10-50 ms, where
-# Flower's Grid.send_and_receive sleeps 3 s between pulls in a deployment
+# (messages, timeout) -> replies: the round loop's sender (``Federation.send``), which polls
+# replies every 10-50 ms where Flower's Grid.send_and_receive sleeps 3 s between pulls
 Send = Callable[[list[Message], float], Iterable[Message]]
 
 
-def _send(grid: Grid, messages: list, timeout: float, send: Send | None) -> Iterable:
-    if not messages:
-        return []
-    return send(messages, timeout) if send is not None else grid.send_and_receive(messages, timeout=timeout)
-
-
-def gather_bn_stats(
-    grid: Grid, nodes: list[NodeProfile], method: Method, state: State, task_json: str, timeout: float, send: Send | None = None
-) -> dict[str, State]:
+def gather_bn_stats(send: Send, nodes: list[NodeProfile], method: Method, state: State, task_json: str, timeout: float) -> dict[str, State]:
     """Static BN: every node's BN-input moments on its training split, summed, as running
     statistics per statistics-model tag (``{tag: {bn path.running_mean: …}}``)."""
     record = to_record(state)
     messages = [protocol.bn_stats_message(record, task_json, method.name, p.node_id) for p in nodes]
     totals: dict[str, dict[str, torch.Tensor]] = {}
-    for reply in _send(grid, messages, timeout, send):
+    for reply in send(messages, timeout) if messages else []:
         if reply.has_error():
             log.warning("bn-stats: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
@@ -118,7 +109,7 @@ def gather_bn_stats(
 
 
 def evaluate_on_clients(
-    grid: Grid,
+    send: Send,
     nodes: list[NodeProfile],
     method: Method,
     state: State,
@@ -126,14 +117,13 @@ def evaluate_on_clients(
     lambdas: list[float],
     robust: bool,
     timeout: float,
-    send: Send | None = None,
 ) -> WidthScores:
     """Every node evaluates ``state`` on its own splits; the counts become :class:`WidthScores`."""
     widths = method.widths()
     record = to_record(state)
     messages = [protocol.evaluate_message(record, task_json, method.name, widths, lambdas, robust, p.node_id) for p in nodes]
     replies = []
-    for reply in _send(grid, messages, timeout, send):
+    for reply in send(messages, timeout) if messages else []:
         if reply.has_error():
             log.warning("evaluate: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
@@ -150,7 +140,7 @@ def evaluate_on_clients(
             pooled_row, client_row = [], []
             for width in widths:
                 key, size = protocol.eval_key(split, kind, width, lam), protocol.split_size_key(split)
-                held = [(float(m[key]), float(m[size])) for m in replies if key in m and float(m[size]) > 0]
+                held = [(protocol.as_float(m[key]), protocol.as_float(m[size])) for m in replies if key in m and protocol.as_float(m[size]) > 0]
                 correct, total = sum(c for c, _ in held), sum(n for _, n in held)
                 pooled_row.append(correct / total if total else float("nan"))
                 client_row.append(ClientStat.of([c / n for c, n in held]))

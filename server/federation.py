@@ -27,7 +27,7 @@ from server.evaluate import Evaluator, WidthScores, evaluate_on_clients, gather_
 from server.oversmoothing import oversmoothing_profile
 from server.plots import plot_accuracy_per_width, plot_robustness
 from server.store import RunStore
-from server.waiting import send_and_wait
+from server.waiting import PROGRESS_EVERY, send_and_wait
 from splitmix.config import RunConfig
 from splitmix.data import ArrayData, client_splits, test_data, train_sample
 from splitmix.protocol.codec import to_record, to_tensors
@@ -164,8 +164,6 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, say: Reporter) -> list[int]:
 def _poll_until_count(read: Callable[[], list[int]], wanted: int, wait: float, every: float, report: Callable[[int, float], None]) -> list[int]:
     """Call ``read`` every ``every`` s until it lists ``wanted`` nodes or ``wait`` s passed; while
     waiting, ``report(count, seconds left)`` every ``PROGRESS_EVERY`` s. Returns the last list."""
-    from server.waiting import PROGRESS_EVERY
-
     start = time.monotonic()
     next_report = start
     nodes = read()
@@ -297,8 +295,9 @@ class Federation:
         for technique in self.techniques:
             served = technique.served_state(served, self.context)
         if self.method.needs_bn_stats:
-            timeout, send = self.cfg.federation.round_timeout, lambda m, t: self.send(m, t, "BN statistics")
-            stats = gather_bn_stats(self.grid, self.nodes(), self.method, served, self.task_json, timeout, send)
+            stats = gather_bn_stats(
+                lambda m, t: self.send(m, t, "BN statistics"), self.nodes(), self.method, served, self.task_json, self.cfg.federation.round_timeout
+            )
             served = self.method.with_bn_stats(served, stats)
         self._served = (state, served)
         return served
@@ -306,25 +305,27 @@ class Federation:
     def nodes(self) -> list:
         """The nodes that evaluate (and give static BN statistics): every connected node with
         data, or an ``eval-clients`` sample of them drawn once per run (seeded)."""
-        strategy, cap = self.strategy, self.cfg.evaluation.eval_clients
+        strategy = self.strategy
         if strategy.table is not None:
             if self._eval_rows is None:  # drawn once: O(population) numpy work, not per evaluation
-                rows = np.flatnonzero(strategy.table.num_examples > 0)
-                if 0 < cap < len(rows):
-                    rows = np.sort(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(rows, size=cap, replace=False))
-                self._eval_rows = rows
+                self._eval_rows = self._eval_sample(np.flatnonzero(strategy.table.num_examples > 0))
             return [strategy.table.profile(int(r)) for r in self._eval_rows]
-        online = sorted(strategy.online if strategy.online is not None else strategy.profiles)
-        if 0 < cap < len(online):
-            online = sorted(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(online, size=cap, replace=False).tolist())
-        profiles, stats = strategy.known_profiles(online)
+        online = self._eval_sample(np.array(sorted(strategy.online if strategy.online is not None else strategy.profiles), dtype=np.int64))
+        profiles, stats = strategy.known_profiles(online.tolist())
         self._record_queries(stats.problems)
         return sorted(profiles, key=lambda p: p.partition_id)
+
+    def _eval_sample(self, candidates: np.ndarray) -> np.ndarray:
+        """``candidates`` (sorted), or a seeded sample of ``eval-clients`` of them (sorted)."""
+        cap = self.cfg.evaluation.eval_clients
+        if not 0 < cap < len(candidates):
+            return candidates
+        return np.sort(np.random.default_rng([self.cfg.seed, EVAL_STREAM]).choice(candidates, size=cap, replace=False))
 
     def evaluate(self, state: dict[str, torch.Tensor], robust: bool) -> WidthScores:
         """The served model on every client's own validation and test splits."""
         return evaluate_on_clients(
-            self.grid,
+            lambda messages, timeout: self.send(messages, timeout, "evaluation"),
             self.nodes(),
             self.method,
             self.served(state),
@@ -332,7 +333,6 @@ class Federation:
             self.cfg.lambdas,
             robust,
             self.cfg.federation.round_timeout,
-            lambda messages, timeout: self.send(messages, timeout, "evaluation"),
         )
 
     def discover(self) -> float:

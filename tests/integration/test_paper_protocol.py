@@ -27,6 +27,11 @@ from strategies.sheterofl import SlimmableTraining
 TINY = "num-clients=3 num-rounds=1 local-epochs=1 adv-fraction=0 eval-pgd-steps=0 eval-lambdas='0' batch-size=16"
 
 
+def sender(grid):
+    """The (messages, timeout) -> replies callable the evaluation functions send with."""
+    return lambda messages, timeout: grid.send_and_receive(messages, timeout=timeout)
+
+
 def _setup(method: str, extra: str = ""):
     cfg = load_config(overrides=f"{TINY} method={method} {extra}")
     method_obj = cfg.make_method()
@@ -38,7 +43,7 @@ def test_heterofl_bn_statistics_are_pooled_moments_of_the_clients_training_split
     cfg, method, nodes, task_json = _setup("heterofl")
     state = method.initial_state(seed=0)
     grid = in_process_grid(3)
-    stats = gather_bn_stats(grid, nodes, method, state, task_json, timeout=600)
+    stats = gather_bn_stats(sender(grid), nodes, method, state, task_json, timeout=600)
 
     # By hand: BN1 of the width-0.5 model sees conv1's output; batches of 16 in data order,
     # a lone leftover example skipped (as in training); pooled over the three clients.
@@ -62,12 +67,12 @@ def test_heterofl_bn_statistics_are_pooled_moments_of_the_clients_training_split
         return ClientSplits(s.train, ArrayData(1 - s.val.x, s.val.y), ArrayData(1 - s.test.x, s.test.y))
 
     monkeypatch.setattr(client_app, "client_splits", inverted_eval)
-    again = gather_bn_stats(grid, nodes, method, state, task_json, timeout=600)
+    again = gather_bn_stats(sender(grid), nodes, method, state, task_json, timeout=600)
     for key, value in stats["w0.5"].items():
         torch.testing.assert_close(again["w0.5"][key], value)
     # … while changing the training inputs changes them.
     monkeypatch.setattr(client_app, "client_train_data", lambda data, pid: (lambda d: ArrayData(1 - d.x, d.y))(client_train_data(data, pid)))
-    moved = gather_bn_stats(grid, nodes, method, state, task_json, timeout=600)
+    moved = gather_bn_stats(sender(grid), nodes, method, state, task_json, timeout=600)
     assert not torch.allclose(moved["w0.5"]["bn1.clean.running_mean"], stats["w0.5"]["bn1.clean.running_mean"])
 
 
@@ -87,7 +92,7 @@ def test_bn_statistics_skip_a_malformed_reply():
         assert [m.metadata.dst_node_id for m in messages] == [1000, 1001] and timeout == 5
         return [Message(RecordDict({"arrays": arrays}), reply_to=m) for m, arrays in zip(messages, (good, bad))]
 
-    stats = gather_bn_stats(None, nodes[:2], method, {}, task_json, timeout=5, send=send)
+    stats = gather_bn_stats(send, nodes[:2], method, {}, task_json, timeout=5)
     assert {k: v.tolist() for k, v in stats["w1"].items()} == {"bn.running_mean": [1.0, 2.0], "bn.running_var": [4.0, 12.0]}
 
 
@@ -196,7 +201,7 @@ def test_client_accuracy_is_the_mean_over_clients_and_accuracy_is_pooled():
     a = {split_size_key("test"): 10, split_size_key("val"): 4, eval_key("test", "correct", 0.5, 0): 9, eval_key("val", "correct", 0.5, 0): 4}
     b = {split_size_key("test"): 2, split_size_key("val"): 2, eval_key("test", "correct", 0.5, 0): 1, eval_key("val", "correct", 0.5, 0): 1}
     b |= {eval_key("test", "correct", 1.0, 0): 2, eval_key("val", "correct", 1.0, 0): 0}  # only b has a width-1 model
-    scores = evaluate_on_clients(CannedGrid([a, b]), nodes[:2], method, {}, task_json, [0.0], False, timeout=1)
+    scores = evaluate_on_clients(sender(CannedGrid([a, b])), nodes[:2], method, {}, task_json, [0.0], False, timeout=1)
     half, full = scores.client[0.0]
     assert (half.mean, half.std, half.n) == (pytest.approx(0.7), pytest.approx(0.2), 2)  # (0.9 + 0.5) / 2
     assert (full.mean, full.n) == (1.0, 1)
@@ -215,7 +220,7 @@ def test_fedbn_clients_evaluate_with_their_own_norms(tmp_path, in_process_grid):
     state = load_weights(run / "model.safetensors")
     task_json = cfg.client_task(method.spec).to_json()
     node = NodeProfile(partition_id=1, budget=1.0, adversarial=False, node_id=1001)
-    scores = evaluate_on_clients(grid, [node], method, state, task_json, [0.0], False, timeout=600)
+    scores = evaluate_on_clients(sender(grid), [node], method, state, task_json, [0.0], False, timeout=600)
     # By hand: the global weights with node 1's own BN entries, on node 1's test split.
     own = method.client_eval_state(state, 1.0, grid.contexts[1001])
     assert own is not None
