@@ -295,24 +295,13 @@ class FederatedStrategy(Strategy):
 
     def refresh(self, grid: Grid) -> None:
         """Before a round: which nodes are connected now (a deployment; a simulation's nodes
-        never leave)."""
+        never leave). Only connected nodes are sampled, so a node that died stops being sent work
+        once the SuperLink marks it offline, and a node that (re)joins is asked for its profile
+        when first sampled (a restarted node may come back under a new node id; its partition
+        then moves to the new id)."""
         self._discoveries += 1
         if self.table is None:
             self.online = set(grid.get_node_ids())
-
-    def discover(self, grid: Grid, task_json: str, timeout: float) -> RoundStats:
-        """Ask every connected node without a known profile for it (an explicit, eager discovery;
-        the round loop asks lazily instead: :meth:`known_profiles`).
-
-        Only connected nodes are sampled, so a node that died stops being sent work once the
-        SuperLink marks it offline, and a node that (re)joins is asked for its profile and takes
-        part from then on (a restarted node may come back under a new node id; its partition
-        then moves to the new id).
-        """
-        self.online = set(grid.get_node_ids())
-        self._discoveries += 1
-        unknown = [n for n in sorted(self.online) if n not in self.profiles and self._retry_at.get(n, 0) <= self._discoveries]
-        return self._query(unknown, lambda messages: grid.send_and_receive(messages, timeout=timeout), task_json)
 
     def known_profiles(self, nodes: Iterable[int]) -> tuple[list[NodeProfile], RoundStats]:
         """The profiles of ``nodes``; in a deployment the ones not known yet are asked now (those
@@ -321,16 +310,16 @@ class FederatedStrategy(Strategy):
         stats = RoundStats()
         unknown = [n for n in nodes if self.profile_of(n) is None and self._retry_at.get(n, 0) <= self._discoveries]
         if unknown and self._send is not None:
-            stats = self._query(unknown, self._send, self.task_json)
+            stats = self._query(unknown, self._send)
         found = [self.profile_of(n) for n in nodes]
         return [p for p in found if p is not None], stats
 
-    def _query(self, unknown: list[int], send: Callable[[list[Message]], Iterable[Message]], task_json: str) -> RoundStats:
+    def _query(self, unknown: list[int], send: Sender) -> RoundStats:
         """Ask ``unknown`` for their profiles; malformed or conflicting replies are rejected."""
         stats = RoundStats()
         if not unknown:
             return stats
-        messages = {n: protocol.query_message(task_json, n) for n in unknown}
+        messages = {n: protocol.query_message(self.task_json, n) for n in unknown}
         replies = send(list(messages.values()))
         # As in collect_valid: the SuperLink answers for an unreachable node under its own id.
         addressee = {m.metadata.message_id: n for n, m in messages.items() if m.metadata.message_id}
@@ -363,6 +352,10 @@ class FederatedStrategy(Strategy):
             log.warning(problem)
         return stats
 
+    def _sample_size(self, available: int) -> int:
+        """``fraction-train`` of ``available`` nodes, at least ``min-train-clients``, at most all."""
+        return min(available, max(self.min_train_clients, int(round(self.fraction_train * available))))
+
     def sample(self, eligible: Callable[[NodeProfile], bool] | None = None) -> list[NodeProfile]:
         """A seeded sample of the connected, ``eligible`` nodes that hold training data, in
         partition order: ``fraction-train`` of them, at least ``min-train-clients``.
@@ -374,7 +367,7 @@ class FederatedStrategy(Strategy):
         """
         if self.table is not None:
             rows = np.flatnonzero(self.table.eligible(eligible))
-            count = min(len(rows), max(self.min_train_clients, int(round(self.fraction_train * len(rows)))))
+            count = self._sample_size(len(rows))
             if count == 0:
                 return []
             picked = self.rng.choice(len(rows), size=count, replace=False)
@@ -393,7 +386,7 @@ class FederatedStrategy(Strategy):
         pool: list[NodeProfile | int] = [*known, *unknown]
         if not pool:
             return []
-        count = min(len(pool), max(self.min_train_clients, int(round(self.fraction_train * len(pool)))))
+        count = self._sample_size(len(pool))
         drawn = [pool[i] for i in sorted(self.rng.choice(len(pool), size=count, replace=False))]
         asked = [n for n in drawn if isinstance(n, int)]
         if asked:

@@ -15,6 +15,20 @@ def in_process_grid():
     return InProcessGrid
 
 
+def _ask_connected(strategy, grid, timeout: float = 1.0):
+    """What a deployment's round loop does before it samples: note the connected nodes
+    (``refresh``), then ask those whose profile is unknown (``known_profiles`` through the sender
+    ``attach`` gave it). Returns the queries' RoundStats."""
+    strategy.attach(lambda messages: grid.send_and_receive(messages, timeout=timeout), timeout)
+    strategy.refresh(grid)
+    return strategy.known_profiles(sorted(strategy.online))[1]
+
+
+@pytest.fixture
+def ask_connected():
+    return _ask_connected
+
+
 # Shared tiny configurations: a run that trains in seconds, and a ViT small enough for unit speed.
 TINY_RUN = "num-clients=4 num-rounds=2 local-epochs=1 pgd-steps=2 eval-pgd-steps=1 eval-lambdas='0,1'"
 TINY_VIT = {"model": "vit", "vit-depth": 2, "vit-dim": 128, "vit-heads": 16}

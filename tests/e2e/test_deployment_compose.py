@@ -229,7 +229,7 @@ def test_deploy_local_refuses_invalid_node_config_before_starting(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was started or written
 
 
-def test_client_with_invalid_node_config_is_reported_by_the_server(in_process_grid):
+def test_client_with_invalid_node_config_is_reported_by_the_server(in_process_grid, ask_connected):
     """A node whose config is wrong answers the profile query with an error naming the key; the
     server records it and goes on with the valid nodes."""
     from splitmix.config import RunConfig
@@ -262,7 +262,7 @@ def test_client_with_invalid_node_config_is_reported_by_the_server(in_process_gr
 
     grid.send_and_receive = send_and_receive
     strategy = method.strategy(cfg.client_task(method.spec).to_json(), 1.0, 1, 0, lambda r: 0.05)
-    stats = strategy.discover(grid, cfg.client_task(method.spec).to_json(), timeout=10)
+    stats = ask_connected(strategy, grid, timeout=10)
     assert sorted(p.partition_id for p in strategy.profiles.values()) == [0, 1]
     assert stats.failures == 1 and "node 1002" in stats.problems[0] and "budget=7.0" in stats.problems[0]
 

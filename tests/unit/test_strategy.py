@@ -219,7 +219,7 @@ def test_replies_with_bad_metrics_or_forged_payloads_are_rejected():
     assert "malformed tensors: tensor 'base" in problems and "unknown dtype 'float31'" in problems
 
 
-def test_discovery_rejects_impossible_profiles():
+def test_discovery_rejects_impossible_profiles(ask_connected):
     from flwr.app import ConfigRecord
 
     strategy = make_strategy([])
@@ -237,11 +237,11 @@ def test_discovery_rejects_impossible_profiles():
                 out.append(Message(RecordDict({"profile": record}), reply_to=m))
             return out
 
-    stats = strategy.discover(Grid(), "{}", timeout=1)
+    stats = ask_connected(strategy, Grid())
     assert set(strategy.profiles) == {1} and stats.rejected == 2
 
 
-def test_discovery_survives_absurd_numbers_and_does_not_requery_every_round():
+def test_discovery_survives_absurd_numbers_and_does_not_requery_every_round(ask_connected):
     from flwr.app import ConfigRecord
 
     strategy = make_strategy([])
@@ -261,10 +261,10 @@ def test_discovery_survives_absurd_numbers_and_does_not_requery_every_round():
                 out.append(Message(RecordDict({"profile": record}), reply_to=m))
             return out
 
-    stats = strategy.discover(Grid(), "{}", timeout=1)
+    stats = ask_connected(strategy, Grid())
     assert set(strategy.profiles) == {1} and stats.rejected == 1 and "num-examples" in stats.problems[0]
     for _ in range(4):  # the next rounds do not wait on the broken node again ...
-        strategy.discover(Grid(), "{}", timeout=1)
+        ask_connected(strategy, Grid())
     assert asked == [1, 2]
-    strategy.discover(Grid(), "{}", timeout=1)  # ... until RETRY_DISCOVERY calls later
+    ask_connected(strategy, Grid())  # ... until RETRY_DISCOVERY calls later
     assert asked == [1, 2, 2]
