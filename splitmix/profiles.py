@@ -49,6 +49,20 @@ def budget_of_client(partition_id: int, num_clients: int, widths: list[float]) -
     return ordered[partition_id * len(ordered) // num_clients]
 
 
+def budgets_of_clients(num_clients: int, budgets: str) -> np.ndarray:
+    """:func:`budget_of_client` of every client at once (a simulation derives all profiles)."""
+    ordered = np.sort(np.asarray(parse_budgets(budgets), dtype=np.float64))
+    return ordered[np.arange(num_clients, dtype=np.int64) * len(ordered) // num_clients]
+
+
+SPARSE_SEED_OFFSET = 104729  # the sparse subset is drawn apart from the adversarial one
+
+
+def sparse_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the clients that train sparse (a seeded subset, not the adversarial one)."""
+    return adversarial_clients(num_clients, fraction, seed + SPARSE_SEED_OFFSET)
+
+
 def adversarial_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the clients that train adversarially (a seeded random subset)."""
     mask = np.zeros(num_clients, dtype=bool)
@@ -80,8 +94,8 @@ def profile_of_node(node: NodeConfig, num_clients: int, budgets: str, adv_fracti
         adversarial = bool(adversarial_clients(num_clients, adv_fraction, seed)[partition_id])
     else:
         adversarial = node.adversarial
-    if node.sparse is None:  # a different seeded subset than the adversarial one
-        sparse = bool(adversarial_clients(num_clients, sparse_fraction, seed + 104729)[partition_id])
+    if node.sparse is None:
+        sparse = bool(sparse_clients(num_clients, sparse_fraction, seed)[partition_id])
     else:
         sparse = node.sparse
     return NodeProfile(partition_id, budget, adversarial, sparse)

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitmix.profiles import adversarial_clients, parse_budgets
+from splitmix.profiles import adversarial_clients, budgets_of_clients, sparse_clients
 from splitmix.protocol import NodeProfile
 from splitmix.protocol.task import ClientTask
-
-SPARSE_SEED_OFFSET = 104729  # as profile_of_node: the sparse subset is drawn apart from the adversarial one
 
 
 @dataclass(frozen=True)
@@ -72,12 +70,6 @@ class ProfileTable:
         return mask & verdict[inverse.reshape(-1)]
 
 
-def budgets_by_partition(num_partitions: int, budgets: str) -> np.ndarray:
-    """Vectorised :func:`splitmix.profiles.budget_of_client` for every partition."""
-    ordered = np.sort(np.asarray(parse_budgets(budgets), dtype=np.float64))
-    return ordered[np.arange(num_partitions, dtype=np.int64) * len(ordered) // num_partitions]
-
-
 def derive_profiles(task: ClientTask, node_ids: Sequence[int], train_examples: np.ndarray) -> ProfileTable:
     """The profiles ``profile_of_node`` gives nodes whose node config is only their partition id
     (a simulation's virtual nodes), for partitions ``0..len(node_ids)-1``; ``train_examples[p]``
@@ -87,8 +79,8 @@ def derive_profiles(task: ClientTask, node_ids: Sequence[int], train_examples: n
         raise ValueError(f"{len(node_ids)} node ids and {len(train_examples)} example counts for {n} partitions")
     return ProfileTable(
         node_ids=np.asarray(node_ids, dtype=np.uint64),
-        budget=budgets_by_partition(n, task.budgets),
+        budget=budgets_of_clients(n, task.budgets),
         adversarial=adversarial_clients(n, task.adv_fraction, task.seed),
-        sparse=adversarial_clients(n, task.sparse_fraction, task.seed + SPARSE_SEED_OFFSET),
+        sparse=sparse_clients(n, task.sparse_fraction, task.seed),
         num_examples=np.asarray(train_examples, dtype=np.int64),
     )
