@@ -229,9 +229,11 @@ def _digits_split(train: bool) -> ArrayData:
     return ArrayData(torch.from_numpy(np.ascontiguousarray(x[idx])), torch.from_numpy(y[idx]))
 
 
+@lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 1, 8, 8) scaled to [0, 1] and labels of ``sklearn/datasets/data/digits.csv.gz``,
-    found without importing scikit-learn."""
+    found without importing scikit-learn; read once per process (both splits index them, and
+    callers get copies)."""
     import gzip
     import importlib.util
 
