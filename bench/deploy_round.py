@@ -69,27 +69,26 @@ def simulate(config: dict, out: Path, name: str) -> list[float]:
     return seconds
 
 
-def deploy(config: dict, work: Path) -> list[float]:
-    image = build_image()
-    with ComposeStack(work / "compose", image=image, say=lambda text: print(f"  {text}", flush=True)) as stack:
-        outcome = stack.run({**config, "run-name": "deployed"}, timeout=3600)
-        if outcome.status != "finished:completed":
-            raise SystemExit(f"deployed run ended {outcome.status}")
-        seconds = round_seconds(outcome.run_dir)
-        tasks = [line.split("INFO :")[-1].strip() for line in stack.service_logs("supernode-0").splitlines() if "completed in" in line]
-        print("  supernode-0's warm ClientApp tasks: " + "; ".join(tasks[-6:]))
-    print(f"deployed: rounds 2..{config['num-rounds'] - 1}: {[round(s, 1) for s in seconds]} s (whole run {outcome.seconds:.0f}s)")
-    return seconds
+def deploy(config: dict, work: Path, local: bool) -> list[float]:
+    """The steady rounds of the workload on the compose stack (``local``: as local processes)."""
 
+    def say(text: str) -> None:
+        print(f"  {text}", flush=True)
 
-def deploy_local(config: dict, work: Path) -> list[float]:
-    nodes = default_node_configs(int(config["num-clients"]))
-    with LocalDeployment(work / "local", nodes, app_dir=ROOT, warm=True, say=lambda text: print(f"  {text}", flush=True)) as stack:
+    if local:
+        stack: LocalDeployment = LocalDeployment(work / "local", default_node_configs(int(config["num-clients"])), app_dir=ROOT, warm=True, say=say)
+    else:
+        stack = ComposeStack(work / "compose", image=build_image(), say=say)
+    with stack:
         outcome = stack.run({**config, "run-name": "deployed"}, timeout=3600)
         if outcome.status != "finished:completed":
             raise SystemExit(f"deployed run ended {outcome.status}; logs in {stack.logs}")
         seconds = round_seconds(outcome.run_dir)
-    print(f"deployed (local processes): rounds 2..{config['num-rounds'] - 1}: {[round(s, 1) for s in seconds]} s (whole run {outcome.seconds:.0f}s)")
+        if isinstance(stack, ComposeStack):
+            tasks = [line.split("INFO :")[-1].strip() for line in stack.service_logs("supernode-0").splitlines() if "completed in" in line]
+            print("  supernode-0's warm ClientApp tasks: " + "; ".join(tasks[-6:]))
+    where = "local processes" if local else "containers"
+    print(f"deployed ({where}): rounds 2..{config['num-rounds'] - 1}: {[round(s, 1) for s in seconds]} s (whole run {outcome.seconds:.0f}s)")
     return seconds
 
 
@@ -107,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deploy-round-") as tmp:
         work = Path(tmp)
         sim = simulate(config, work / "runs", "sim-before")
-        deployed = (deploy_local if args.local else deploy)(config, work)
+        deployed = deploy(config, work, args.local)
         sim += simulate(config, work / "runs", "sim-after")
     sim_mean, deploy_mean = statistics.mean(sim), statistics.mean(deployed)
     print(f"simulated round {sim_mean:.2f} s (n={len(sim)}, {min(sim):.1f}-{max(sim):.1f}); deployed round {deploy_mean:.2f} s (n={len(deployed)})")

@@ -376,7 +376,6 @@ def main() -> int:
             f"({delta:+.0f} MiB, {delta * 2**20 / extra / 1024:.1f} KiB per added client, "
             f"growth {b['rss_last_round_mib'] / a['rss_last_round_mib'] - 1:.3f})"
         )
-    if len(results) > 1 and not a.get("error") and not b.get("error"):
         for r in results:  # figures as `key: number` lines (tools/bench_record.py)
             print(f"startup_s_{r['clients']}: {r['ready_s']:.1f}")
             print(f"steady_round_s_{r['clients']}: {r['steady_round_s']:.2f}")
