@@ -310,7 +310,8 @@ class Federation:
             if self._eval_rows is None:  # drawn once: O(population) numpy work, not per evaluation
                 self._eval_rows = self._eval_sample(np.flatnonzero(strategy.table.num_examples > 0))
             return [strategy.table.profile(int(r)) for r in self._eval_rows]
-        online = self._eval_sample(np.array(sorted(strategy.online if strategy.online is not None else strategy.profiles), dtype=np.int64))
+        connected = sorted(strategy.online if strategy.online is not None else strategy.profiles)
+        online = self._eval_sample(np.array(connected, dtype=np.uint64))  # Flower node ids use all 64 bits
         profiles, stats = strategy.known_profiles(online.tolist())
         self._record_queries(stats.problems)
         return sorted(profiles, key=lambda p: p.partition_id)

@@ -130,6 +130,33 @@ def test_a_deployment_asks_only_the_nodes_it_samples():
     assert len(asked) == len(set(asked)) and 10 < len(asked) <= 40  # never the same node twice, never all 100
 
 
+def test_a_deployment_evaluates_nodes_whose_ids_use_all_64_bits(tiny_config):
+    """Flower's node ids are unsigned 64-bit: the eval-clients sample of connected nodes keeps
+    ids ≥ 2⁶³ (an int64 array raised OverflowError and failed the run at its first evaluation)."""
+    from types import SimpleNamespace
+
+    from server.federation import Federation
+
+    ids = [2**64 - 1, 2**63 + 5, 7]
+
+    def send(messages: list[Message]) -> list[Message]:
+        record = lambda m: ConfigRecord({"partition-id": ids.index(m.metadata.dst_node_id), "budget": 1.0, "adversarial": False, "num-examples": 5})  # noqa: E731
+        return [Message(RecordDict({"profile": record(m)}), reply_to=m) for m in messages]
+
+    class Grid:
+        def get_node_ids(self):
+            return ids
+
+    strategy = SplitMixStrategy(SPEC, "{}", fraction_train=1.0, min_train_clients=1, seed=0, lr_at_round=lambda r: 0.1)
+    strategy.attach(send, timeout=1.0)
+    strategy.refresh(Grid())
+    fed = SimpleNamespace(strategy=strategy, cfg=tiny_config("num-clients=3 eval-clients=2"), _record_queries=lambda problems: None)
+    fed._eval_sample = lambda candidates: Federation._eval_sample(fed, candidates)
+    picked = Federation.nodes(fed)
+    assert len(picked) == 2 and {p.node_id for p in picked} < set(ids)
+    assert [p.partition_id for p in picked] == sorted(ids.index(p.node_id) for p in picked)
+
+
 def test_reply_for_another_partition_is_rejected():
     """A derived node-to-partition map gone wrong shows: the reply names another partition."""
     strategy = SplitMixStrategy(SPEC, "{}", fraction_train=1.0, min_train_clients=1, seed=0, lr_at_round=lambda r: 0.1)
