@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,20 @@ def docker_unavailable() -> str | None:
     if compose_command() is None:
         return "neither `docker compose` (v2) nor `docker-compose` (v1) is installed"
     return None
+
+
+def _container_main_pid(container: str) -> int | None:
+    """The host PID of a running container's main process when this host's PID namespace holds
+    it (checked: the process's cgroup names the container), else None (a remote or VM engine)."""
+    proc = _run(["docker", "inspect", "-f", "{{.Id}} {{.State.Pid}}", container])
+    cid, _, pid = proc.stdout.strip().partition(" ")
+    if proc.returncode != 0 or not pid.isdigit() or int(pid) <= 0:
+        return None
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    return int(pid) if cid and cid in cgroups else None
 
 
 def compose_command() -> list[str] | None:
@@ -166,9 +182,37 @@ class ComposeStack(LocalDeployment):
     def kill_node(self, name: str) -> None:
         """SIGKILL a SuperNode's container: a crash (``restart: unless-stopped`` leaves a killed
         container down)."""
-        proc = _run(["docker", "kill", self.container(name)], timeout=120)
-        if proc.returncode != 0:
-            raise DeploymentError(f"docker kill {name} failed: {proc.stderr.strip()}")
+        self.node_killer(name)()
+
+    def node_killer(self, name: str) -> Callable[[], None]:
+        """Prepare a crash of SuperNode ``name`` that lands at once when called.
+
+        ``docker kill`` goes through the CLI and the engine: seconds on a busy host, long enough
+        for a warm node to pull, train and answer a round it was meant to miss. Where this host
+        sees the container's processes (a local engine), the returned function SIGKILLs the
+        container's main process directly (the kernel then ends every process in its PID
+        namespace); its restart policy is switched off first, so that the engine leaves it down
+        as after ``docker kill``. Otherwise it runs ``docker kill``."""
+        container = self.container(name)
+        pid = _container_main_pid(container)
+
+        def docker_kill() -> None:
+            proc = _run(["docker", "kill", container], timeout=120)
+            if proc.returncode != 0:
+                raise DeploymentError(f"docker kill {name} failed: {proc.stderr.strip()}")
+
+        if pid is None or _run(["docker", "update", "--restart", "no", container]).returncode != 0:
+            return docker_kill
+
+        def kill_now() -> None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # already gone
+                pass
+            except PermissionError:
+                docker_kill()
+
+        return kill_now
 
     def throttle_node(self, name: str, cpus: float) -> None:
         """Cap a SuperNode container at ``cpus`` CPUs (``docker update --cpus``): a slow device."""
