@@ -10,7 +10,8 @@ computes the same function with fewer passes over those activations and fewer pe
 - every conv/linear → (dual, λ-mixed) batch norm pair is folded into one layer
   (:func:`models.fuse.affine`), and its ReLU runs inside the convolution kernel (oneDNN's fused
   post-op, ``mkldnn._convolution_pointwise``), whose weight is reordered into oneDNN's blocked
-  layout once, when the form is built (``conv2d`` reorders it on every call); one image takes
+  layout once, when the form is built (``conv2d`` reorders it on every call; a cache remade when
+  the weight changes, left out of copies and pickles); one image takes
   plain ``conv2d`` + ``relu`` (aten's path for a single image costs less than a oneDNN call), and
   so does everything off CPU;
 - the first convolution reads the one input every base shares: one plain conv with k·c outputs;
@@ -70,18 +71,39 @@ class ConvReLU(nn.Module):
         self.weight = _frozen(weight.contiguous(memory_format=torch.channels_last))
         self.bias = _frozen(bias)
         self.padding, self.groups = padding, groups
-        self.packed: torch.Tensor | None = None
-        if _FUSED_CONV:
+        self._packed: torch.Tensor | None = None
+        self._packed_of: tuple[int, int] | None = None  # (data_ptr, version) of the weight it was made from
+        self.packed_weight()  # now, not in the first request
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """``weight`` reordered into oneDNN's blocked layout, or None without the fused kernel.
+
+        A cache, not state: remade whenever the weight changed (``load_state_dict`` copies into it
+        in place, which bumps its version), so it is never stale; left out of copies and pickles
+        (an opaque oneDNN tensor has no storage to copy) and remade on first use there."""
+        if not _FUSED_CONV or self.weight.device.type != "cpu":
+            return None
+        made_of = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed_of != made_of:
             # The blocked layout oneDNN picks depends on the channels and the CPU, not on the batch or
             # image size (a weight packed for one input size gives the same result for any other).
-            size = [CHUNK, weight.shape[1] * groups, 8, 8]
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, [padding] * 2, [1, 1], [1, 1], groups, size)
+            size = [CHUNK, self.weight.shape[1] * self.groups, 8, 8]
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, [self.padding] * 2, [1, 1], [1, 1], self.groups, size)
+            self._packed_of = made_of
+        return self._packed
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_packed"], state["_packed_of"] = None, None
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding
         # One image: aten's conv2d takes a cheaper path than a oneDNN primitive (measured faster).
-        if self.packed is not None and x.shape[0] > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
+        if x.shape[0] > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            packed = self.packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, [p, p], [1, 1], [1, 1], self.groups, "relu", [], "")
         # Under torch.compile the plain form, which inductor lowers itself (its meta kernel of the
         # private op misreads a one-channel input's layout and the compiled program fails).
         return F.relu(F.conv2d(x, self.weight, self.bias, 1, p, 1, self.groups))

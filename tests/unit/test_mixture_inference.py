@@ -164,3 +164,28 @@ def test_compiled_fast_form_equals_the_eager_one(monkeypatch):
                 with torch.no_grad():
                     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
                     torch.testing.assert_close(compiled(x), _per_base_loop(spec, state, k, lam, x), rtol=1e-4, atol=1e-5)
+
+
+def test_served_form_copies_pickles_and_reloads_without_stale_packed_weights():
+    """The oneDNN-packed conv weights are a cache of the module's state: a deep copy and a
+    ``torch.save``/``load`` round trip serve the same logits, and ``load_state_dict`` with other
+    weights serves those weights (not the ones packed when the form was built)."""
+    import copy
+    import io
+
+    spec = SplitMixSpec()
+    state = _state(spec)
+    x = torch.rand(9, 1, 8, 8)  # more than one image: the packed kernel's path
+    fast = inference_model(build_mixture(spec, state, list(range(4)), 0.2))
+    with torch.no_grad():
+        served = fast(x)
+        torch.testing.assert_close(copy.deepcopy(fast)(x), served, rtol=0, atol=0)
+        buffer = io.BytesIO()
+        torch.save(fast, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), served, rtol=0, atol=0)
+        other = inference_model(build_mixture(spec, init_global_state(spec, seed=5), list(range(4)), 0.2))
+        expected = other(x)
+        assert (expected - served).abs().max() > 1e-3  # the two weight sets serve different logits
+        fast.load_state_dict(other.state_dict())
+        torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
