@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -29,7 +29,7 @@ from models.splitmix import SplitMixSpec, build_mixture, init_global_state
 
 
 def interleaved(
-    models: dict[str, Callable], batch: int, shape: tuple[int, ...], seconds: float, reps: int, clock: Callable[[], float] = time.perf_counter
+    models: Mapping[str, Callable], batch: int, shape: tuple[int, ...], seconds: float, reps: int, clock: Callable[[], float] = time.perf_counter
 ) -> dict[str, float]:
     """Median images/s of each model over ``reps`` repetitions taken in turn (mixed, dense,
     mixed, …), so load from other processes hits every model alike. ``seconds``: per model;

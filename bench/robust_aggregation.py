@@ -87,11 +87,11 @@ class ErrorProbe:
             probe.measure(strategy, contributions, new)
             return new
 
-        SplitMixStrategy.combine = combine
+        SplitMixStrategy.combine = combine  # type: ignore[method-assign,assignment]  # the probe wraps every strategy's combine
         return self
 
     def __exit__(self, *exc) -> None:
-        SplitMixStrategy.combine = self.original
+        SplitMixStrategy.combine = self.original  # type: ignore[method-assign]
 
     def measure(self, strategy: SplitMixStrategy, contributions, new) -> None:
         if len(contributions) != self.num_clients:  # order ↔ partition id needs every reply
@@ -100,11 +100,11 @@ class ErrorProbe:
         honest = [c for i, c in enumerate(contributions) if i not in self.attackers]
         reference = aggregate(strategy._current, honest)  # example-weighted mean
         num = den = 0.0
-        current, reference, new = unpack(strategy._current), unpack(reference), unpack(new)
+        before, honest_mean, after = unpack(strategy._current), unpack(reference), unpack(new)
         for key in {k for tensors, _ in honest for k in tensors}:
-            prev = torch.from_numpy(current[key].astype(np.float64))
-            ref = torch.from_numpy(reference[key].astype(np.float64))
-            got = torch.from_numpy(new[key].astype(np.float64))
+            prev = torch.from_numpy(before[key].astype(np.float64))
+            ref = torch.from_numpy(honest_mean[key].astype(np.float64))
+            got = torch.from_numpy(after[key].astype(np.float64))
             num += float(((got - ref) ** 2).sum())
             den += float(((ref - prev) ** 2).sum())
         self.errors.append((num / den) ** 0.5 if den > 0 else float("nan"))

@@ -71,8 +71,8 @@ def write_mnist_like(root: Path, train: int = 60_000, test: int = 2_000, seed: i
         return root
     raw.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
-    images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].numpy()
+    small = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+    images = F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].numpy()
     rng = np.random.default_rng(seed)
     for prefix, count in (("train", train), ("t10k", test)):
         pick = rng.integers(0, len(images), count)

@@ -124,13 +124,13 @@ def main() -> int:
         print(f"  reply: {json.loads(body)['detail'] if body.startswith('{') else body[:200]!r}")
         after = memory(pid)
     finally:
-        code, graceful = server.stop()
+        exit_code, graceful = server.stop()
 
     rss_growth = (after["VmRSS"] - before["VmRSS"]) / 1e6
     peak_growth = (after["VmHWM"] - before["VmRSS"]) / 1e6
     growth = max(rss_growth, peak_growth)
     print(f"server VmRSS growth {rss_growth:.1f} MB, peak (VmHWM) over the starting RSS {peak_growth:.1f} MB")
-    print(f"server stopped: exit code {code}, {'graceful' if graceful else 'NOT clean'}")
+    print(f"server stopped: exit code {exit_code}, {'graceful' if graceful else 'NOT clean'}")
     ok = all(s == 413 for s in statuses) and growth < GROWTH_LIMIT_MB
     if not ok:
         print(f"FAILED: statuses {statuses} (want all 413), growth {growth:.1f} MB (want < {GROWTH_LIMIT_MB:g}); log {scratch / 'server.log'}")
