@@ -68,6 +68,7 @@ from torch.nn import functional as F
 
 from models.blocks import StackedLinear
 from models.cost import count_params
+from models.registry import create_model
 from models.vit import Attention, DualLayerNorm, StackedLayerNorm, Topology, TopologyLike, VisionTransformer, as_topology
 
 if TYPE_CHECKING:
@@ -106,9 +107,11 @@ def sample_topologies(n: int, seed: int, grid: Sequence[Topology]) -> list[Topol
 
 
 def build_base_vit(topology: TopologyLike, image_size: int = 8, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """One Split-Mix base of ``topology``: the ViT ``simulate`` trains (``models.vit``), one base."""
+    """One Split-Mix base of ``topology``: the ViT ``simulate`` trains, built as simulate builds it
+    (the model registry's ``vit``), one base."""
     t = as_topology(topology)
-    return VisionTransformer(
+    return create_model(
+        "vit",
         width=1.0,
         num_bases=1,
         num_classes=num_classes,
