@@ -7,8 +7,9 @@ requests, each for a width and λ drawn (seeded) from what the run serves, with 
 Every reply is checked (HTTP 200, the width/λ asked for, one prediction and one probability row
 per input). A warm-up pass builds each (width, λ) model once before the timed phase.
 
-Prints throughput (requests/s and images/s), latency p50/p95/p99/max (ms), and failures; exits
-non-zero if any request failed or the server did not stop cleanly. The server is stopped with
+Prints throughput (requests/s and images/s), latency p50/p95/p99/max (ms), and failures, then
+the lines ``throughput_req_s``, ``latency_p50_ms``, ``latency_p99_ms`` and ``failures``
+(``tools/bench_record.py`` stores them); exits non-zero if any request failed or the server did not stop cleanly. The server is stopped with
 SIGTERM (uvicorn's graceful shutdown) at the end.
 
     python bench/serve_load.py                        # 8 workers, 10 s, batch 8, λ ∈ {0, .25, .5, .75, 1}
@@ -267,6 +268,10 @@ def main() -> int:
     print(f"server stopped: exit code {code}, {'graceful shutdown on SIGTERM' if graceful else 'NOT clean'}")
     for problem in failures[:5]:
         print(f"  failure: {problem}")
+    print(f"throughput_req_s: {count / elapsed:.1f}")
+    if count:
+        print(f"latency_p50_ms: {p50:.1f}")
+        print(f"latency_p99_ms: {p99:.1f}")
     print(f"failures: {len(failures)}")
     ok = not failures and graceful and count > 0
     if ok:
