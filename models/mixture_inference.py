@@ -83,7 +83,9 @@ class ConvReLU(nn.Module):
         (an opaque oneDNN tensor has no storage to copy) and remade on first use there."""
         if not _FUSED_CONV or self.weight.device.type != "cpu":
             return None
-        made_of = (self.weight.data_ptr(), self.weight._version)
+        # Inference tensors (built under torch.inference_mode, as the service builds its models)
+        # keep no version counter; outside inference mode they cannot be changed in place at all.
+        made_of = (self.weight.data_ptr(), -1 if self.weight.is_inference() else self.weight._version)
         if self._packed is None or self._packed_of != made_of:
             # The blocked layout oneDNN picks depends on the channels and the CPU, not on the batch or
             # image size (a weight packed for one input size gives the same result for any other).

@@ -189,3 +189,5 @@ def test_served_form_copies_pickles_and_reloads_without_stale_packed_weights():
         assert (expected - served).abs().max() > 1e-3  # the two weight sets serve different logits
         fast.load_state_dict(other.state_dict())
         torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # how the service builds and runs its models (no version counters)
+        torch.testing.assert_close(inference_model(build_mixture(spec, state, list(range(4)), 0.2))(x), served, rtol=1e-5, atol=1e-6)
