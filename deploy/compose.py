@@ -220,11 +220,6 @@ class ComposeStack(LocalDeployment):
         if proc.returncode != 0:
             raise DeploymentError(f"docker update --cpus {cpus} {name} failed: {proc.stderr.strip()}")
 
-    def container_logs(self, container: str) -> str:
-        """One container's output (``docker logs``: cheaper to poll than compose's logs)."""
-        proc = _run(["docker", "logs", container], timeout=120)
-        return proc.stdout + proc.stderr
-
     def service_logs(self, service: str = "") -> str:
         proc = self.compose("logs", "--no-color", *([service] if service else []), timeout=300)
         return proc.stdout[-200_000:]
